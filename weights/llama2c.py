@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import struct
 import sys
@@ -84,7 +85,7 @@ def _layout(cfg: ModelConfig, version: int) -> list[tuple[str, tuple[int, ...]]]
 
 
 def _nfloats(layout) -> int:
-    return sum(int(np.prod(s)) for _, s in layout)
+    return sum(math.prod(s) for _, s in layout)
 
 
 def _header_bytes(version: int) -> int:
@@ -195,7 +196,7 @@ def _decode_body(h: _Header, raw: memoryview | bytes, name: str) -> dict[str, np
     tensors: dict[str, np.ndarray] = {}
     off = _header_bytes(h.version)
     for tname, shape in _layout(h.cfg, h.version):
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         if tname not in _FREQ:  # v0 RoPE tables: size checked, content ignored (we recompute)
             arr = np.frombuffer(raw, dtype="<f4", count=n, offset=off)
             bad = n - int(np.count_nonzero(np.isfinite(arr)))
@@ -420,6 +421,8 @@ def main(argv=None) -> int:
             print(f"wrote {args.dst} (llama2.c v{args.version}, {_describe(cfg)}; sha256 "
                   f"{hashlib.sha256(Path(args.dst).read_bytes()).hexdigest()[:16]})")
     except (ModelFileError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, ModelFileError) and e.strerror:
+            e = f"cannot write {args.dst}: {e.strerror}"  # reads already raise ModelFileError
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -42,7 +42,88 @@ class Trace:
 
     layers: list = field(default_factory=list)  # per layer: dict(x_att, x_ffn) (B, dim) int16
     embedding: np.ndarray | None = None
-    final_xb: np.ndarray | None = None
+
+
+def embed(e: nx.QTensor, tokens, f_x: int):
+    """Dequantize embedding rows into the residual format: (B,) ids -> (B, dim) int16, frac f_x."""
+    q = e.q[tokens].astype(np.int64)
+    m = np.repeat(e.m[tokens].astype(np.int64), e.group, axis=-1)
+    return nx.requantize(q * m, int(e.shift) - f_x)
+
+
+def linear(w: nx.QTensor, x_fixed, frac_in: int, frac_out: int, bits: int = 16):
+    """int8-quantize x (per row), multiply by w, requantize to frac_out (saturating to `bits`)."""
+    a, k = nx.quantize_act(x_fixed)
+    return linear_q(w, a, frac_in - k, frac_out, bits)
+
+
+def linear_q(w: nx.QTensor, a, frac_a, frac_out: int, bits: int = 16):
+    """The matrix-vector product on already-quantized activations a (frac frac_a per row).
+
+    Rows are independent, so a row slice of w gives the same rows of the result (row splits)."""
+    acc = nx.matvec(w, a)
+    return nx.requantize(acc, (int(w.shift) + np.asarray(frac_a) - frac_out)[..., None], bits)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder block's baked weights (what a partition carries for a whole layer)."""
+
+    rms_att: np.ndarray  # (dim,) int16 gain, frac f_g_att
+    f_g_att: int
+    wq: nx.QTensor
+    wk: nx.QTensor
+    wv: nx.QTensor
+    wo: nx.QTensor
+    rms_ffn: np.ndarray
+    f_g_ffn: int
+    w1: nx.QTensor
+    w2: nx.QTensor
+    w3: nx.QTensor
+    e_k: int  # KV cache formats of this layer
+    e_v: int
+
+
+def attention_block(c, f: dict, lw: LayerWeights, x, key_cache, value_cache, pos: int, cos, sin):
+    """x (B, dim) int16 -> x + attention(x); writes position `pos` of this layer's cache.
+
+    key_cache / value_cache: (B, seq_len, kv_dim) int8 views of this layer's cache."""
+    B, hd = x.shape[0], c.head_dim
+    xb = nx.rmsnorm(x, lw.rms_att, lw.f_g_att, f["eps_int"])
+    a, k_a = nx.quantize_act(xb)
+    fa = nx.NORM_OUT_FRAC - k_a
+    q = linear_q(lw.wq, a, fa, f["f_qk"]).reshape(B, c.n_heads, hd)
+    k = linear_q(lw.wk, a, fa, f["f_qk"]).reshape(B, c.n_kv_heads, hd)
+    v = linear_q(lw.wv, a, fa, lw.e_v, bits=8)
+    q, k = nx.rope(q, cos, sin), nx.rope(k, cos, sin)
+    key_cache[:, pos] = nx.saturate(nx.round_shift(k, f["f_qk"] - lw.e_k), 8).reshape(B, -1)
+    value_cache[:, pos] = v
+    q8, kq = nx.quantize_act(q.reshape(B, c.dim))  # one shift for all heads of q
+    q8 = q8.reshape(B, c.n_kv_heads, c.kv_mul, hd)  # query heads grouped by their kv head
+    kk = key_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
+    vv = value_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
+    fq = (f["f_qk"] - kq)[:, None, None]
+    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], lw.e_k, lw.e_v, hd)
+    o = att.reshape(B, c.dim)  # frac ATT_OUT_FRAC
+    return nx.saturate(x + linear(lw.wo, o, nx.ATT_OUT_FRAC, f["f_x"], bits=32), 16)
+
+
+def ffn_block(c, f: dict, lw: LayerWeights, x):
+    """x (B, dim) int16 -> x + w2(silu(w1 xb) * w3 xb)."""
+    xb = nx.rmsnorm(x, lw.rms_ffn, lw.f_g_ffn, f["eps_int"])
+    a, k_a = nx.quantize_act(xb)
+    fa = nx.NORM_OUT_FRAC - k_a
+    h1 = linear_q(lw.w1, a, fa, f["f_h"])
+    h3 = linear_q(lw.w3, a, fa, f["f_h"])
+    hb = nx.swiglu(h1, h3, f["f_h"])
+    return nx.saturate(x + linear(lw.w2, hb, f["f_h"], f["f_x"], bits=32), 16)
+
+
+def classifier(f: dict, rms_final, f_g_final: int, wcls: nx.QTensor, x) -> "Logits":
+    """Final RMSNorm and the classifier: x (B, dim) -> Logits."""
+    xb = nx.rmsnorm(x, rms_final, f_g_final, f["eps_int"])
+    a, k = nx.quantize_act(xb)
+    return Logits(nx.matvec(wcls, a), int(wcls.shift) + nx.NORM_OUT_FRAC - k)
 
 
 class Golden:
@@ -59,66 +140,33 @@ class Golden:
         shape = (c.n_layers, batch, c.seq_len, c.kv_dim)
         return RunState(np.zeros(shape, np.int8), np.zeros(shape, np.int8))
 
-    # -- small kernels -------------------------------------------------------------------------
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """Dequantize embedding rows into the residual format (int16, frac f_x)."""
-        e = self.m.weights["tok_embeddings"]
-        q = e.q[tokens].astype(np.int64)  # (B, dim)
-        m = np.repeat(e.m[tokens].astype(np.int64), e.group, axis=-1)
-        return nx.requantize(q * m, int(e.shift) - self.fmt["f_x"])
+    def layer(self, l: int) -> LayerWeights:
+        W, N, f = self.m.weights, self.m.norms, self.fmt
+        return LayerWeights(N["rms_att_weight"][l], f["f_g_rms_att_weight"][l], W["wq"][l], W["wk"][l],
+                            W["wv"][l], W["wo"][l], N["rms_ffn_weight"][l], f["f_g_rms_ffn_weight"][l],
+                            W["w1"][l], W["w2"][l], W["w3"][l], f["e_k"][l], f["e_v"][l])
 
-    def linear(self, w, x_fixed, frac_in: int, frac_out: int, bits: int = 16):
-        """int8-quantize x (per row), multiply by w, requantize to frac_out."""
-        a, k = nx.quantize_act(x_fixed)
-        acc = nx.matvec(w, a)
-        shift = (int(w.shift) + frac_in - k - frac_out)[:, None]
-        return nx.requantize(acc, shift, bits)
-
-    # -- the forward pass ----------------------------------------------------------------------
     def forward(self, s: RunState, tokens, trace: Trace | None = None) -> Logits:
         """One position for a batch: tokens (B,) -> classifier logits; advances s.pos."""
-        c, f, W, N = self.cfg, self.fmt, self.m.weights, self.m.norms
+        c, f = self.cfg, self.fmt
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        B, pos, hd = len(tokens), s.pos, c.head_dim
+        pos = s.pos
         if pos >= c.seq_len:
             raise ValueError(f"position {pos} is past the context length {c.seq_len}")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        x = self.embed(tokens)  # (B, dim) int16 frac f_x
+        x = embed(self.m.weights["tok_embeddings"], tokens, f["f_x"])  # (B, dim) int16 frac f_x
         if trace is not None:
             trace.embedding = x.copy()
         for l in range(c.n_layers):
-            # attention: rmsnorm -> qkv -> rope -> cache -> scores/softmax/weighted sum -> wo
-            xb = nx.rmsnorm(x, N["rms_att_weight"][l], f["f_g_rms_att_weight"][l], f["eps_int"])
-            q = self.linear(W["wq"][l], xb, nx.NORM_OUT_FRAC, f["f_qk"]).reshape(B, c.n_heads, hd)
-            k = self.linear(W["wk"][l], xb, nx.NORM_OUT_FRAC, f["f_qk"]).reshape(B, c.n_kv_heads, hd)
-            v = self.linear(W["wv"][l], xb, nx.NORM_OUT_FRAC, f["e_v"][l], bits=8)
-            q, k = nx.rope(q, cos, sin), nx.rope(k, cos, sin)
-            s.key_cache[l, :, pos] = nx.saturate(nx.round_shift(k, f["f_qk"] - f["e_k"][l]), 8).reshape(B, -1)
-            s.value_cache[l, :, pos] = v
-            q8, kq = nx.quantize_act(q.reshape(B, c.dim))  # one shift for all heads of q
-            q8 = q8.reshape(B, c.kv_dim // hd, c.kv_mul, hd)  # heads grouped by their kv head
-            kk = s.key_cache[l, :, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-            vv = s.value_cache[l, :, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-            fq = (f["f_qk"] - kq)[:, None, None]
-            att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], f["e_k"][l], f["e_v"][l], hd)
-            o = att.reshape(B, c.dim)  # frac ATT_OUT_FRAC
-            x = nx.saturate(x + self.linear(W["wo"][l], o, nx.ATT_OUT_FRAC, f["f_x"], bits=32), 16)
+            lw = self.layer(l)
+            x = attention_block(c, f, lw, x, s.key_cache[l], s.value_cache[l], pos, cos, sin)
             x_att = x.copy()
-            # feed-forward: rmsnorm -> w1, w3 -> silu(w1) * w3 -> w2
-            xb = nx.rmsnorm(x, N["rms_ffn_weight"][l], f["f_g_rms_ffn_weight"][l], f["eps_int"])
-            h1 = self.linear(W["w1"][l], xb, nx.NORM_OUT_FRAC, f["f_h"])
-            h3 = self.linear(W["w3"][l], xb, nx.NORM_OUT_FRAC, f["f_h"])
-            hb = nx.swiglu(h1, h3, f["f_h"])
-            x = nx.saturate(x + self.linear(W["w2"][l], hb, f["f_h"], f["f_x"], bits=32), 16)
+            x = ffn_block(c, f, lw, x)
             if trace is not None:
                 trace.layers.append(dict(x_att=x_att, x_ffn=x.copy()))
-        xb = nx.rmsnorm(x, N["rms_final_weight"], f["f_g_rms_final_weight"], f["eps_int"])
-        if trace is not None:
-            trace.final_xb = xb.copy()
-        a, k = nx.quantize_act(xb)
-        acc = nx.matvec(self.m.wcls, a)
         s.pos += 1
-        return Logits(acc, int(self.m.wcls.shift) + nx.NORM_OUT_FRAC - k)
+        return classifier(f, self.m.norms["rms_final_weight"], f["f_g_rms_final_weight"],
+                          self.m.wcls, x)
 
 
 def generate(g: Golden, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
