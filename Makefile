@@ -1,0 +1,34 @@
+# bakedllama: the front door. `make help` lists the targets.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+BOARD   ?= ulx3s
+PROMPT  ?= It was
+
+.PHONY: help setup demo test test-all weights build load sim bench lint clean
+
+help:       ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup:      ## apt packages, .venv and pinned PyPI packages (idempotent)
+	@bash scripts/setup.sh
+
+demo: setup ## the quick start: generate from a prompt
+	$(VENV)/bin/bakedllama generate "$(PROMPT)" --max-tokens 48
+
+test: setup ## default + Verilator (sim) tests
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup ## everything, including bitstream builds (slow)
+	$(PY) -m pytest -q
+
+weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evaluate it
+	@EXTRAS=dev,train bash scripts/setup.sh
+	$(PY) -m weights.train --out weights/tiny
+	$(PY) -m weights.quantize --dir weights/tiny --compare
+
+lint:       ## ruff on host/, weights/, tests/
+	$(VENV)/bin/ruff check host weights tests
+
+clean:      ## remove build output (keeps .venv and the checked-in weights)
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,423 @@
+/* bakedllama firmware: the protocol's commands over the accelerator (PROTOCOL.md).
+ *
+ * One loop, no interrupts: read the link byte by byte into the frame decoder, answer each frame.
+ * Every wait (UART transmit, accelerator) keeps reading the link, so nothing overflows while the
+ * firmware works, and every wait on the accelerator is bounded by a watchdog. */
+#include "app.h"
+#include "hw.h"
+#include "proto.h"
+
+#define FW_MAJOR 1
+#define FW_MINOR 0
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define MAX_SEQ_LEN 1024                       /* prompt buffer, tokens */
+#define ACCEL_TIMEOUT_CYCLES (1u << 26)         /* one forward pass; ~1.3 s at 50 MHz */
+
+static struct rx_state rx;
+static int rx_pending;                          /* rx holds a finished frame not handled yet */
+static enum rx_result rx_result;
+static uint8_t tx[PROTO_MAX_FRAME];
+static uint16_t prompt[MAX_SEQ_LEN];
+static uint16_t prompt_len;
+static struct model_cfg cfg;
+static uint32_t max_prompt;                     /* min(seq_len, MAX_SEQ_LEN) */
+
+static struct {
+	uint32_t frames_ok, frames_bad, frames_too_long, errors_sent, generations, hw_timeouts;
+} counters;
+
+static struct {
+	uint16_t prompt_tokens, generated;
+	uint32_t min_cycles, max_cycles;
+	uint64_t prefill_cycles, decode_cycles, wall_cycles;
+} last;
+
+/* Link --------------------------------------------------------------------------------------- */
+
+/* Read the UART until a frame is complete; that frame waits in rx until released. */
+static void rx_service(void)
+{
+	enum rx_result r;
+
+	while (!rx_pending && hw_uart_readable()) {
+		r = rx_byte(&rx, hw_uart_read());
+		if (r != RX_NONE) {
+			rx_result = r;
+			rx_pending = 1;
+		}
+	}
+}
+
+static void put_byte(uint8_t c, void *ctx)
+{
+	(void)ctx;
+	while (!hw_uart_writable())
+		rx_service();
+	hw_uart_write(c);
+}
+
+/* Send tx's payload (already at tx + PROTO_HEADER, n bytes) as a frame. */
+static void send(uint8_t type, uint8_t seq, size_t n)
+{
+	cobs_write(tx, frame_build(tx, type, seq, tx + PROTO_HEADER, n), put_byte, 0);
+}
+
+static void send_error(uint8_t seq, uint8_t code, uint8_t type, uint16_t detail)
+{
+	uint8_t *p = tx + PROTO_HEADER;
+
+	p[0] = code;
+	p[1] = type;
+	put_u16(p + 2, detail);
+	send(T_ERROR, seq, 4);
+	counters.errors_sent++;
+}
+
+/* Answer a frame that did not decode (bad CRC, COBS, too long) or has the wrong version.
+ * Returns 1 if the frame was such a frame (and is answered), 0 if it is a valid request. */
+static int reject_bad_frame(void)
+{
+	uint8_t seq = rx.len >= 3 ? rx.buf[2] : 0;
+	uint8_t type = rx.len >= 2 ? rx.buf[1] : 0;
+
+	switch (rx_result) {
+	case RX_FRAME:
+		if (rx.buf[0] == PROTO_VERSION) {
+			counters.frames_ok++;
+			return 0;
+		}
+		counters.frames_bad++;
+		send_error(seq, E_BAD_VERSION, type, PROTO_VERSION);
+		return 1;
+	case RX_BAD_CRC:
+		counters.frames_bad++;
+		send_error(seq, E_BAD_CRC, type, (uint16_t)rx.len);
+		return 1;
+	case RX_TOO_LONG:
+		counters.frames_too_long++;
+		send_error(0, E_TOO_LONG, 0, 0);
+		return 1;
+	default:
+		counters.frames_bad++;
+		send_error(seq, E_BAD_FRAME, type, (uint16_t)rx.len);
+		return 1;
+	}
+}
+
+/* Accelerator ---------------------------------------------------------------------------------- */
+
+enum wait_result { WAIT_OK, WAIT_ABORT, WAIT_TIMEOUT };
+
+/* During a generation: handle one pending frame. Returns 1 for ABORT (its seq in *abort_seq). */
+static int poll_during_generation(uint8_t *abort_seq)
+{
+	uint8_t type;
+
+	rx_service();
+	if (!rx_pending)
+		return 0;
+	if (!reject_bad_frame()) {
+		type = rx.buf[1];
+		if (type == T_ABORT && rx.len == PROTO_MIN_FRAME) {
+			*abort_seq = rx.buf[2];
+			rx_pending = 0;
+			return 1;
+		}
+		send_error(rx.buf[2], E_BUSY, type, 0);
+	}
+	rx_pending = 0;
+	return 0;
+}
+
+/* Requests ------------------------------------------------------------------------------------- */
+
+static void do_info(uint8_t seq)
+{
+	uint8_t *p = tx + PROTO_HEADER;
+
+	p[0] = PROTO_VERSION;
+	p[1] = FW_MAJOR;
+	p[2] = FW_MINOR;
+	p[3] = hw_testing_core() ? 1 : 0;
+	put_u32(p + 4, hw_model_id());
+	put_u32(p + 8, cfg.dim);
+	put_u32(p + 12, cfg.n_layers);
+	put_u32(p + 16, cfg.n_heads);
+	put_u32(p + 20, cfg.n_kv_heads);
+	put_u32(p + 24, cfg.hidden_dim);
+	put_u32(p + 28, cfg.vocab_size);
+	put_u32(p + 32, cfg.seq_len);
+	put_u32(p + 36, cfg.lanes);
+	put_u32(p + 40, hw_sys_clk_freq());
+	put_u16(p + 44, PROTO_MAX_PAYLOAD);
+	p[46] = hw_board();
+	p[47] = 0;
+	send(T_INFO | T_REPLY, seq, INFO_SIZE);
+}
+
+static void do_stats(uint8_t seq)
+{
+	uint8_t *p = tx + PROTO_HEADER;
+
+	put_u32(p + 0, counters.frames_ok);
+	put_u32(p + 4, counters.frames_bad);
+	put_u32(p + 8, counters.frames_too_long);
+	put_u32(p + 12, counters.errors_sent);
+	put_u32(p + 16, counters.generations);
+	put_u32(p + 20, counters.hw_timeouts);
+	put_u16(p + 24, last.prompt_tokens);
+	put_u16(p + 26, last.generated);
+	put_u32(p + 28, last.min_cycles);
+	put_u32(p + 32, last.max_cycles);
+	put_u32(p + 36, 0);
+	put_u64(p + 40, last.prefill_cycles);
+	put_u64(p + 48, last.decode_cycles);
+	put_u64(p + 56, last.wall_cycles);
+	send(T_STATS | T_REPLY, seq, STATS_SIZE);
+}
+
+static void accel_reset(uint32_t seed)
+{
+	hw_accel_set_temperature(0);
+	hw_accel_reset(seed);
+}
+
+static void do_reset(uint8_t seq)
+{
+	accel_reset(0);
+	prompt_len = 0;
+	send(T_RESET | T_REPLY, seq, 0);
+}
+
+static void do_prompt(uint8_t seq, const uint8_t *p, size_t n)
+{
+	uint32_t offset, k, i;
+
+	if (n < 2 || (n & 1)) {
+		send_error(seq, E_BAD_LENGTH, T_PROMPT, (uint16_t)n);
+		return;
+	}
+	offset = get_u16(p);
+	k = (n - 2) / 2;
+	if (offset > prompt_len || offset + k > max_prompt) {
+		send_error(seq, E_OUT_OF_RANGE, T_PROMPT, 0xFFFF);
+		return;
+	}
+	for (i = 0; i < k; i++) {
+		if (get_u16(p + 2 + 2 * i) >= cfg.vocab_size) {
+			send_error(seq, E_OUT_OF_RANGE, T_PROMPT, (uint16_t)i);
+			return;
+		}
+	}
+	for (i = 0; i < k; i++)
+		prompt[offset + i] = get_u16(p + 2 + 2 * i);
+	prompt_len = (uint16_t)(offset + k);
+	put_u16(tx + PROTO_HEADER, prompt_len);
+	send(T_PROMPT | T_REPLY, seq, 2);
+}
+
+static void send_step(uint8_t seq, uint32_t pos, uint16_t tin, uint16_t tout, uint8_t flags,
+                      uint32_t cycles)
+{
+	uint8_t *p = tx + PROTO_HEADER;
+
+	put_u16(p, (uint16_t)pos);
+	put_u16(p + 2, tin);
+	put_u16(p + 4, tout);
+	p[6] = flags;
+	p[7] = 0;
+	put_u32(p + 8, cycles);
+	send(T_STEP, seq, STEP_SIZE);
+}
+
+static void send_done(uint8_t seq, uint8_t reason)
+{
+	uint8_t *p = tx + PROTO_HEADER;
+
+	put_u16(p, last.prompt_tokens);
+	put_u16(p + 2, last.generated);
+	p[4] = reason;
+	p[5] = 0;
+	put_u64(p + 6, last.prefill_cycles);
+	put_u64(p + 14, last.decode_cycles);
+	put_u64(p + 22, last.wall_cycles);
+	send(T_GENERATE | T_REPLY, seq, DONE_SIZE);
+}
+
+/* golden.generate on the accelerator: prompt passes greedy (the sampler's generator does not
+ * advance), the last prompt pass and the feed-back passes at the requested temperature. */
+static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t seed)
+{
+	uint32_t n = prompt_len, passes = n + max_tokens - 1, pos, cycles, t, t_last;
+	uint16_t tin, tout = 0;
+	uint8_t flags, reason = DONE_COMPLETE, abort_seq = 0;
+	int aborting = 0;
+
+	counters.generations++;
+	last.prompt_tokens = (uint16_t)n;
+	last.generated = 0;
+	last.min_cycles = 0xFFFFFFFFu;
+	last.max_cycles = 0;
+	last.prefill_cycles = last.decode_cycles = last.wall_cycles = 0;
+	t_last = hw_cycles_now();
+	accel_reset(seed);
+
+	for (pos = 0; pos < passes && !aborting; pos++) {
+		tin = pos < n ? prompt[pos] : tout;
+		if (pos == n - 1)
+			hw_accel_set_temperature(inv_t);
+		hw_accel_feed(tin);
+		/* Wait for the pass, reading the link; an ABORT lets the pass finish first. */
+		t = hw_cycles_now();
+		while (!hw_accel_out_valid()) {
+			if (!aborting && poll_during_generation(&abort_seq))
+				aborting = 1;
+			if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
+				break;
+		}
+		if (!hw_accel_out_valid()) {
+			counters.hw_timeouts++;
+			reason = DONE_HW_TIMEOUT;
+			accel_reset(0);
+			send_error(seq, E_HW_TIMEOUT, T_GENERATE, (uint16_t)pos);
+			break;
+		}
+		cycles = hw_accel_cycles();
+		tout = hw_accel_take();
+		flags = pos + 1 >= n ? STEP_GENERATED : 0;
+		if (pos < n)
+			last.prefill_cycles += cycles;
+		else
+			last.decode_cycles += cycles;
+		if (cycles < last.min_cycles)
+			last.min_cycles = cycles;
+		if (cycles > last.max_cycles)
+			last.max_cycles = cycles;
+		if (flags)
+			last.generated++;
+		send_step(seq, pos, tin, tout, flags, cycles);
+		t = hw_cycles_now();
+		last.wall_cycles += (uint32_t)(t - t_last);
+		t_last = t;
+	}
+	if (aborting)
+		reason = DONE_ABORTED;
+	if (last.min_cycles == 0xFFFFFFFFu)
+		last.min_cycles = 0;
+	t = hw_cycles_now();
+	last.wall_cycles += (uint32_t)(t - t_last);
+	send_done(seq, reason);
+	if (aborting) {
+		tx[PROTO_HEADER] = 1;
+		send(T_ABORT | T_REPLY, abort_seq, 1);
+	}
+}
+
+static void do_generate(uint8_t seq, const uint8_t *p, size_t n)
+{
+	uint16_t max_tokens, inv_t;
+	uint32_t seed;
+
+	if (n != 8) {
+		send_error(seq, E_BAD_LENGTH, T_GENERATE, (uint16_t)n);
+		rx_pending = 0;
+		return;
+	}
+	max_tokens = get_u16(p);
+	inv_t = get_u16(p + 2);
+	seed = get_u32(p + 4);
+	rx_pending = 0;                             /* p is not used past here */
+	if (prompt_len == 0) {
+		send_error(seq, E_BAD_STATE, T_GENERATE, 0);
+		return;
+	}
+	if (max_tokens == 0 || (uint32_t)prompt_len + max_tokens > cfg.seq_len) {
+		send_error(seq, E_OUT_OF_RANGE, T_GENERATE, max_tokens);
+		return;
+	}
+	generate(seq, max_tokens, inv_t, seed);
+}
+
+static void handle_frame(void)
+{
+	uint8_t type, seq;
+	const uint8_t *payload;
+	size_t n;
+
+	if (reject_bad_frame())
+		return;
+	type = rx.buf[1];
+	seq = rx.buf[2];
+	payload = rx.buf + PROTO_HEADER;
+	n = rx.len - PROTO_MIN_FRAME;
+	switch (type) {
+	case T_INFO:
+	case T_RESET:
+	case T_STATS:
+	case T_ABORT:
+		if (n) {
+			send_error(seq, E_BAD_LENGTH, type, (uint16_t)n);
+			return;
+		}
+		if (type == T_INFO)
+			do_info(seq);
+		else if (type == T_RESET)
+			do_reset(seq);
+		else if (type == T_STATS)
+			do_stats(seq);
+		else {
+			tx[PROTO_HEADER] = 0;               /* nothing was running */
+			send(T_ABORT | T_REPLY, seq, 1);
+		}
+		return;
+	case T_PROMPT:
+		do_prompt(seq, payload, n);
+		return;
+	case T_GENERATE:
+		do_generate(seq, payload, n);
+		return;
+	case T_ECHO: {
+		size_t i;
+		for (i = 0; i < n; i++)
+			tx[PROTO_HEADER + i] = payload[i];
+		send(T_ECHO | T_REPLY, seq, n);
+		return;
+	}
+	default:
+		send_error(seq, E_UNKNOWN_TYPE, type, 0);
+		return;
+	}
+}
+
+static void banner(void)
+{
+	static const char line[] = "bakedllama firmware " STR(FW_MAJOR) "." STR(FW_MINOR)
+		" protocol " STR(PROTO_VERSION) " ready\r\n";
+	const char *c;
+
+	put_byte(0, 0);
+	for (c = line; *c; c++)
+		put_byte((uint8_t)*c, 0);
+	put_byte(0, 0);
+}
+
+void app_init(void)
+{
+	rx_init(&rx);
+	rx_pending = 0;
+	prompt_len = 0;
+	hw_model_cfg(&cfg);
+	max_prompt = cfg.seq_len < MAX_SEQ_LEN ? cfg.seq_len : MAX_SEQ_LEN;
+	accel_reset(0);
+	banner();
+}
+
+void app_poll(void)
+{
+	rx_service();
+	if (rx_pending) {
+		handle_frame();
+		rx_pending = 0;
+	}
+}

@@ -1,0 +1,42 @@
+/* What the firmware needs from the hardware. hw_litex.c implements it with LiteX's generated
+ * csr.h; tests/native/hw_native.c (firmware/native/) with a socket and a model of the test core. */
+#ifndef BAKEDLLAMA_HW_H
+#define BAKEDLLAMA_HW_H
+
+#include <stdint.h>
+
+#define BOARD_SIM    1
+#define BOARD_ULX3S  2
+
+struct model_cfg {
+	uint32_t dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size, seq_len, lanes;
+};
+
+void hw_init(void);
+
+/* UART: polled. */
+int hw_uart_readable(void);
+uint8_t hw_uart_read(void);
+int hw_uart_writable(void);
+void hw_uart_write(uint8_t c);
+
+/* Free-running cycle counter (wraps; differences are exact below 2^32 cycles). */
+uint32_t hw_cycles_now(void);
+
+/* Accelerator (gateware/INTERFACE.md). */
+void hw_accel_reset(uint32_t seed);              /* seed CSR, then ctrl.reset */
+void hw_accel_set_temperature(uint16_t inv_t_q8);
+void hw_accel_feed(uint16_t token);              /* offer a token on the accelerator's sink */
+int hw_accel_out_valid(void);                    /* a next token is waiting on its source */
+uint16_t hw_accel_take(void);                    /* read it and let the accelerator go on */
+uint32_t hw_accel_cycles(void);                  /* cycles of the last forward pass */
+uint32_t hw_accel_pos(void);
+uint32_t hw_model_id(void);
+void hw_model_cfg(struct model_cfg *cfg);
+
+/* Build facts. */
+uint32_t hw_sys_clk_freq(void);
+uint8_t hw_board(void);
+int hw_testing_core(void);                       /* the SoC carries the test stand-in */
+
+#endif

@@ -1,0 +1,137 @@
+/* hw.h on a LiteX SoC: every address and bit position comes from the generated csr.h / soc.h. */
+#include <generated/csr.h>
+#include <generated/soc.h>
+
+#include "hw.h"
+
+#ifndef UART_EV_TX
+#define UART_EV_TX 0x1
+#define UART_EV_RX 0x2
+#endif
+
+#define BIT(name) (1u << (name))
+
+void hw_init(void)
+{
+	/* UART polled: no interrupt, clear what is pending. */
+	uart_ev_enable_write(0);
+	uart_ev_pending_write(uart_ev_pending_read());
+	/* timer0 as a free-running cycle counter (it counts down; hw_cycles_now inverts it). */
+	timer0_en_write(0);
+	timer0_reload_write(0xFFFFFFFFu);
+	timer0_load_write(0xFFFFFFFFu);
+	timer0_en_write(1);
+}
+
+int hw_uart_readable(void)
+{
+	return !uart_rxempty_read();
+}
+
+uint8_t hw_uart_read(void)
+{
+	uint8_t c = (uint8_t)uart_rxtx_read();
+
+	uart_ev_pending_write(UART_EV_RX);         /* pops the RX FIFO */
+	return c;
+}
+
+int hw_uart_writable(void)
+{
+	return !uart_txfull_read();
+}
+
+void hw_uart_write(uint8_t c)
+{
+	uart_rxtx_write(c);
+}
+
+uint32_t hw_cycles_now(void)
+{
+	timer0_update_value_write(1);
+	return ~timer0_value_read();
+}
+
+void hw_accel_reset(uint32_t seed)
+{
+	llama_seed_write(seed);
+	llama_ctrl_write(BIT(CSR_LLAMA_CTRL_RESET_OFFSET));
+}
+
+void hw_accel_set_temperature(uint16_t inv_t_q8)
+{
+	llama_temperature_write(inv_t_q8);
+}
+
+void hw_accel_feed(uint16_t token)
+{
+	llama_port_token_in_write(token);
+}
+
+int hw_accel_out_valid(void)
+{
+	return (llama_port_status_read() >> CSR_LLAMA_PORT_STATUS_OUT_VALID_OFFSET) & 1;
+}
+
+uint16_t hw_accel_take(void)
+{
+	uint16_t t = (uint16_t)llama_port_token_out_read();
+
+	llama_port_ctrl_write(BIT(CSR_LLAMA_PORT_CTRL_POP_OFFSET));
+	return t;
+}
+
+uint32_t hw_accel_cycles(void)
+{
+	return llama_cycles_read();
+}
+
+uint32_t hw_accel_pos(void)
+{
+	uint32_t s = llama_status_read();
+
+	return (s >> CSR_LLAMA_STATUS_POS_OFFSET) & ((1u << CSR_LLAMA_STATUS_POS_SIZE) - 1);
+}
+
+uint32_t hw_model_id(void)
+{
+	return llama_model_id_read();
+}
+
+void hw_model_cfg(struct model_cfg *cfg)
+{
+	/* model_cfg: 8 words, dim first (gateware/INTERFACE.md). A CSR wider than one word keeps its
+	 * most significant word at the lowest address. */
+	uint32_t w[CSR_LLAMA_MODEL_CFG_SIZE];
+	unsigned i, n = CSR_LLAMA_MODEL_CFG_SIZE;
+
+	for (i = 0; i < n; i++)
+		w[n - 1 - i] = csr_read_simple(CSR_LLAMA_MODEL_CFG_ADDR + 4 * i);
+	cfg->dim = w[0];
+	cfg->n_layers = w[1];
+	cfg->n_heads = w[2];
+	cfg->n_kv_heads = w[3];
+	cfg->hidden_dim = w[4];
+	cfg->vocab_size = w[5];
+	cfg->seq_len = w[6];
+	cfg->lanes = w[7];
+}
+
+uint32_t hw_sys_clk_freq(void)
+{
+	return CONFIG_CLOCK_FREQUENCY;
+}
+
+uint8_t hw_board(void)
+{
+	return BAKEDLLAMA_BOARD;
+}
+
+int hw_testing_core(void)
+{
+#ifdef BAKEDLLAMA_TESTING_CORE
+	return 1;
+#else
+	return 0;
+#endif
+}

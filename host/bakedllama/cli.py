@@ -1,0 +1,162 @@
+"""The `bakedllama` command line: generate, info, run8b."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bakedllama.fileformat import ModelFileError
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit code 2."""
+
+
+def _load(model_path, tokenizer_path):
+    from bakedllama.model import DEFAULT_BAKED, DEFAULT_TOKENIZER, load_baked
+    from bakedllama.tokenizer import Tokenizer
+
+    model = load_baked(model_path or DEFAULT_BAKED)
+    tok = Tokenizer.load(tokenizer_path or DEFAULT_TOKENIZER, model.meta.get("tokenizer_sha256"))
+    return model, tok
+
+
+def prompt_ids(tok, prompt: str, seq_len: int, max_tokens: int) -> list[int]:
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty")
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    ids = tok.encode(prompt, bos=True)
+    if len(ids) + max_tokens > seq_len:
+        raise UserError(f"prompt is {len(ids)} tokens; with --max-tokens {max_tokens} that exceeds the "
+                        f"context of {seq_len} tokens (shorten the prompt or ask for fewer tokens)")
+    return ids
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive (decoding the whole list keeps multi-byte chars whole)."""
+
+    def __init__(self, tok, out, enabled: bool):
+        self.tok, self.out, self.enabled, self.ids, self.shown = tok, out, enabled, [], ""
+
+    def push(self, t: int) -> None:
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if self.enabled and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids)
+
+
+def cmd_generate(args) -> int:
+    from bakedllama.golden import Golden, generate
+
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    model, tok = _load(args.model, args.tokenizer)
+    ids = prompt_ids(tok, args.prompt, model.cfg.seq_len, args.max_tokens)
+    device = args.device or "golden"
+    stream = TextStream(tok, sys.stdout, not args.json)
+    if not args.json:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    cycles = None
+    t0 = time.perf_counter()
+    if device == "golden":
+        for t in generate(Golden(model), ids, args.max_tokens, args.temperature, args.seed, args.top_k):
+            stream.push(t)
+    else:
+        raise UserError(f"unknown device '{device}' (use 'golden', socket://127.0.0.1:PORT or /dev/tty*)")
+    dt = time.perf_counter() - t0
+    n = len(stream.ids)
+    result = dict(prompt=args.prompt, device=device, prompt_tokens=ids, tokens=stream.ids,
+                  text=stream.text(), tokens_per_s=round(n / dt, 2) if dt > 0 else None,
+                  cycles_per_token=cycles, temperature=args.temperature, seed=args.seed,
+                  model_sha256=model.sha256)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"\n[{n} tokens, {result['tokens_per_s']} tokens/s on {device}]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from bakedllama.budget import format_budget
+
+    model, tok = _load(args.model, args.tokenizer)
+    c, f = model.cfg, model.fmt
+    if args.json:
+        print(json.dumps(dict(config=c.to_dict(), params=c.param_count(), sha256=model.sha256,
+                              identity=f"{model.identity():08x}", numerics=f,
+                              tokenizer_sha256=tok.sha256)))
+        return 0
+    print(f"model       {model.meta.get('source', 'weights/tiny')}  sha256 {model.sha256}")
+    print(f"identity    0x{model.identity():08x}   tokenizer sha256 {tok.sha256[:16]}")
+    print(f"config      dim {c.dim}, layers {c.n_layers}, heads {c.n_heads} (kv {c.n_kv_heads}), "
+          f"hidden {c.hidden_dim}, vocab {c.vocab_size}, context {c.seq_len}, "
+          f"{'tied' if c.tied_embeddings else 'untied'} embeddings")
+    print(f"parameters  {c.param_count():,}")
+    print(f"numerics    scheme {f['scheme']}; residual int16 Q.{f['f_x']}, q/k int16 Q.{f['f_qk']}, "
+          f"ffn int16 Q.{f['f_h']}, KV int8 Q.{f['e_k']}/Q.{f['e_v']}, activations int8 per vector")
+    for name, wf in f["weights"].items():
+        err = f.get("weight_rel_rms_error", {}).get(name)
+        print(f"  {name:<15} int{wf['bits']:<2} group {wf['group']:<4} acc {wf['acc_bits']} bits"
+              + (f", rel. RMS error {err:.4f}" if err is not None else ""))
+    for k in ("val_loss_float", "val_loss_golden"):
+        if k in model.meta:
+            print(f"{k:<16} {model.meta[k]:.4f} nats/token")
+    print("\nblock RAM budget (ULX3S 85F):")
+    print(format_budget(model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bakedllama", description="A hardwired tiny Llama.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", help="baked model file (default weights/tiny/model-q.bkl)")
+        sp.add_argument("--tokenizer", help="tokenizer.json (default weights/tiny/tokenizer.json)")
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--device", help="golden | socket://127.0.0.1:PORT | /dev/ttyUSB0")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="model, numerics, identity and block-RAM budget")
+    i.add_argument("--device", help="read the identity from a device instead")
+    i.add_argument("--json", action="store_true")
+    model_args(i)
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, ModelFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

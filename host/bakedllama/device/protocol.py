@@ -1,0 +1,312 @@
+"""The serial protocol, version 1 (firmware/PROTOCOL.md): COBS framing, CRC-32, payloads.
+
+The firmware implements the same document in C (firmware/proto.c, firmware/app.c); the tests check
+that both produce the same bytes. Pure functions and data classes only: no I/O here."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+VERSION = 1
+HEADER = 3  # version, type, seq
+CRC_SIZE = 4
+MAX_PAYLOAD = 1024
+MIN_FRAME = HEADER + CRC_SIZE
+MAX_FRAME = HEADER + MAX_PAYLOAD + CRC_SIZE
+MAX_ENCODED = MAX_FRAME + (MAX_FRAME + 253) // 254  # COBS overhead, without the delimiter
+CRC_RESIDUE = 0x2144DF1C
+
+# The ULX3S's FT231X runs 3 Mbaud at most; 2 Mbaud is exact for its divisor (3 MHz / 1.5) and
+# for a 50 MHz UART (25 clocks per bit). 21 bytes per token at 8N1: 9,523 tokens/s.
+DEFAULT_BAUDRATE = 2_000_000
+BITS_PER_BYTE = 10  # 8N1
+
+# Request types (host -> device); the reply is type | REPLY.
+INFO, RESET, PROMPT, GENERATE, STATS, ABORT, ECHO = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+REPLY = 0x80
+STEP = 0x44
+ERROR = 0xFF
+REQUEST_NAMES = {INFO: "INFO", RESET: "RESET", PROMPT: "PROMPT", GENERATE: "GENERATE",
+                 STATS: "STATS", ABORT: "ABORT", ECHO: "ECHO"}
+
+# Error codes.
+E_BAD_CRC, E_BAD_FRAME, E_TOO_LONG, E_BAD_VERSION, E_UNKNOWN_TYPE = 1, 2, 3, 4, 5
+E_BAD_LENGTH, E_OUT_OF_RANGE, E_BAD_STATE, E_BUSY, E_HW_TIMEOUT = 6, 7, 8, 9, 10
+ERROR_NAMES = {E_BAD_CRC: "BAD_CRC", E_BAD_FRAME: "BAD_FRAME", E_TOO_LONG: "TOO_LONG",
+               E_BAD_VERSION: "BAD_VERSION", E_UNKNOWN_TYPE: "UNKNOWN_TYPE",
+               E_BAD_LENGTH: "BAD_LENGTH", E_OUT_OF_RANGE: "OUT_OF_RANGE",
+               E_BAD_STATE: "BAD_STATE", E_BUSY: "BUSY", E_HW_TIMEOUT: "HW_TIMEOUT"}
+RETRANSMIT_ERRORS = (E_BAD_CRC, E_BAD_FRAME, E_TOO_LONG)  # the request did not arrive intact
+
+DONE_COMPLETE, DONE_ABORTED, DONE_HW_TIMEOUT = 0, 1, 2
+STEP_GENERATED = 1
+
+BOARDS = {0: "native test build", 1: "Verilator simulation", 2: "ULX3S"}
+
+INFO_FMT = struct.Struct("<BBBBI8IIHBB")  # 48 bytes
+STATS_FMT = struct.Struct("<6IHHIII3Q")  # 64 bytes
+DONE_FMT = struct.Struct("<HHBB3Q")  # 30 bytes
+STEP_FMT = struct.Struct("<HHHBBI")  # 12 bytes
+ERROR_FMT = struct.Struct("<BBH")
+GENERATE_FMT = struct.Struct("<HHI")
+
+
+class ProtocolError(ValueError):
+    """A frame or payload that does not follow the protocol."""
+
+
+def crc32(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def cobs_encode(data: bytes) -> bytes:
+    """COBS without the delimiter; byte for byte what firmware/proto.c's cobs_write sends."""
+    out = bytearray()
+    i, n = 0, len(data)
+    while True:
+        j = i
+        while j < n and data[j] != 0 and j - i < 254:
+            j += 1
+        code = j - i + 1
+        out.append(code)
+        out += data[i:j]
+        if j == n:
+            return bytes(out)
+        i = j if code == 0xFF else j + 1
+
+
+def cobs_decode(enc: bytes) -> bytes:
+    """Inverse of cobs_encode; raises ProtocolError on a zero byte or a truncated block."""
+    out = bytearray()
+    i, n, zero_due = 0, len(enc), False
+    while i < n:
+        code = enc[i]
+        if code == 0:
+            raise ProtocolError("zero byte inside a COBS frame")
+        if i + code > n:
+            raise ProtocolError("truncated COBS block")
+        if zero_due:
+            out.append(0)
+        out += enc[i + 1:i + code]
+        if 0 in enc[i + 1:i + code]:
+            raise ProtocolError("zero byte inside a COBS frame")
+        zero_due = code != 0xFF
+        i += code
+    return bytes(out)
+
+
+def frame_bytes(type_: int, seq: int, payload: bytes = b"") -> bytes:
+    """The decoded frame: header, payload, CRC-32."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    body = bytes((VERSION, type_ & 0xFF, seq & 0xFF)) + bytes(payload)
+    return body + struct.pack("<I", crc32(body))
+
+
+def encode(type_: int, seq: int, payload: bytes = b"") -> bytes:
+    """A frame on the wire: COBS(frame) + 0x00."""
+    return cobs_encode(frame_bytes(type_, seq, payload)) + b"\x00"
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class BadFrame:
+    """Bytes between two delimiters that are not a valid frame (noise, a text line, corruption)."""
+
+    reason: str  # "cobs", "short", "crc", "too_long", "version"
+    raw: bytes  # the encoded bytes (at most MAX_ENCODED kept)
+
+
+def decode_frame(enc: bytes) -> Frame | BadFrame:
+    """One encoded frame (between delimiters, without them)."""
+    if len(enc) > MAX_ENCODED:
+        return BadFrame("too_long", enc[:MAX_ENCODED])
+    try:
+        f = cobs_decode(enc)
+    except ProtocolError:
+        return BadFrame("cobs", enc)
+    if len(f) < MIN_FRAME:
+        return BadFrame("short", enc)
+    if len(f) > MAX_FRAME:
+        return BadFrame("too_long", enc)
+    if crc32(f[:-4]) != struct.unpack("<I", f[-4:])[0]:
+        return BadFrame("crc", enc)
+    if f[0] != VERSION:
+        return BadFrame("version", enc)
+    return Frame(f[1], f[2], f[3:-4])
+
+
+class Decoder:
+    """Splits a byte stream at 0x00 delimiters into Frame / BadFrame; memory stays bounded."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.overflow = False
+
+    def feed(self, data: bytes) -> list[Frame | BadFrame]:
+        out = []
+        parts = bytes(data).split(b"\x00")
+        for i, part in enumerate(parts):
+            if not self.overflow:
+                self.buf += part
+                if len(self.buf) > MAX_ENCODED:
+                    self.overflow = True
+                    del self.buf[MAX_ENCODED:]
+            if i == len(parts) - 1:
+                break  # no delimiter after the last part (yet)
+            if self.overflow:
+                out.append(BadFrame("too_long", bytes(self.buf)))
+            elif self.buf:
+                out.append(decode_frame(bytes(self.buf)))
+            self.buf.clear()
+            self.overflow = False
+        return out
+
+
+# Payloads ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Info:
+    protocol: int
+    firmware: str
+    testing_core: bool
+    model_id: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    vocab_size: int
+    seq_len: int
+    lanes: int
+    sys_clk_freq: int
+    max_payload: int
+    board: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> "Info":
+        if len(p) != INFO_FMT.size:
+            raise ProtocolError(f"INFO reply of {len(p)} bytes, expected {INFO_FMT.size}")
+        v = INFO_FMT.unpack(p)
+        return cls(v[0], f"{v[1]}.{v[2]}", bool(v[3] & 1), v[4], *v[5:13], v[13], v[14], v[15])
+
+    @property
+    def board_name(self) -> str:
+        return BOARDS.get(self.board, f"board {self.board}")
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["model_id"] = f"{self.model_id:08x}"
+        d["board"] = self.board_name
+        return d
+
+
+@dataclass(frozen=True)
+class Step:
+    pos: int
+    token_in: int
+    token_out: int
+    generated: bool
+    cycles: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> "Step":
+        if len(p) != STEP_FMT.size:
+            raise ProtocolError(f"STEP of {len(p)} bytes, expected {STEP_FMT.size}")
+        pos, tin, tout, flags, _, cycles = STEP_FMT.unpack(p)
+        return cls(pos, tin, tout, bool(flags & STEP_GENERATED), cycles)
+
+
+@dataclass(frozen=True)
+class Done:
+    prompt_tokens: int
+    generated: int
+    reason: int
+    prefill_cycles: int
+    decode_cycles: int
+    wall_cycles: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> "Done":
+        if len(p) != DONE_FMT.size:
+            raise ProtocolError(f"DONE of {len(p)} bytes, expected {DONE_FMT.size}")
+        n_p, n_g, reason, _, pre, dec, wall = DONE_FMT.unpack(p)
+        return cls(n_p, n_g, reason, pre, dec, wall)
+
+    @property
+    def passes(self) -> int:
+        return self.prompt_tokens + max(self.generated - 1, 0)
+
+    @property
+    def cycles_per_token(self) -> float | None:
+        """Mean hardware cycles of a forward pass over the whole generation (prompt included)."""
+        return (self.prefill_cycles + self.decode_cycles) / self.passes if self.passes else None
+
+
+@dataclass(frozen=True)
+class Stats:
+    frames_ok: int
+    frames_bad: int
+    frames_too_long: int
+    errors_sent: int
+    generations: int
+    hw_timeouts: int
+    prompt_tokens: int
+    generated: int
+    min_cycles: int
+    max_cycles: int
+    prefill_cycles: int
+    decode_cycles: int
+    wall_cycles: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> "Stats":
+        if len(p) != STATS_FMT.size:
+            raise ProtocolError(f"STATS reply of {len(p)} bytes, expected {STATS_FMT.size}")
+        v = STATS_FMT.unpack(p)
+        return cls(*v[:10], *v[11:])
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    code: int
+    request: int
+    detail: int
+
+    @classmethod
+    def parse(cls, p: bytes) -> "ErrorReply":
+        if len(p) != ERROR_FMT.size:
+            raise ProtocolError(f"ERROR of {len(p)} bytes, expected {ERROR_FMT.size}")
+        return cls(*ERROR_FMT.unpack(p))
+
+    @property
+    def name(self) -> str:
+        return ERROR_NAMES.get(self.code, f"error {self.code}")
+
+    def __str__(self) -> str:
+        req = REQUEST_NAMES.get(self.request, f"type 0x{self.request:02x}")
+        return f"{self.name} for {req} (detail {self.detail})"
+
+
+def prompt_payload(offset: int, tokens) -> bytes:
+    tokens = list(tokens)
+    if not 0 <= offset <= 0xFFFF or any(not 0 <= t <= 0xFFFF for t in tokens):
+        raise ProtocolError("prompt offset and tokens must fit in 16 bits")
+    return struct.pack(f"<H{len(tokens)}H", offset, *tokens)
+
+
+def generate_payload(max_tokens: int, inv_temperature_q8: int, seed: int) -> bytes:
+    if not (0 <= max_tokens <= 0xFFFF and 0 <= inv_temperature_q8 <= 0xFFFF):
+        raise ProtocolError("max_tokens and inv_temperature_q8 must fit in 16 bits")
+    return GENERATE_FMT.pack(max_tokens, inv_temperature_q8, seed & 0xFFFFFFFF)
+
+
+PROMPT_CHUNK = (MAX_PAYLOAD - 2) // 2  # tokens per PROMPT frame

@@ -1,0 +1,132 @@
+#
+# bakedllama SoC: pieces shared by the targets (soc/sim.py, soc/ulx3s.py).
+#
+# - LlamaPort: the CPU's access to the accelerator's token streams, by CSRs.
+# - BakedLlamaSoC: a SoCCore mixin that adds the accelerator (as `llama`, its port as
+#   `llama_port`) and puts firmware/ (not LiteX's BIOS) in the integrated ROM.
+#
+
+import os
+import subprocess
+import sys
+
+from migen import *
+
+from litex.gen import LiteXModule
+from litex.soc.interconnect import stream
+from litex.soc.interconnect.csr import CSRStorage, CSRStatus, CSRField
+from litex.soc.integration.soc_core import get_mem_data
+
+REPO_DIR     = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+FIRMWARE_DIR = os.path.join(REPO_DIR, "firmware")
+DEFAULT_MODEL = os.path.join(REPO_DIR, "weights", "tiny", "model-q.bkl")
+
+# Board codes reported by the firmware (firmware/hw.h, PROTOCOL.md INFO).
+BOARD_SIM   = 1
+BOARD_ULX3S = 2
+
+# CPU and memories: the soft CPU stays small so block RAM goes to weights and the KV cache.
+# VexRiscv "minimal" (RV32I, no caches); the firmware runs from ROM, its data and stack in SRAM.
+CPU_TYPE    = "vexriscv"
+CPU_VARIANT = "minimal"
+ROM_SIZE    = 0x4000  # upper bound; the ROM is shrunk to the firmware's size
+SRAM_SIZE   = 0x2000  # 8 KiB: frame buffers (2 x 1 KiB), prompt (2 KiB), stack
+
+# LlamaPort ----------------------------------------------------------------------------------------
+
+class LlamaPort(LiteXModule):
+    """One token at a time between the CPU and the accelerator's streams."""
+    def __init__(self, width=16):
+        self.source = stream.Endpoint([("token", width)])  # -> accelerator sink
+        self.sink   = stream.Endpoint([("token", width)])  # <- accelerator source
+
+        self.token_in = CSRStorage(width,
+            description="Token for the accelerator: writing it offers it on the accelerator's sink "
+                        "until accepted (``status.in_busy``). Write only when ``in_busy`` is 0.")
+        self.token_out = CSRStatus(width,
+            description="Next token from the accelerator (valid when ``status.out_valid``).")
+        self.status = CSRStatus(fields=[
+            CSRField("in_busy",   size=1, description="``token_in`` waits for the accelerator."),
+            CSRField("out_valid", size=1, description="``token_out`` holds a token."),
+        ])
+        self.ctrl = CSRStorage(fields=[
+            CSRField("pop", size=1, pulse=True,
+                description="Consume ``token_out``: the accelerator may go on."),
+        ])
+
+        # # #
+
+        pending = Signal()
+        self.sync += [
+            If(self.token_in.re,
+                pending.eq(1),
+            ).Elif(self.source.ready,
+                pending.eq(0),
+            ),
+        ]
+        self.comb += [
+            self.source.valid.eq(pending),
+            self.source.token.eq(self.token_in.storage),
+            self.token_out.status.eq(self.sink.token),
+            self.status.fields.in_busy.eq(pending),
+            self.status.fields.out_valid.eq(self.sink.valid),
+            self.sink.ready.eq(self.ctrl.fields.pop),
+        ]
+
+# SoC mixin ----------------------------------------------------------------------------------------
+
+class BakedLlamaSoC:
+    """Mixin for a SoCCore: the accelerator, its port, the firmware ROM and the board constants."""
+
+    def add_llama(self, core, board, testing=False):
+        self.llama      = core
+        self.llama_port = LlamaPort()
+        self.comb += [
+            self.llama_port.source.connect(core.sink),
+            core.source.connect(self.llama_port.sink),
+        ]
+        self.add_constant("BAKEDLLAMA_BOARD", board)
+        if testing:
+            self.add_constant("BAKEDLLAMA_TESTING_CORE")
+
+    # Called by LiteX's Builder after it wrote the generated headers and before the gateware
+    # (Builder.build: "init_mems"). The Builder must run with compile_software=False so that it
+    # does not build its BIOS: firmware/ is the ROM.
+    def init_mems(self, **kwargs):
+        builder = self.builder
+        out_dir = os.path.join(builder.software_dir, "firmware")
+        os.makedirs(out_dir, exist_ok=True)
+        build_firmware(out_dir, builder.output_dir)
+        data = get_mem_data(os.path.join(out_dir, "firmware.bin"),
+            data_width = self.bus.data_width,
+            endianness = self.cpu.endianness)
+        self.init_rom(name="rom", contents=data, auto_size=True)
+
+def build_firmware(out_dir, build_dir):
+    """make -f firmware/Makefile against a LiteX build dir's generated headers."""
+    cmd = ["make", "-C", out_dir, "-f", os.path.join(FIRMWARE_DIR, "Makefile"),
+           f"BUILD_DIR={os.path.abspath(build_dir)}"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sys.stdout.write(r.stdout)
+    if r.returncode != 0:
+        raise OSError(f"firmware build failed ({' '.join(cmd)}):\n{r.stdout[-4000:]}")
+
+# Accelerator --------------------------------------------------------------------------------------
+
+def make_core(kind, model_path=None, lanes=None, seq_len=None, latency=None):
+    """The accelerator for a target: "real" = gateware.core.BakedLlamaCore on a baked model,
+    "testing" = the test-only stand-in (soc/testing_core.py). Returns (core, testing)."""
+    if kind == "testing":
+        from soc.testing_core import TestingCore, testing_table
+        return TestingCore(testing_table(512), seq_len=seq_len or 256, latency=latency or 64), True
+    if kind != "real":
+        raise ValueError(f"unknown core '{kind}' (real or testing)")
+    from bakedllama.model import load_baked
+    try:
+        from gateware.core import BakedLlamaCore
+    except ImportError as e:
+        raise SystemExit(f"gateware.core.BakedLlamaCore is not available ({e}); "
+                         "use --core testing for the test stand-in")
+    model = load_baked(model_path or DEFAULT_MODEL)
+    kwargs = {} if lanes is None else dict(lanes=lanes)
+    return BakedLlamaCore(model, **kwargs), False
