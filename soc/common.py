@@ -32,6 +32,9 @@ CPU_VARIANT = "minimal"
 ROM_SIZE    = 0x4000  # upper bound; the ROM is shrunk to the firmware's size
 SRAM_SIZE   = 0x2000  # 8 KiB: frame buffers (2 x 1 KiB), prompt (2 KiB), stack
 
+# System clock of the ULX3S target (the simulation reports the same nominal frequency).
+SYS_CLK_FREQ = int(50e6)
+
 # LlamaPort ----------------------------------------------------------------------------------------
 
 class LlamaPort(LiteXModule):

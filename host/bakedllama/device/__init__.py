@@ -1,0 +1,74 @@
+"""Talking to a bakedllama device: the ULX3S over its FTDI UART or the Verilator simulation.
+
+    from bakedllama.device import open_device, start_sim
+    with start_sim() as sim, sim.open() as dev:          # or open_device("/dev/ttyUSB0")
+        info = dev.info()
+        g = dev.generate(prompt_ids, max_tokens=64, temperature=0.0, seed=0)
+        for token in g: ...                               # tokens as they arrive
+        g.cycles_per_token, g.tokens_per_s
+
+`generate_on_device` / `device_info` are what the CLI calls."""
+
+from bakedllama.device.protocol import DEFAULT_BAUDRATE, Info, Stats
+from bakedllama.device.sim import SimHandle, build_sim, start_sim
+from bakedllama.device.transport import Device, DeviceError, Generation, check_model, open_device
+
+__all__ = ["DEFAULT_BAUDRATE", "Device", "DeviceError", "Generation", "Info", "SimHandle", "Stats",
+           "build_sim", "check_model", "device_info", "generate_on_device", "open_device",
+           "start_sim"]
+
+
+def _connect(url, log):
+    """(context manager stack, Device): the URL's device, or a started simulation if url is None."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    try:
+        if url is None:
+            sim = stack.enter_context(start_sim(log=log))
+            dev = stack.enter_context(sim.open())
+        else:
+            dev = stack.enter_context(open_device(url))
+    except BaseException:
+        stack.close()
+        raise
+    return stack, dev
+
+
+def device_info(url, model=None, log=None) -> dict:
+    """INFO of a device (None = the simulation) as a dict; with `model`, refuse another model."""
+    stack, dev = _connect(url, log)
+    with stack:
+        info = dev.info()
+        if model is not None:
+            check_model(info, model, dev.url)
+        return info.as_dict()
+
+
+def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed=0,
+                       on_token=None, log=None) -> dict:
+    """Generate on a device (None = start the simulation, building it once if needed).
+
+    Refuses a device whose model identity differs from `model`'s. on_token(id) is called as each
+    token arrives. Returns tokens, cycles_per_token (hardware counter, mean over the forward
+    passes), tokens_per_s (end to end: request to last token, including the prompt), and more."""
+    stack, dev = _connect(url, log)
+    with stack:
+        info = dev.info()
+        check_model(info, model, dev.url)
+        g = dev.generate(prompt_ids, max_tokens, temperature, seed)
+        for t in g:
+            if on_token is not None:
+                on_token(t)
+        cpt = g.cycles_per_token
+        return dict(
+            tokens=list(g.tokens),
+            cycles_per_token=round(cpt, 1) if cpt else None,
+            tokens_per_s=round(g.tokens_per_s, 3) if g.tokens_per_s else None,
+            projected_tokens_per_s=round(info.sys_clk_freq / cpt, 1) if cpt else None,
+            sys_clk_freq=info.sys_clk_freq,
+            board=info.board_name,
+            device=dev.url,
+            wall_s=round(g.wall_s, 3),
+            retries=g.retries,
+        )
