@@ -24,8 +24,8 @@ test-all: setup ## everything, including bitstream builds (slow)
 
 weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evaluate it
 	@EXTRAS=dev,train bash scripts/setup.sh
-	$(PY) -m weights.train --out weights/tiny
-	$(PY) -m weights.quantize --dir weights/tiny --compare
+	$(PY) -m weights.train --out weights/tiny $(if $(CORPUS),--corpus $(CORPUS))
+	$(PY) -m weights.quantize --dir weights/tiny --compare $(if $(CORPUS),--corpus $(CORPUS))
 
 lint:       ## ruff on host/, weights/, tests/
 	$(VENV)/bin/ruff check host weights tests
