@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from bakedllama.golden import Golden, generate
 from bakedllama.model import DEFAULT_BAKED, DEFAULT_TOKENIZER, load_baked
 from bakedllama.tokenizer import Tokenizer

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-
 from bakedllama.fileformat import ModelFileError
 from bakedllama.tokenizer import Tokenizer, train_tokenizer
+
 from weights.corpus import NOVELS, CorpusError, austen_novels, load_text
 
 

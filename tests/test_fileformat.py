@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from bakedllama import fileformat
 from bakedllama.fileformat import ModelFileError
 

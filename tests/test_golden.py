@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from bakedllama.bake import bake, write_baked
 from bakedllama.evaluate import evaluate
 from bakedllama.golden import Golden, Trace, generate
@@ -72,6 +71,7 @@ def test_3_6_scheme_uses_6_bits_for_sensitive_tensors(tmp_path, small_cfg):
 def test_float_reference_equals_the_torch_training_model(small_cfg):
     import torch
     from bakedllama.reference import FloatModel
+
     from weights.train import build_model, state_to_numpy
 
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from bakedllama import numerics as nx
 
 rng = np.random.default_rng(1234)

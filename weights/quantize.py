@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from bakedllama import fileformat
 from bakedllama.bake import SCHEMES, bake, calibration_windows, write_baked
 from bakedllama.evaluate import evaluate
 from bakedllama.fileformat import ModelFileError
 from bakedllama.model import load_baked, load_float
 from bakedllama.tokenizer import Tokenizer
+
 from weights.corpus import CorpusError, load_text
 from weights.train import VAL_FRACTION
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from bakedllama.config import ModelConfig
 from bakedllama import fileformat
-from bakedllama.tokenizer import train_tokenizer, Tokenizer
+from bakedllama.config import ModelConfig
+from bakedllama.tokenizer import Tokenizer, train_tokenizer
+
 from weights.corpus import CorpusError, load_text
 
 VAL_FRACTION = 0.05

@@ -18,8 +18,15 @@ import numpy as np
 from bakedllama import fileformat
 from bakedllama.config import ModelConfig
 from bakedllama.model import MATRICES
-from bakedllama.numerics import (ACT_MAX, INT16_MAX, matvec_acc_bits, norm_weight_q, quantize_matrix,
-                                 quantize_stack, rms_eps_int)
+from bakedllama.numerics import (
+    ACT_MAX,
+    INT16_MAX,
+    matvec_acc_bits,
+    norm_weight_q,
+    quantize_matrix,
+    quantize_stack,
+    rms_eps_int,
+)
 from bakedllama.reference import FloatModel
 
 HEADROOM = 2.0  # calibrated range x 2: one bit of margin against saturation on unseen text

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ACT_MAX = 127  # int8 activations are symmetric: [-127, 127]
-M_BITS = 9  # per-group weight multipliers: unsigned 9-bit (one DP16KD x9 lane; 0.28 bit per weight at group 32)
+M_BITS = 9  # per-group weight multipliers: unsigned 9-bit (a DP16KD x9 lane; 0.28 bit/weight at g32)
 INT16_MAX = 32767
 SCORE_FRAC = 8  # attention scores and sampling logits, Q8
 EXP_ONE = 1 << 15  # exp(0) in the Q15 exp output

@@ -53,7 +53,8 @@ class Tokenizer:
 
 def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (256 bytes + specials + merges)."""
-    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as TK
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tk = TK(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
