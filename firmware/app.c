@@ -246,11 +246,20 @@ static void send_done(uint8_t seq, uint8_t reason)
 }
 
 /* golden.generate on the accelerator: prompt passes greedy (the sampler's generator does not
- * advance), the last prompt pass and the feed-back passes at the requested temperature. */
+ * advance), the last prompt pass and the feed-back passes at the requested temperature.
+ * The next token is fed as soon as the previous one is out, so the STEP frame of a pass goes out
+ * over the link while the accelerator computes the next pass. */
+static void feed(uint32_t pos, uint32_t n, uint16_t token, uint16_t inv_t)
+{
+	if (pos == n - 1)
+		hw_accel_set_temperature(inv_t);
+	hw_accel_feed(token);
+}
+
 static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t seed)
 {
 	uint32_t n = prompt_len, passes = n + max_tokens - 1, pos, cycles, t, t_last;
-	uint16_t tin, tout = 0;
+	uint16_t tin, tout;
 	uint8_t flags, reason = DONE_COMPLETE, abort_seq = 0;
 	int aborting = 0;
 
@@ -263,11 +272,9 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 	t_last = hw_cycles_now();
 	accel_reset(seed);
 
-	for (pos = 0; pos < passes && !aborting; pos++) {
-		tin = pos < n ? prompt[pos] : tout;
-		if (pos == n - 1)
-			hw_accel_set_temperature(inv_t);
-		hw_accel_feed(tin);
+	tin = prompt[0];
+	feed(0, n, tin, inv_t);
+	for (pos = 0; pos < passes; pos++) {
 		/* Wait for the pass, reading the link; an ABORT lets the pass finish first. */
 		t = hw_cycles_now();
 		while (!hw_accel_out_valid()) {
@@ -285,6 +292,8 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 		}
 		cycles = hw_accel_cycles();
 		tout = hw_accel_take();
+		if (pos + 1 < passes && !aborting)
+			feed(pos + 1, n, pos + 1 < n ? prompt[pos + 1] : tout, inv_t);
 		flags = pos + 1 >= n ? STEP_GENERATED : 0;
 		if (pos < n)
 			last.prefill_cycles += cycles;
@@ -300,9 +309,12 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 		t = hw_cycles_now();
 		last.wall_cycles += (uint32_t)(t - t_last);
 		t_last = t;
+		if (aborting) {
+			reason = DONE_ABORTED;
+			break;
+		}
+		tin = pos + 1 < n ? prompt[pos + 1] : tout;
 	}
-	if (aborting)
-		reason = DONE_ABORTED;
 	if (last.min_cycles == 0xFFFFFFFFu)
 		last.min_cycles = 0;
 	t = hw_cycles_now();

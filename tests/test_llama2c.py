@@ -10,16 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from bakedllama import fileformat
 from bakedllama.config import ModelConfig
 from bakedllama.fileformat import ModelFileError
 
 from weights import llama2c
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NAMES = ("tok_embeddings", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight", "w1", "w2",
          "w3", "rms_final_weight")
