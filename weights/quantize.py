@@ -48,14 +48,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     calib = calibration_windows(train_ids, cfg.seq_len)
-    results = {}
+    results, float_cache = {}, {}
     for scheme in ([args.scheme] + sorted(set(SCHEMES) - {args.scheme})) if args.compare else [args.scheme]:
         meta, tensors = bake(cfg, w, calib, scheme, dict(
             tokenizer_sha256=tok.sha256, float_sha256=fileformat.file_sha256(d / "model-f32.bkl"),
             source="weights/tiny (Jane Austen, janeaustenr)"))
         tmp = d / f".eval-{scheme.replace('/', '_')}.bkl"
         write_baked(tmp, meta, tensors)
-        ev = evaluate(cfg, w, load_baked(tmp), val_ids)
+        ev = evaluate(cfg, w, load_baked(tmp), val_ids, float_cache=float_cache)
         tmp.unlink()
         results[scheme] = ev
         print(f"{scheme:6s} val loss float {ev['val_loss_float']:.4f}  golden {ev['val_loss_golden']:.4f}  "

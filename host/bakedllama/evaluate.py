@@ -46,9 +46,15 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 def evaluate(cfg, w, baked: BakedModel, ids: np.ndarray, T: int | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, float_cache: dict | None = None) -> dict:
+    """`float_cache` (a dict) keeps the float logits between calls on the same weights and ids."""
     x, y = windows(ids, T or cfg.seq_len)
-    fl = float_logits(cfg, w, x)
+    if float_cache is not None and "logits" in float_cache:
+        fl = float_cache["logits"]
+    else:
+        fl = float_logits(cfg, w, x)
+        if float_cache is not None:
+            float_cache["logits"] = fl
     gl = golden_logits(baked, x, progress)
     return dict(windows=len(x), tokens=int(y.size),
                 val_loss_float=cross_entropy(fl, y), val_loss_golden=cross_entropy(gl, y),
