@@ -35,6 +35,7 @@ HEADROOM = 2.0  # calibrated range x 2: one bit of margin against saturation on 
 SCHEMES = {
     "w8": {"*": (8, None)},
     "w4": {"*": (4, 32)},
+    "w4e6": {"*": (4, 32), "tok_embeddings": (6, 32), "wcls": (6, 32)},
     "w4e8": {"*": (4, 32), "tok_embeddings": (8, 32), "wcls": (8, 32)},
     # Taalas-like: 3-bit base, 6-bit for the sensitive tensors (embedding/classifier, wv, w2)
     "w3/6": {"*": (3, 32), "tok_embeddings": (6, 32), "wcls": (6, 32), "wv": (6, 32), "w2": (6, 32)},

@@ -107,11 +107,13 @@ def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def quantize_matrix(w: np.ndarray, bits: int, group: int) -> QTensor:
+def quantize_matrix(w: np.ndarray, bits: int, group: int, clip_search: bool = True) -> QTensor:
     """Symmetric per-group quantization of one float matrix (rows, cols); group = cols is per row.
 
-    The group scale is rounded to an M_BITS multiplier first, then q = round(w / scale) so the
-    integer weights absorb the multiplier's rounding."""
+    Each group's scale is an M_BITS multiplier m times 2^-shift (one shift per matrix). With
+    clip_search, m is the one among the clipping ratios 0.50..1.00 of max|w|/qmax (rounded to
+    integers) that minimises the group's squared error; q = round(w / (m 2^-shift)) absorbs the
+    multiplier's rounding. This is bake-time only: the integer arithmetic does not change."""
     if bits < 2 or bits > 8:
         raise ValueError(f"weight bits must be 2..8, got {bits}")
     w = np.asarray(w, dtype=np.float64)
@@ -122,14 +124,20 @@ def quantize_matrix(w: np.ndarray, bits: int, group: int) -> QTensor:
     g = w.reshape(rows, cols // group, group)
     scale = np.abs(g).max(axis=-1) / qm  # (rows, ngroups)
     smax = float(scale.max())
-    if smax == 0.0:
-        shift = 0
-    else:
-        shift = int(math.floor(math.log2(((1 << M_BITS) - 1) / smax)))
-    m = np.clip(np.round(scale * 2.0**shift), 1, (1 << M_BITS) - 1)
-    s = m * 2.0**-shift
+    shift = 0 if smax == 0.0 else int(math.floor(math.log2(((1 << M_BITS) - 1) / smax)))
+    best_m, best_err = None, None
+    for ratio in (np.linspace(0.5, 1.0, 26) if clip_search else [1.0]):
+        m = np.clip(np.round(scale * ratio * 2.0**shift), 1, (1 << M_BITS) - 1)
+        s = (m * 2.0**-shift)[..., None]
+        err = ((np.clip(np.round(g / s), -qm, qm) * s - g) ** 2).sum(-1)
+        if best_m is None:
+            best_m, best_err = m, err
+        else:
+            better = err < best_err
+            best_m, best_err = np.where(better, m, best_m), np.where(better, err, best_err)
+    s = best_m * 2.0**-shift
     q = np.clip(np.round(g / s[..., None]), -qm, qm).astype(np.int8).reshape(rows, cols)
-    return QTensor(q, m.astype(np.uint16), np.asarray(shift, dtype=np.int32), bits, group)
+    return QTensor(q, best_m.astype(np.uint16), np.asarray(shift, dtype=np.int32), bits, group)
 
 
 def quantize_stack(w: np.ndarray, bits: int, group: int) -> QTensor:
