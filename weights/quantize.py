@@ -3,7 +3,7 @@
 Reads <dir>/model-f32.bkl + tokenizer.json, calibrates the fixed-point formats on windows of the
 training split, quantizes with --scheme, evaluates float and golden validation loss on the whole
 held-out split, and writes <dir>/model-q.bkl (atomically) and <dir>/eval.json.
-Usage: python -m weights.quantize [--dir weights/tiny] [--scheme w4] [--corpus FILE] [--compare]"""
+Usage: python -m weights.quantize [--dir weights/tiny] [--scheme w4e6] [--corpus FILE] [--compare]"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from bakedllama import fileformat
-from bakedllama.bake import SCHEMES, bake, calibration_windows, write_baked
+from bakedllama.bake import DEFAULT_SCHEME, SCHEMES, bake, calibration_windows, write_baked
 from bakedllama.evaluate import evaluate
 from bakedllama.fileformat import ModelFileError
 from bakedllama.model import load_baked, load_float
@@ -22,8 +22,6 @@ from bakedllama.tokenizer import Tokenizer
 
 from weights.corpus import CorpusError, load_text
 from weights.train import VAL_FRACTION
-
-DEFAULT_SCHEME = "w4"
 
 
 def split_ids(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
