@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     model_args(i)
     i.set_defaults(func=cmd_info)
+
+    from bakedllama.llama8b import cli as run8b_cli
+
+    r = sub.add_parser("run8b", help="Llama 3.1 8B in chip-sized partitions (the accelerator's arithmetic)")
+    run8b_cli.add_arguments(r)
+    r.set_defaults(func=run8b_cli.run)
     return p
 
 

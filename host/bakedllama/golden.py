@@ -84,6 +84,24 @@ class LayerWeights:
     e_v: int
 
 
+def attention_core(c, f: dict, q, k, v, key_cache, value_cache, pos: int, cos, sin, e_k: int, e_v: int):
+    """Between the q/k/v projections and wo: RoPE, KV cache write, scores, softmax, weighted sum.
+
+    q (B, n_heads, hd), k (B, n_kv_heads, hd) int16 frac f_qk; v (B, kv_dim) int8 frac e_v.
+    Returns the attention output (B, dim), frac ATT_OUT_FRAC."""
+    B, hd = q.shape[0], c.head_dim
+    q, k = nx.rope(q, cos, sin), nx.rope(k, cos, sin)
+    key_cache[:, pos] = nx.saturate(nx.round_shift(k, f["f_qk"] - e_k), 8).reshape(B, -1)
+    value_cache[:, pos] = v
+    q8, kq = nx.quantize_act(q.reshape(B, c.dim))  # one shift for all heads of q
+    q8 = q8.reshape(B, c.n_kv_heads, c.kv_mul, hd)  # query heads grouped by their kv head
+    kk = key_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
+    vv = value_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
+    fq = (f["f_qk"] - kq)[:, None, None]
+    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], e_k, e_v, hd)
+    return att.reshape(B, c.dim)
+
+
 def attention_block(c, f: dict, lw: LayerWeights, x, key_cache, value_cache, pos: int, cos, sin):
     """x (B, dim) int16 -> x + attention(x); writes position `pos` of this layer's cache.
 
@@ -95,16 +113,7 @@ def attention_block(c, f: dict, lw: LayerWeights, x, key_cache, value_cache, pos
     q = linear_q(lw.wq, a, fa, f["f_qk"]).reshape(B, c.n_heads, hd)
     k = linear_q(lw.wk, a, fa, f["f_qk"]).reshape(B, c.n_kv_heads, hd)
     v = linear_q(lw.wv, a, fa, lw.e_v, bits=8)
-    q, k = nx.rope(q, cos, sin), nx.rope(k, cos, sin)
-    key_cache[:, pos] = nx.saturate(nx.round_shift(k, f["f_qk"] - lw.e_k), 8).reshape(B, -1)
-    value_cache[:, pos] = v
-    q8, kq = nx.quantize_act(q.reshape(B, c.dim))  # one shift for all heads of q
-    q8 = q8.reshape(B, c.n_kv_heads, c.kv_mul, hd)  # query heads grouped by their kv head
-    kk = key_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-    vv = value_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-    fq = (f["f_qk"] - kq)[:, None, None]
-    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], lw.e_k, lw.e_v, hd)
-    o = att.reshape(B, c.dim)  # frac ATT_OUT_FRAC
+    o = attention_core(c, f, q, k, v, key_cache, value_cache, pos, cos, sin, lw.e_k, lw.e_v)
     return nx.saturate(x + linear(lw.wo, o, nx.ATT_OUT_FRAC, f["f_x"], bits=32), 16)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from bakedllama.config import ModelConfig
 from bakedllama.fileformat import ModelFileError
 from bakedllama.llama8b.arch import DEFAULT_CONTEXT, SPECS, Special, from_hf_config
+from bakedllama.numerics import rope_inv_freq as nx_rope
 
 REPO = Path(__file__).resolve().parents[3]
 CACHE_DIR = REPO / "weights" / "cache"
@@ -120,9 +121,8 @@ class HFCheckpoint(Checkpoint):
     """A Hugging Face Llama directory: config.json, *.safetensors (+ index), tokenizer.json."""
 
     def __init__(self, path: str | Path, context: int = DEFAULT_CONTEXT):
-        from safetensors import safe_open
-
         import ml_dtypes  # noqa: F401  (registers numpy's bfloat16 for safetensors' numpy frames)
+        from safetensors import safe_open
 
         self.path = p = Path(path)
         if not p.is_dir():
@@ -179,7 +179,10 @@ class HFCheckpoint(Checkpoint):
 class GGUFCheckpoint(Checkpoint):
     """A llama.cpp GGUF file (general.architecture = llama) through the `gguf` package.
 
-    F32/F16/BF16 tensors are memory-mapped; quantized types go through gguf.quants.dequantize."""
+    Tensors are memory-mapped by gguf's reader; F32/F16 are used as they are, quantized types
+    (Q8_0, Q4_K, ...) go through gguf.quants.dequantize. llama.cpp's converter already permuted
+    wq/wk to interleaved pairs. The tokenizer is read from a tokenizer.json next to the file
+    (GGUF's embedded vocabulary is not converted)."""
 
     def __init__(self, path: str | Path, context: int = DEFAULT_CONTEXT):
         import gguf
@@ -195,35 +198,45 @@ class GGUFCheckpoint(Checkpoint):
 
         def val(key, default=None):
             f = kv.get(key)
-            if f is None:
-                return default
-            v = f.contents()
-            return v
+            return default if f is None else f.contents()
+
+        def f32(v):  # GGUF stores eps and theta as float32: back to the decimal they came from
+            return float(f"{float(v):.7g}")
 
         arch = val("general.architecture")
         if arch != "llama":
             raise ModelFileError(f"{p}: not a Llama model (general.architecture={arch!r})")
         dim, heads = val("llama.embedding_length"), val("llama.attention.head_count")
         tensors = {t.name: t for t in r.tensors}
+        if "token_embd.weight" not in tensors:
+            raise ModelFileError(f"{p}: missing tensor 'token_embd.weight'")
         vocab = val("llama.vocab_size") or int(tensors["token_embd.weight"].shape[-1])
-        scaling = None
-        if val("llama.rope.scaling.type") == "llama3" or "rope_freqs.weight" in tensors:
-            scaling = None  # llama.cpp stores llama3 factors as rope_freqs; read them below
         hf = dict(model_type="llama", hidden_size=dim, num_hidden_layers=val("llama.block_count"),
                   num_attention_heads=heads, num_key_value_heads=val("llama.attention.head_count_kv"),
                   intermediate_size=val("llama.feed_forward_length"), vocab_size=vocab,
-                  rms_norm_eps=val("llama.attention.layer_norm_rms_epsilon", 1e-5),
-                  rope_theta=val("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
+                  rms_norm_eps=f32(val("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                  rope_theta=f32(val("llama.rope.freq_base", 10000.0)), rope_scaling=None,
                   tie_word_embeddings="output.weight" not in tensors,
                   bos_token_id=val("tokenizer.ggml.bos_token_id"),
                   eos_token_id=val("tokenizer.ggml.eos_token_id"))
+        if "rope_freqs.weight" in tensors:  # llama3 scaling, stored as per-pair divisors
+            hf["rope_scaling"] = self._llama3_scaling(hf, np.asarray(tensors["rope_freqs.weight"].data))
         self.hf_config = hf
         self.cfg, self.special = from_hf_config(hf, context, str(p))
-        if "rope_freqs.weight" in tensors:  # llama3 scaling as per-pair frequency divisors
-            raise ModelFileError(f"{p}: GGUF rope_freqs (llama3 scaling) is not supported; "
-                                 "use the Hugging Face directory")
         self._t = tensors
         self._check_shapes(self._shape)
+
+    def _llama3_scaling(self, hf: dict, freqs: np.ndarray) -> dict:
+        """llama.cpp writes Llama 3.1's scaling as rope_freqs (inv_freq / scaled inv_freq);
+        accept them when they are the llama3 rule's (factor 8, 1, 4, 8192), as in every 3.1."""
+        from bakedllama.llama8b.arch import LLAMA3_ROPE_SCALING
+
+        hd = hf["hidden_size"] // hf["num_attention_heads"]
+        base = nx_rope(hd, hf["rope_theta"], None)
+        want = base / nx_rope(hd, hf["rope_theta"], LLAMA3_ROPE_SCALING)
+        if freqs.shape != want.shape or not np.allclose(freqs, want, rtol=1e-3):
+            raise ModelFileError(f"{self.path}: rope_freqs are not Llama 3.1's llama3 scaling")
+        return dict(rope_type="llama3", **LLAMA3_ROPE_SCALING)
 
     def _label(self, name, layer):
         return GGUF_GLOBAL[name] if layer is None else f"blk.{layer}.{GGUF_LAYER[name]}.weight"
@@ -314,7 +327,7 @@ def write_safetensors(path: Path, entries: list, metadata: dict | None = None, p
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(hb)) + hb)
-        for name, shape, dt, chunks in entries:
+        for name, _shape, _dt, chunks in entries:
             n = 0
             for c in chunks():
                 f.write(c)
@@ -396,7 +409,10 @@ def synthetic_dir(spec: str, cache_dir: str | Path = CACHE_DIR, seed: int = SYNT
 
 def open_checkpoint(spec: str, context: int = DEFAULT_CONTEXT, cache_dir: str | Path = CACHE_DIR,
                     show_progress: bool = True) -> Checkpoint:
-    """DIR | FILE.gguf | synthetic:NAME -> Checkpoint (synthetic ones are written once, cached)."""
+    """DIR | FILE.gguf | synthetic:NAME -> Checkpoint (synthetic ones are written once, cached).
+    A bare `synthetic` means synthetic:llama3.1-8b."""
+    if spec == "synthetic":
+        spec = "synthetic:llama3.1-8b"
     if spec.startswith("synthetic:"):
         name = spec.split(":", 1)[1]
         if name not in SPECS:

@@ -1,0 +1,482 @@
+"""Quantize a Llama checkpoint once into an on-disk, memory-mapped, checksummed cache.
+
+One streaming pass over the checkpoint, layer by layer (peak memory ~ one layer in float):
+  1. calibration: the float path (the same maths as bakedllama.reference) runs the calibration
+     tokens through the layer, recording max |value| per kind exactly as bake.calibrate does;
+  2. quantization: numerics.quantize_matrix per matrix with bake.py's schemes ("w8", "w4",
+     "w3/6"), then packed into the kernels' lanes layout and written to the layer's file.
+The fixed-point formats are then derived with bake.py's rules (frac_for, rms_eps_int,
+norm_weight_q): nothing about the arithmetic is decided here.
+
+Cache directory (weights/cache/q-...):
+  manifest.json   version, source identity, config, numerics formats, every array's file,
+                  offset, dtype, shape, and each file's sha256; written last (so a half-built
+                  cache is never used)
+  embed.bin       tok_embeddings as a plain QTensor (q int8 rows, m): one row is read per token
+  layer-NN.bin    the packed matrices and int16 gains of layer NN
+  head.bin        the final norm and the packed lm_head (wcls)
+Arrays are 4096-byte aligned, so a partition's rows are whole pages that can be mapped and
+released on their own."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bakedllama import numerics as nx
+from bakedllama.bake import frac_for, scheme_format
+from bakedllama.config import ModelConfig
+from bakedllama.fileformat import ModelFileError
+from bakedllama.llama8b import kernels as K
+from bakedllama.llama8b.arch import Special
+from bakedllama.llama8b.checkpoint import CACHE_DIR, Checkpoint
+from bakedllama.model import MATRICES, BakedModel
+
+CACHE_VERSION = 1
+ALIGN = 4096
+BITS_TO_SCHEME = {"8": "w8", "4": "w4", "3/6": "w3/6"}
+CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, "
+              "a small llama dreamed of silicon.")
+CALIB_TOKENS = 32  # positions run through the float path for calibration (after BOS)
+
+
+def scheme_for(bits: str) -> str:
+    if bits in BITS_TO_SCHEME:
+        return BITS_TO_SCHEME[bits]
+    if bits in BITS_TO_SCHEME.values():
+        return bits
+    raise ValueError(f"--bits must be one of {', '.join(BITS_TO_SCHEME)} (got {bits!r})")
+
+
+# ----------------------------------------------------------------------------- the float path
+def rmsnorm_f(x, g, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+
+def rope_f(v, cos, sin):
+    """v (T, H, hd) interleaved pairs; cos, sin (T, hd/2)."""
+    a, b = v[..., 0::2], v[..., 1::2]
+    c, s = cos[:, None], sin[:, None]
+    out = np.empty_like(v)
+    out[..., 0::2] = a * c - b * s
+    out[..., 1::2] = a * s + b * c
+    return out
+
+
+def float_layer(cfg: ModelConfig, w: dict, x: np.ndarray, cos, sin, l: int, stats: dict | None):
+    """One decoder block of the float reference over a whole sequence x (T, dim) at once
+    (causal attention); the same maths and the same statistics as reference.FloatModel."""
+    T, hd, H, KH = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+
+    def track(name, v, layer=None):
+        if stats is not None:
+            key = name if layer is None else (name, layer)
+            stats[key] = max(stats.get(key, 0.0), float(np.abs(v).max()))
+
+    xb = rmsnorm_f(x, w["rms_att_weight"], cfg.norm_eps)
+    q = rope_f((xb @ w["wq"].T).reshape(T, H, hd), cos, sin)
+    k = rope_f((xb @ w["wk"].T).reshape(T, KH, hd), cos, sin)
+    v = (xb @ w["wv"].T).reshape(T, KH, hd)
+    track("qk", q), track("qk", k), track("k", k, l), track("v", v, l)
+    kk = np.repeat(k, cfg.kv_mul, axis=1)  # (T, H, hd)
+    vv = np.repeat(v, cfg.kv_mul, axis=1)
+    att = np.einsum("thd,shd->hts", q, kk) / np.sqrt(hd)
+    att = np.where(np.tril(np.ones((T, T), bool))[None], att, -np.inf)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    o = np.einsum("hts,shd->thd", att, vv).reshape(T, cfg.dim)
+    x = x + o @ w["wo"].T
+    track("x", x)
+    xb = rmsnorm_f(x, w["rms_ffn_weight"], cfg.norm_eps)
+    h1, h3 = xb @ w["w1"].T, xb @ w["w3"].T
+    hb = h1 / (1 + np.exp(-h1)) * h3
+    track("h", h1), track("h", h3), track("h", hb)
+    x = x + hb @ w["w2"].T
+    track("x", x)
+    return x
+
+
+def float_rope_tables(cfg: ModelConfig, T: int):
+    inv = nx.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    ang = np.outer(np.arange(T), inv)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def layer_floats(ck: Checkpoint, l: int) -> dict:
+    return {n: ck.tensor(n, l) for n in ("rms_att_weight", "wq", "wk", "wv", "wo",
+                                         "rms_ffn_weight", "w1", "w3", "w2")}
+
+
+def float_forward(ck: Checkpoint, tokens, stats: dict | None = None) -> np.ndarray:
+    """Float logits (T, vocab) of a token sequence, streaming the checkpoint layer by layer."""
+    cfg = ck.cfg
+    tokens = np.asarray(tokens)
+    cos, sin = float_rope_tables(cfg, len(tokens))
+    x = ck.tensor("tok_embeddings")[tokens] if cfg.vocab_size * cfg.dim < 1 << 26 else \
+        np.stack([ck.tensor("tok_embeddings", rows=slice(int(t), int(t) + 1))[0] for t in tokens])
+    for l in range(cfg.n_layers):
+        x = float_layer(cfg, layer_floats(ck, l), x, cos, sin, l, stats)
+    xb = rmsnorm_f(x, ck.tensor("rms_final_weight"), cfg.norm_eps)
+    return xb @ ck.tensor("tok_embeddings" if cfg.tied_embeddings else "wcls").T
+
+
+# ----------------------------------------------------------------------------- quantization
+def quantize_rows(get_rows, rows: int, cols: int, bits: int, group: int, chunk: int = 8192):
+    """numerics.quantize_matrix of a matrix too large for float64 at once, chunk by chunk.
+
+    Exactly equal to quantize_matrix(whole): its shift comes from the largest group scale, i.e.
+    from the row holding max |w|; each chunk is quantized together with that pivot row, so every
+    chunk sees the same shift, and per-row results do not depend on the other rows."""
+    best, pivot = -1.0, None
+    for r0 in range(0, rows, chunk):
+        w = get_rows(r0, min(rows, r0 + chunk))
+        i = int(np.abs(w).max(axis=1).argmax())
+        if float(np.abs(w[i]).max()) > best:
+            best, pivot = float(np.abs(w[i]).max()), w[i].copy()
+    qs, ms, shift = [], [], None
+    for r0 in range(0, rows, chunk):
+        w = get_rows(r0, min(rows, r0 + chunk))
+        qt = nx.quantize_matrix(np.vstack([w, pivot[None]]), bits, group)
+        qs.append(qt.q[:-1])
+        ms.append(qt.m[:-1])
+        shift = int(qt.shift)
+    return nx.QTensor(np.concatenate(qs), np.concatenate(ms), np.asarray(shift, np.int32), bits,
+                      group)
+
+
+def rel_rms_error(qt: nx.QTensor, w: np.ndarray, max_rows: int = 512) -> float:
+    """Relative RMS quantization error on (up to) the first max_rows rows."""
+    n = min(max_rows, w.shape[0])
+    sub = nx.QTensor(qt.q[:n], qt.m[:n], qt.shift, qt.bits, qt.group)
+    err = sub.dequantize() - w[:n]
+    return round(float(np.sqrt((err ** 2).mean() / max((w[:n] ** 2).mean(), 1e-30))), 5)
+
+
+# ----------------------------------------------------------------------------- the model in memory
+@dataclass
+class QuantModel:
+    """The quantized model as the partitioned runner sees it (arrays may be memory-mapped)."""
+
+    cfg: ModelConfig
+    special: Special
+    fmt: dict  # numerics formats: bake.py's keys (f_x, f_qk, f_h, e_k, e_v, eps_int, f_g_*, ...)
+    embed: nx.QTensor  # tok_embeddings (vocab, dim) plain int8 q
+    mats: dict  # (name, layer) -> kernels.Packed; wcls under ("wcls", None)
+    norms: dict  # (name, layer) -> int16 gains (rms_att_weight / rms_ffn_weight per layer,
+    #              rms_final_weight under layer None)
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+    maps: dict = field(default_factory=dict)  # file name -> mmap (cache-backed models)
+    where: dict = field(default_factory=dict)  # id(array) -> (file name, offset, nbytes)
+
+    def bits(self, name: str) -> tuple[int, int]:
+        w = self.fmt["weights"][name]
+        return w["bits"], w["group"]
+
+    def weight_bytes(self) -> int:
+        """Accelerator storage of all weights (packed bits + multipliers + gains)."""
+        from bakedllama.llama8b.partition import model_units
+
+        return sum(u.nbytes for u in model_units(self.cfg, self.fmt))
+
+    def to_baked(self) -> BakedModel:
+        """The same model as the golden model's BakedModel (unpacked; for tests on small models)."""
+        c, L = self.cfg, self.cfg.n_layers
+        weights = {"tok_embeddings": nx.QTensor(np.asarray(self.embed.q), np.asarray(self.embed.m),
+                                                np.asarray(self.embed.shift, np.int32),
+                                                self.embed.bits, self.embed.group)}
+        for n in MATRICES:
+            parts = [K.unpack(self.mats[(n, l)]) for l in range(L)]
+            weights[n] = nx.QTensor(np.stack([q for q, _ in parts]), np.stack([m for _, m in parts]),
+                                    np.array([self.mats[(n, l)].shift for l in range(L)], np.int32),
+                                    *self.bits(n))
+        if not c.tied_embeddings:
+            q, m = K.unpack(self.mats[("wcls", None)])
+            weights["wcls"] = nx.QTensor(q, m, np.asarray(self.mats[("wcls", None)].shift, np.int32),
+                                         *self.bits("wcls"))
+        norms = {n: np.stack([self.norms[(n, l)] for l in range(L)])
+                 for n in ("rms_att_weight", "rms_ffn_weight")}
+        norms["rms_final_weight"] = self.norms[("rms_final_weight", None)]
+        return BakedModel(c, weights, norms, self.fmt, dict(self.meta))
+
+    def release(self, a: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+        """Drop bytes [lo, hi) of a cache-backed array from this process's memory (streaming:
+        the pages stay in the OS page cache, so the next touch maps them again without I/O)."""
+        loc = self.where.get(id(a))
+        if loc is None:
+            return
+        fname, off, n = loc
+        hi = n if hi is None else hi
+        mm = self.maps[fname]
+        start = (off + lo) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mm), -(-(off + hi) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def pack_policy(store: str):
+    if store not in ("fast", "tight"):
+        raise ValueError(f"unknown packing {store!r} (fast or tight)")
+    return (lambda bits: K.STORE_FAST[bits]) if store == "fast" else (lambda bits: bits)
+
+
+def from_baked(b: BakedModel, store: str = "fast", special: Special | None = None) -> QuantModel:
+    """Pack a golden-model BakedModel (bake.py / synthetic.random_baked) for the runner."""
+    c, sb = b.cfg, pack_policy(store)
+    mats, norms = {}, {}
+    for n in MATRICES:
+        w = b.weights[n]
+        for l in range(c.n_layers):
+            mats[(n, l)] = K.pack(w.q[l], w.m[l], int(w.shift[l]), w.bits, w.group, sb(w.bits))
+    wc = b.wcls
+    mats[("wcls", None)] = K.pack(wc.q, wc.m, int(wc.shift), wc.bits, wc.group, sb(wc.bits))
+    for n in ("rms_att_weight", "rms_ffn_weight"):
+        for l in range(c.n_layers):
+            norms[(n, l)] = b.norms[n][l]
+    norms[("rms_final_weight", None)] = b.norms["rms_final_weight"]
+    fmt = dict(b.fmt)
+    if "wcls" not in fmt["weights"]:
+        fmt["weights"] = dict(fmt["weights"], wcls=fmt["weights"]["tok_embeddings"])
+    return QuantModel(c, special or Special(-1, ()), fmt, b.weights["tok_embeddings"], mats, norms,
+                      dict(b.meta, store=store))
+
+
+# ----------------------------------------------------------------------------- the on-disk cache
+class _Writer:
+    """Appends 4096-aligned arrays to one file, hashing as it goes."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.h, self.off, self.entries = path, open(path, "wb"), hashlib.sha256(), 0, []
+
+    def add(self, key: str, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a)
+        pad = (-self.off) % ALIGN
+        if pad:
+            self._write(b"\0" * pad)
+        self.entries.append(dict(key=key, offset=self.off, dtype=a.dtype.name, shape=list(a.shape)))
+        self._write(memoryview(a.reshape(-1).view(np.uint8)))
+
+    def _write(self, b) -> None:
+        self.f.write(b)
+        self.h.update(b)
+        self.off += len(b)
+
+    def close(self) -> dict:
+        pad = (-self.off) % ALIGN
+        if pad:
+            self._write(b"\0" * pad)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return dict(sha256=self.h.hexdigest(), size=self.off, entries=self.entries)
+
+
+def _add_packed(wr: _Writer, key: str, p: K.Packed) -> dict:
+    for i, pl in enumerate(p.planes):
+        wr.add(f"{key}.plane{i}", pl)
+    wr.add(f"{key}.m", p.m)
+    return dict(shift=p.shift, bits=p.bits, group=p.group, rows=p.rows, cols=p.cols,
+                store_bits=p.store_bits, planes=len(p.planes))
+
+
+def cache_key(ck: Checkpoint, scheme: str, store: str) -> str:
+    s = json.dumps(dict(v=CACHE_VERSION, src=ck.identity(), scheme=scheme, store=store,
+                        calib=CALIB_TEXT, n=CALIB_TOKENS, numerics=_numerics_identity()))
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def _numerics_identity() -> str:
+    """A digest of everything that decides the cache's contents (quantization and the format
+    rules): a change there rebuilds caches; edits elsewhere in numerics do not."""
+    import inspect
+
+    from bakedllama import bake
+
+    src = [inspect.getsource(f) for f in (nx.quantize_matrix, nx.norm_weight_q, nx.rms_eps_int,
+                                          nx.qmax, bake.frac_for, bake.scheme_format)]
+    src += [repr((nx.M_BITS, nx.ACT_MAX, nx.INT16_MAX, bake.HEADROOM, bake.SCHEMES))]
+    return hashlib.sha256("\n".join(src).encode()).hexdigest()[:16]
+
+
+def cache_path(ck: Checkpoint, scheme: str, store: str, cache_dir=CACHE_DIR) -> Path:
+    tag = scheme.replace("/", "-")
+    return Path(cache_dir) / f"q-{ck.path.name}-{tag}-{store}-{cache_key(ck, scheme, store)[:12]}"
+
+
+def calibration_tokens(ck: Checkpoint) -> list[int]:
+    ids = ck.tokenizer().encode(CALIB_TEXT, add_special_tokens=False).ids[:CALIB_TOKENS]
+    bos = [ck.special.bos] if 0 <= ck.special.bos < ck.cfg.vocab_size else []
+    return bos + [i for i in ids if i < ck.cfg.vocab_size]
+
+
+def build_cache(ck: Checkpoint, scheme: str, store: str = "fast", cache_dir=CACHE_DIR,
+                show_progress: bool = True, log=None) -> Path:
+    """Quantize `ck` into the cache (once): returns the cache directory."""
+    from tqdm import tqdm
+
+    out = cache_path(ck, scheme, store, cache_dir)
+    if (out / "manifest.json").exists():
+        return out
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, sb = ck.cfg, pack_policy(store)
+    files, tensors, errors, stats = {}, {}, {}, {}
+    wfmt = {}
+
+    def fmt_of(name, cols):
+        bits, group = scheme_format(scheme, name, cols)
+        wfmt[name] = dict(bits=bits, group=group, acc_bits=nx.matvec_acc_bits(bits, group, cols))
+        return bits, group
+
+    toks = calibration_tokens(ck)
+    cos, sin = float_rope_tables(cfg, len(toks))
+    V, D = cfg.vocab_size, cfg.dim
+    bar = tqdm(total=cfg.n_layers + 2, desc=f"quantize {scheme}", unit="part", disable=not show_progress)
+    # embedding: a plain QTensor (row lookups), quantized in row chunks
+    bits, group = fmt_of("tok_embeddings", D)
+    qt = quantize_rows(lambda a, b: ck.tensor("tok_embeddings", rows=slice(a, b)), V, D, bits, group)
+    errors["tok_embeddings"] = rel_rms_error(qt, ck.tensor("tok_embeddings", rows=slice(0, 512)))
+    x = np.asarray(ck.tensor("tok_embeddings", rows=slice(0, V)) if V * D < 1 << 26 else
+                   np.stack([ck.tensor("tok_embeddings", rows=slice(t, t + 1))[0] for t in toks]))
+    if V * D < 1 << 26:
+        x = x[toks]
+    stats["x"] = float(np.abs(x).max())
+    wr = _Writer(out / "embed.bin")
+    wr.add("tok_embeddings.q", qt.q)
+    wr.add("tok_embeddings.m", qt.m)
+    files["embed.bin"] = wr.close()
+    tensors["tok_embeddings"] = dict(shift=int(qt.shift), bits=bits, group=group)
+    del qt
+    bar.update(1)
+    gains = {"rms_att_weight": [], "rms_ffn_weight": []}
+    for l in range(cfg.n_layers):
+        w = layer_floats(ck, l)
+        x = float_layer(cfg, w, x, cos, sin, l, stats)
+        name = f"layer-{l:02d}.bin"
+        wr = _Writer(out / name)
+        for n in ("rms_att_weight", "rms_ffn_weight"):
+            gq, fg = nx.norm_weight_q(w[n])
+            gains[n].append(fg)
+            wr.add(f"{n}.{l}", gq)
+        for n in MATRICES:
+            f = w.pop(n)
+            bits, group = fmt_of(n, f.shape[1])
+            qt = nx.quantize_matrix(f, bits, group)
+            if l == 0:
+                errors[n] = rel_rms_error(qt, f)
+            tensors[f"{n}.{l}"] = _add_packed(wr, f"{n}.{l}", K.pack(qt.q, qt.m, int(qt.shift), bits,
+                                                                      group, sb(bits)))
+            del f, qt
+        files[name] = wr.close()
+        bar.update(1)
+    wr = _Writer(out / "head.bin")
+    gq, f_g_final = nx.norm_weight_q(ck.tensor("rms_final_weight"))
+    wr.add("rms_final_weight", gq)
+    src = "tok_embeddings" if cfg.tied_embeddings else "wcls"
+    bits, group = fmt_of("wcls", D)
+    step = 16384
+    qt = quantize_rows(lambda a, b: ck.tensor(src, rows=slice(a, b)), V, D, bits, group, step)
+    errors["wcls"] = rel_rms_error(qt, ck.tensor(src, rows=slice(0, 512)))
+    tensors["wcls"] = _add_packed(wr, "wcls", K.pack(qt.q, qt.m, int(qt.shift), bits, group, sb(bits)))
+    del qt
+    files["head.bin"] = wr.close()
+    bar.update(1)
+    bar.close()
+    L = cfg.n_layers
+    fmt = dict(
+        f_x=frac_for(stats["x"], nx.INT16_MAX), f_qk=frac_for(stats["qk"], nx.INT16_MAX),
+        f_h=frac_for(stats["h"], nx.INT16_MAX),
+        e_k=[frac_for(stats[("k", l)], nx.ACT_MAX) for l in range(L)],
+        e_v=[frac_for(stats[("v", l)], nx.ACT_MAX) for l in range(L)],
+        scheme=scheme, weights=wfmt,
+        calibration={str(k) if not isinstance(k, tuple) else f"{k[0]}{k[1]}": round(v, 4)
+                     for k, v in stats.items()},
+        f_g_rms_att_weight=gains["rms_att_weight"], f_g_rms_ffn_weight=gains["rms_ffn_weight"],
+        f_g_rms_final_weight=f_g_final, weight_rel_rms_error=errors)
+    fmt["eps_int"] = nx.rms_eps_int(cfg.norm_eps, cfg.dim, fmt["f_x"])
+    manifest = dict(version=CACHE_VERSION, source=str(ck.path), source_identity=ck.identity(),
+                    config=cfg.to_dict(), special=dict(bos=ck.special.bos, stop=list(ck.special.stop)),
+                    numerics=fmt, tensors=tensors, files=files, store=store,
+                    calibration=dict(text=CALIB_TEXT, tokens=toks, method="float path, streamed "
+                                     "layer by layer; bake.py's frac_for/HEADROOM rules"),
+                    build_seconds=round(time.perf_counter() - t0, 1),
+                    numerics_identity=_numerics_identity())
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    if log:
+        log(f"quantized cache built in {manifest['build_seconds']} s: {out}")
+    return out
+
+
+def _verify(path: Path, info: dict) -> None:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != info["sha256"]:
+        raise ModelFileError(f"{path}: checksum mismatch (the quantized cache is corrupt; delete "
+                             f"{path.parent} to rebuild it)")
+
+
+def open_cache(path: str | Path, verify: bool = True) -> QuantModel:
+    """Memory-map a built cache (checking every file's sha256 unless verify=False)."""
+    path = Path(path)
+    try:
+        man = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no quantized cache here (manifest.json missing)") from None
+    if man.get("version") != CACHE_VERSION:
+        raise ModelFileError(f"{path}: cache version {man.get('version')}, expected {CACHE_VERSION}")
+    cfg = ModelConfig.from_dict(man["config"])
+    arrays, maps, where = {}, {}, {}
+    for fname, info in man["files"].items():
+        p = path / fname
+        if not p.exists() or p.stat().st_size != info["size"]:
+            raise ModelFileError(f"{p}: missing or truncated (delete {path} to rebuild the cache)")
+        if verify:
+            _verify(p, info)
+        with open(p, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        maps[fname] = mm
+        for e in info["entries"]:
+            dt = np.dtype(e["dtype"])
+            n = int(np.prod(e["shape"])) * dt.itemsize
+            a = np.frombuffer(mm, dtype=dt, count=n // dt.itemsize, offset=e["offset"]).reshape(e["shape"])
+            arrays[e["key"]] = a
+            where[id(a)] = (fname, e["offset"], n)
+    t = man["tensors"]
+
+    def packed(key):
+        d = t[key]
+        planes = [arrays[f"{key}.plane{i}"] for i in range(d["planes"])]
+        return K.Packed(planes, arrays[f"{key}.m"], d["shift"], d["bits"], d["group"], d["rows"],
+                        d["cols"], d["store_bits"])
+
+    e = t["tok_embeddings"]
+    embed = nx.QTensor(arrays["tok_embeddings.q"], arrays["tok_embeddings.m"],
+                       np.asarray(e["shift"], np.int32), e["bits"], e["group"])
+    mats = {(n, l): packed(f"{n}.{l}") for n in MATRICES for l in range(cfg.n_layers)}
+    mats[("wcls", None)] = packed("wcls")
+    norms = {(n, l): arrays[f"{n}.{l}"] for n in ("rms_att_weight", "rms_ffn_weight")
+             for l in range(cfg.n_layers)}
+    norms[("rms_final_weight", None)] = arrays["rms_final_weight"]
+    sp = Special(man["special"]["bos"], tuple(man["special"]["stop"]))
+    return QuantModel(cfg, sp, man["numerics"], embed, mats, norms, man, path, maps, where)
+
+
+def quantized(ck: Checkpoint, bits: str = "8", store: str = "fast", cache_dir=CACHE_DIR,
+              verify: bool = True, show_progress: bool = True, log=None) -> QuantModel:
+    """The checkpoint's quantized model: built into the cache the first time, then mapped."""
+    path = build_cache(ck, scheme_for(bits), store, cache_dir, show_progress, log)
+    qm = open_cache(path, verify)
+    # the run's context, not the one the cache was built with
+    qm.cfg = ModelConfig.from_dict(dict(qm.cfg.to_dict(), seq_len=ck.cfg.seq_len))
+    return qm

@@ -1,0 +1,202 @@
+"""Run the quantized model pass by pass: each pass holds one partition's weights.
+
+The arithmetic is the golden model's, step for step (golden.attention_block / ffn_block /
+classifier, cut at the points where a partition boundary can fall): every value comes from
+bakedllama.numerics, and the only substitution is the matrix-vector product, done by
+kernels.matvec_packed (tested equal to numerics.matvec) on row slices of the packed weights.
+Rows of a product are independent, so a row split gives the same rows of the result; the
+partitioned run is therefore identical to the unpartitioned one, and to golden.Golden.forward.
+
+Streaming: the weights are memory-mapped from the quantized cache; after each pass its pages are
+released (MADV_DONTNEED), so the resident weights are about one partition; the KV cache stays."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bakedllama import numerics as nx
+from bakedllama.golden import Logits, attention_core, embed
+from bakedllama.llama8b.kernels import matvec_packed
+from bakedllama.llama8b.partition import Partition
+from bakedllama.llama8b.quant import QuantModel
+
+
+@dataclass
+class RunState:
+    key_cache: np.ndarray  # (n_layers, 1, seq_len, kv_dim) int8, frac e_k[layer]
+    value_cache: np.ndarray  # (n_layers, 1, seq_len, kv_dim) int8, frac e_v[layer]
+    pos: int = 0
+
+
+@dataclass
+class Step:
+    """What flows between the passes of one position (B = 1): the pass-to-pass activations."""
+
+    token: int
+    x: np.ndarray | None = None  # (1, dim) residual, int16 values, frac f_x
+    a: np.ndarray | None = None  # (1, cols) int8 activations of the current matrix group
+    fa: np.ndarray | None = None  # (1,) their frac
+    q: np.ndarray | None = None
+    k: np.ndarray | None = None
+    v: np.ndarray | None = None
+    h1: np.ndarray | None = None
+    h3: np.ndarray | None = None
+    out_a: np.ndarray | None = None  # quantized input of wo / w2 (computed at their first rows)
+    out_f: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    logit_frac: np.ndarray | None = None
+    pass_seconds: list = field(default_factory=list)
+
+
+def linear_rows(p, a, frac_a, frac_out: int, bits: int, r0: int, r1: int):
+    """golden.linear_q on rows [r0, r1) of a packed matrix (B = 1)."""
+    acc = matvec_packed(p, a[0], r0, r1)[None]
+    return nx.requantize(acc, (int(p.shift) + np.asarray(frac_a) - frac_out)[..., None], bits)
+
+
+class Runner:
+    def __init__(self, qm: QuantModel, parts: list[Partition], streaming: bool = True):
+        self.qm, self.parts, self.streaming = qm, parts, streaming
+        c = qm.cfg
+        self.cfg, self.fmt = c, qm.fmt
+        inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.rope_cos, self.rope_sin = nx.rope_table(np.arange(c.seq_len), inv)
+
+    def new_state(self) -> RunState:
+        c = self.cfg
+        shape = (c.n_layers, 1, c.seq_len, c.kv_dim)
+        return RunState(np.zeros(shape, np.int8), np.zeros(shape, np.int8))
+
+    # ------------------------------------------------------------------ one position
+    def forward(self, s: RunState, token: int) -> Logits:
+        """One position: token -> classifier logits, running every partition in turn."""
+        c = self.cfg
+        if s.pos >= c.seq_len:
+            raise ValueError(f"position {s.pos} is past the context length {c.seq_len}")
+        if not 0 <= token < c.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary of {c.vocab_size}")
+        st = Step(int(token))
+        for part in self.parts:
+            t = time.perf_counter()
+            for pc in part.pieces:
+                self._piece(s, st, pc)
+            if self.streaming:
+                self._release(part)
+            st.pass_seconds.append(time.perf_counter() - t)
+        s.pos += 1
+        self.last_pass_seconds = st.pass_seconds
+        return Logits(st.logits, st.logit_frac)
+
+    def _release(self, part: Partition) -> None:
+        qm = self.qm
+        for pc in part.pieces:
+            if pc.name == "tok_embeddings":
+                continue  # only one row was read
+            if pc.name.startswith("rms_"):
+                continue  # a few KiB
+            p = qm.mats[(pc.name, pc.layer)]
+            rb0, rb1 = p.block_range(pc.r0, pc.r1)
+            for arr in [*p.planes, p.m]:
+                per = arr.nbytes // arr.shape[0]
+                qm.release(arr, rb0 * per, rb1 * per)
+
+    def _piece(self, s: RunState, st: Step, pc) -> None:
+        c, f, qm, n, l = self.cfg, self.fmt, self.qm, pc.name, pc.layer
+        if n == "tok_embeddings":
+            if pc.r0 <= st.token < pc.r1:
+                st.x = embed(qm.embed, np.array([st.token]), f["f_x"])  # (1, dim) frac f_x
+            return
+        if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
+            key = f"f_g_{n}"
+            f_g = f[key] if l is None else f[key][l]
+            xb = nx.rmsnorm(st.x, qm.norms[(n, l)], f_g, f["eps_int"])
+            st.a, k_a = nx.quantize_act(xb)
+            st.fa = nx.NORM_OUT_FRAC - k_a
+            st.out_a = None
+            if n == "rms_att_weight":
+                st.q = np.zeros((1, c.dim), np.int64)
+                st.k = np.zeros((1, c.kv_dim), np.int64)
+                st.v = np.zeros((1, c.kv_dim), np.int64)
+            elif n == "rms_ffn_weight":
+                st.h1 = np.zeros((1, c.hidden_dim), np.int64)
+                st.h3 = np.zeros((1, c.hidden_dim), np.int64)
+            else:
+                st.logits = np.zeros((1, c.vocab_size), np.int64)
+            return
+        p = qm.mats[(n, l)]
+        r0, r1 = pc.r0, pc.r1
+        if n in ("wq", "wk"):
+            (st.q if n == "wq" else st.k)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_qk"], 16, r0, r1)
+        elif n == "wv":
+            st.v[:, r0:r1] = linear_rows(p, st.a, st.fa, f["e_v"][l], 8, r0, r1)
+        elif n in ("w1", "w3"):
+            (st.h1 if n == "w1" else st.h3)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_h"], 16, r0, r1)
+        elif n == "wo":
+            if st.out_a is None:  # all of q, k, v are there: the attention itself (no weights)
+                o = self._attention(s, st, l)
+                st.out_a, k_o = nx.quantize_act(o)
+                st.out_f = nx.ATT_OUT_FRAC - k_o
+            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1)
+            st.x = st.x.copy() if r0 == 0 else st.x
+            st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
+        elif n == "w2":
+            if st.out_a is None:
+                hb = nx.swiglu(st.h1, st.h3, f["f_h"])
+                st.out_a, k_h = nx.quantize_act(hb)
+                st.out_f = f["f_h"] - k_h
+            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1)
+            st.x = st.x.copy() if r0 == 0 else st.x
+            st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
+        elif n == "wcls":
+            st.logits[:, r0:r1] = matvec_packed(p, st.a[0], r0, r1)[None]
+            st.logit_frac = int(p.shift) + st.fa
+        else:
+            raise ValueError(f"unknown piece {n}")
+
+    def _attention(self, s: RunState, st: Step, l: int):
+        """golden.attention_core between the qkv projections and wo (B = 1)."""
+        c, f, pos = self.cfg, self.fmt, s.pos
+        q = st.q.reshape(1, c.n_heads, c.head_dim)
+        k = st.k.reshape(1, c.n_kv_heads, c.head_dim)
+        return attention_core(c, f, q, k, st.v, s.key_cache[l], s.value_cache[l], pos,
+                              self.rope_cos[pos], self.rope_sin[pos], f["e_k"][l], f["e_v"][l])
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def generate(r: Runner, prompt_ids: list[int], max_tokens: int, stop_ids=(),
+             keep_logits: bool = False) -> dict:
+    """Greedy generation (argmax, lowest index on ties): prefill one position at a time, then
+    decode. Returns tokens, per-step seconds (prefill and decode) and optionally the logits."""
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    if len(prompt_ids) + max_tokens > r.cfg.seq_len:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + {max_tokens} new tokens exceeds the "
+                         f"context of {r.cfg.seq_len}")
+    s = r.new_state()
+    out = dict(tokens=[], prefill_seconds=[], decode_seconds=[], logits=[], pass_seconds=[])
+    logits = None
+    for t in prompt_ids:
+        t0 = time.perf_counter()
+        logits = r.forward(s, t)
+        out["prefill_seconds"].append(time.perf_counter() - t0)
+        if keep_logits:
+            out["logits"].append(logits)
+    for _ in range(max_tokens):
+        tok = int(nx.argmax(logits.acc)[0])
+        out["tokens"].append(tok)
+        if tok in stop_ids or len(out["tokens"]) == max_tokens:
+            break
+        t0 = time.perf_counter()
+        logits = r.forward(s, tok)
+        out["decode_seconds"].append(time.perf_counter() - t0)
+        out["pass_seconds"].append(list(r.last_pass_seconds))
+        if keep_logits:
+            out["logits"].append(logits)
+    return out

@@ -1,0 +1,376 @@
+"""Llama 3.1 8B in partitioned passes (host/bakedllama/llama8b): exactness, loading, bad input.
+
+Everything runs on synthetic:llama3-tiny (the 8B's architecture at small dims, written into a
+tmp dir) and on tiny random baked models; nothing needs a real 8B download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from bakedllama import numerics as nx
+from bakedllama.config import ModelConfig
+from bakedllama.fileformat import ModelFileError
+from bakedllama.golden import Golden
+from bakedllama.golden import generate as golden_generate
+from bakedllama.llama8b import checkpoint, cli, kernels, partition, projection, quant, runner
+from bakedllama.synthetic import random_baked
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama8b")
+    checkpoint.open_checkpoint("synthetic:llama3-tiny", 64, d, show_progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_ck(tiny_dir):
+    return checkpoint.open_checkpoint("synthetic:llama3-tiny", 64, tiny_dir, show_progress=False)
+
+
+# ----------------------------------------------------------------------------- the kernel
+@pytest.mark.parametrize("bits,store", [(8, 8), (4, 4), (3, 4), (6, 8), (6, 6), (3, 3)])
+def test_packed_matvec_equals_numerics_matvec(bits, store):
+    rng = np.random.default_rng(bits * 10 + store)
+    qm = nx.qmax(bits)
+    for rows, cols, group in ((100, 64, 32), (257, 128, 128), (64, 96, 32)):
+        q = rng.integers(-qm, qm + 1, (rows, cols)).astype(np.int8)
+        m = rng.integers(1, 1 << 16, (rows, cols // group)).astype(np.uint16)
+        p = kernels.pack(q, m, 7, bits, group, store)
+        q2, m2 = kernels.unpack(p)
+        assert np.array_equal(q2, q) and np.array_equal(m2, m)
+        qt = nx.QTensor(q, m, np.int32(7), bits, group)
+        for a in (rng.integers(-127, 128, cols), np.full(cols, 127), np.full(cols, -127)):
+            ref = nx.matvec(qt, a)
+            assert np.array_equal(kernels.matvec_packed(p, a), ref)
+            assert np.array_equal(kernels.matvec_packed(p, a, 3, rows - 5), ref[3:rows - 5])
+        # extremes: every weight at +-qmax, every multiplier at its maximum (largest sums)
+        qe = np.where(rng.random((rows, cols)) < 0.5, qm, -qm).astype(np.int8)
+        qe[0], qe[1] = qm, -qm
+        me = np.full((rows, cols // group), (1 << 16) - 1, np.uint16)
+        pe = kernels.pack(qe, me, 0, bits, group, store)
+        for a in (np.full(cols, 127), np.full(cols, -127), rng.integers(-127, 128, cols)):
+            assert np.array_equal(kernels.matvec_packed(pe, a),
+                                  nx.matvec(nx.QTensor(qe, me, 0, bits, group), a))
+
+
+def test_exactness_bound_is_enforced():
+    kernels.check_exact(8, 1 << 23)  # 2^23 * 127 * 127 * 65535 < 2^53
+    with pytest.raises(ValueError, match="overflow"):
+        kernels.check_exact(8, 1 << 24)
+
+
+def test_chunked_quantization_equals_quantize_matrix():
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.02, (300, 64)).astype(np.float32)
+    w[177, 5] = 0.3  # the pivot row lies in a later chunk
+    for bits, group in ((8, 64), (3, 32), (6, 32)):
+        ref = nx.quantize_matrix(w, bits, group)
+        got = quant.quantize_rows(lambda a, b: w[a:b], 300, 64, bits, group, chunk=64)
+        assert np.array_equal(got.q, ref.q) and np.array_equal(got.m, ref.m)
+        assert int(got.shift) == int(ref.shift)
+
+
+# ----------------------------------------------------------------------------- exactness
+def _run(qm, chip, tokens):
+    r = runner.Runner(qm, partition.plan(qm.cfg, qm.fmt, chip))
+    s = r.new_state()
+    return [r.forward(s, t) for t in tokens]
+
+
+@pytest.mark.parametrize("bits", ["8", "3/6"])
+def test_partitioned_equals_unpartitioned(tiny_ck, tiny_dir, bits):
+    qm = quant.quantized(tiny_ck, bits, cache_dir=tiny_dir, show_progress=False)
+    layer = sum(u.nbytes for u in partition.model_units(qm.cfg, qm.fmt)[1:10])
+    tokens = [384, 72, 101, 108, 111, 300]
+    ref = _run(qm, None, tokens)
+    for chip in (2 * layer + 100, layer - 1, 3000, 700):
+        parts = partition.plan(qm.cfg, qm.fmt, chip)
+        assert all(p.nbytes <= chip for p in parts)
+        if chip < layer:  # split inside a layer, and rows of one matrix over several passes
+            assert any(p.kind == "split" for p in parts)
+            assert any(pc.r0 > 0 for p in parts for pc in p.pieces if pc.name.startswith("w"))
+        got = _run(qm, chip, tokens)
+        for a, b in zip(ref, got):
+            assert np.array_equal(a.acc, b.acc) and np.array_equal(a.frac, b.frac), chip
+    # the runner equals the golden model on the same quantized weights
+    g = Golden(qm.to_baked())
+    s = g.new_state()
+    for t, a in zip(tokens, ref):
+        b = g.forward(s, [t])
+        assert np.array_equal(a.acc, b.acc) and np.array_equal(a.frac, b.frac)
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w8", "w3/6"])
+def test_tiny_baked_model_partitioned_equals_golden(tmp_path, scheme):
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=128,
+                      seq_len=24)
+    b = random_baked(tmp_path / "m.bkl", cfg, scheme=scheme)
+    qm = quant.from_baked(b)
+    g = Golden(b)
+    prompt = [1, 7, 42, 99]
+    want = list(golden_generate(g, prompt, 8))
+    for chip in (None, 4000, 900):
+        r = runner.Runner(qm, partition.plan(cfg, qm.fmt, chip))
+        out = runner.generate(r, prompt, 8, keep_logits=True)
+        assert out["tokens"] == want, chip
+        s = g.new_state()
+        for t, lg in zip(prompt + want, out["logits"]):
+            gl = g.forward(s, [t])
+            assert np.array_equal(gl.acc, lg.acc) and np.array_equal(gl.frac, lg.frac)
+
+
+# ----------------------------------------------------------------------------- loading
+def test_hf_permutation_round_trip():
+    w = np.arange(8 * 16 * 3).reshape(8 * 16, 3)
+    assert np.array_equal(checkpoint.permute_reverse(checkpoint.permute_forward(w, 8), 8), w)
+    # head 0, pair 1: HF rows 1 (first half) and 9 (second half) -> interleaved rows 2 and 3
+    assert np.array_equal(checkpoint.permute_reverse(w, 8)[2:4], w[[1, 9]])
+
+
+def test_float_path_matches_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hc = tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192),
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=[1, 2])
+    model = tf.LlamaForCausalLM(hc).eval()
+    with torch.no_grad():  # non-trivial norm gains (the init leaves them at 1)
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    ck = checkpoint.HFCheckpoint(tmp_path, context=128)
+    assert ck.cfg.rope_scaling == projection_scaling()
+    tokens = np.random.default_rng(0).integers(0, 256, 40)
+    with torch.no_grad():
+        want = model(torch.tensor(tokens[None])).logits[0].double().numpy()
+    got = quant.float_forward(ck, tokens)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    # and the project's float reference (reference.FloatModel) on the loaded weights
+    from bakedllama.reference import FloatModel
+
+    w = {n: np.stack([ck.tensor(n, l) for l in range(ck.cfg.n_layers)])
+         for n in ("rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight", "w1", "w2", "w3")}
+    for n in ("tok_embeddings", "rms_final_weight", "wcls"):
+        w[n] = ck.tensor(n)
+    ref = FloatModel(ck.cfg, w).forward_sequence(tokens[None])[0]
+    assert np.abs(ref - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    # numerics' llama3 inverse frequencies are transformers' own
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hc, "cpu")
+    mine = nx.rope_inv_freq(ck.cfg.head_dim, ck.cfg.rope_theta, ck.cfg.rope_scaling)
+    assert np.allclose(inv.double().numpy(), mine, rtol=1e-6, atol=0)
+
+
+def projection_scaling():
+    return dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+
+
+def test_synthetic_checkpoint_is_deterministic_bf16(tiny_ck, tmp_path):
+    from safetensors import safe_open
+
+    d = checkpoint.write_synthetic(tmp_path / "again", "llama3-tiny", show_progress=False)
+    a = (tiny_ck.path / "model.safetensors").read_bytes()
+    assert a == (d / "model.safetensors").read_bytes()
+    f = safe_open(str(d / "model.safetensors"), framework="numpy")
+    assert f.get_slice("model.layers.1.mlp.down_proj.weight").get_dtype() == "BF16"
+    assert tiny_ck.cfg.n_kv_heads == 2 and not tiny_ck.cfg.tied_embeddings
+    assert tiny_ck.special.bos == 384 and tiny_ck.special.stop == (385, 392, 393)
+    w = tiny_ck.tensor("w1", 0)
+    assert 0.015 < w.std() < 0.025 and abs(tiny_ck.tensor("rms_att_weight", 1).mean() - 1) < 0.1
+
+
+def test_cache_is_checksummed(tiny_ck, tmp_path):
+    path = quant.build_cache(tiny_ck, "w4", cache_dir=tmp_path, show_progress=False)
+    quant.open_cache(path)
+    f = path / "layer-01.bin"
+    b = bytearray(f.read_bytes())
+    b[100] ^= 1
+    f.write_bytes(bytes(b))
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        quant.open_cache(path)
+
+
+# ----------------------------------------------------------------------------- the CLI and bad input
+def _cli(*argv):
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_cli_json(tiny_dir, capsys):
+    rc = cli.run(_cli("--checkpoint", "synthetic:llama3-tiny", "--cache-dir", str(tiny_dir),
+                      "--bits", "3/6", "--chip-bytes", "2k", "--max-tokens", "4", "--context", "32",
+                      "--check", "--agree", "8", "--json", "Hi"))
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("\n") == 1
+    res = json.loads(out)
+    assert res["check"]["tokens_identical"] and res["check"]["logits_identical"]
+    assert res["partitions"] > 10 and len(res["token_ids"]) >= 1
+    assert res["prompt_ids"][0] == 384 and res["peak_rss_bytes"] > 0
+    assert res["bandwidth"]["ratio_to_bound"] > 0 and "hc1" in res["projection"]
+    a = res["agreement"]
+    assert a["positions"] == len(res["prompt_ids"]) + len(res["token_ids"]) - 1
+    assert 0 <= a["top1_agreement"] <= 1 and a["kl_mean"] >= 0
+
+
+def test_cli_text(tiny_dir, tmp_path, capsys):
+    png = tmp_path / "proj.png"
+    rc = cli.run(_cli("--checkpoint", "synthetic:llama3-tiny", "--cache-dir", str(tiny_dir),
+                      "--max-tokens", "3", "--context", "16", "--plot", str(png), "Hello"))
+    out = capsys.readouterr().out
+    assert rc == 0 and png.exists()
+    for key in ("partitions:", "text:", "seconds per token:", "peak RSS:", "memory bandwidth:",
+                "HC1-like", "17,000"):
+        assert key in out
+
+
+def test_cli_runs_a_given_quantized_cache(tiny_ck, tiny_dir, capsys):
+    path = quant.build_cache(tiny_ck, "w4", cache_dir=tiny_dir, show_progress=False)
+    rc = cli.run(_cli("--checkpoint", "synthetic:llama3-tiny", "--cache-dir", str(tiny_dir),
+                      "--quantized", str(path), "--max-tokens", "2", "--json", "Hi"))
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["scheme"] == "w4" and res["cache"] == str(path)
+    assert res["cache_note"] is None
+
+
+def test_agreement_of_identical_logits_is_perfect():
+    from bakedllama.llama8b import agreement
+
+    x = np.random.default_rng(0).normal(size=(5, 50))
+    r = agreement.compare(x, x)
+    assert r["top1_agreement"] == 1.0 and abs(r["kl_mean"]) < 1e-12
+
+
+def _copy_ck(tiny_ck, dst, drop=None, reshape=None, config=None):
+    import ml_dtypes  # noqa: F401
+    from safetensors.numpy import save_file
+
+    dst.mkdir()
+    from safetensors import safe_open
+
+    f = safe_open(str(tiny_ck.path / "model.safetensors"), framework="numpy")
+    t = {k: f.get_tensor(k).astype(np.float32) for k in f.keys() if k != drop}
+    if reshape:
+        t[reshape] = t[reshape][:-1]
+    save_file(t, str(dst / "model.safetensors"))
+    cfg = json.loads((tiny_ck.path / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(cfg, **(config or {}))))
+    (dst / "tokenizer.json").write_text((tiny_ck.path / "tokenizer.json").read_text())
+    return dst
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "missing tensor 'model.layers.1.self_attn.k_proj.weight'"),
+    ("shape", "tensor 'model.layers.0.mlp.up_proj.weight' has shape (159, 64), expected (160, 64)"),
+    ("notllama", "not a Llama model"),
+    ("chip", "too small for one row"),
+    ("nodir", "no such checkpoint directory"),
+    ("bits", "invalid choice"),
+])
+def test_bad_input_one_clear_line(tiny_ck, tiny_dir, tmp_path, capsys, case, expect):
+    d = str(tiny_ck.path)
+    extra = []
+    if case == "missing":
+        d = str(_copy_ck(tiny_ck, tmp_path / "c", drop="model.layers.1.self_attn.k_proj.weight"))
+    elif case == "shape":
+        d = str(_copy_ck(tiny_ck, tmp_path / "c", reshape="model.layers.0.mlp.up_proj.weight"))
+    elif case == "notllama":
+        d = str(_copy_ck(tiny_ck, tmp_path / "c", config=dict(model_type="gpt2",
+                                                                architectures=["GPT2LMHeadModel"])))
+    elif case == "chip":
+        extra = ["--chip-bytes", "100"]
+    elif case == "nodir":
+        d = str(tmp_path / "nothing")
+    if case == "bits":
+        with pytest.raises(SystemExit):
+            _cli("--checkpoint", d, "--bits", "5", "x")
+        assert expect in capsys.readouterr().err
+        return
+    rc = cli.run(_cli("--checkpoint", d, "--cache-dir", str(tiny_dir), "--max-tokens", "1", *extra,
+                      "x"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+# ----------------------------------------------------------------------------- partitions, projection
+def test_partitioner_8b_shapes():
+    from bakedllama.llama8b.arch import LLAMA31_8B, from_hf_config
+
+    cfg, _ = from_hf_config(LLAMA31_8B)
+    fmt = projection.scheme_fmt(cfg, "w8")
+    layer = sum(u.nbytes for u in partition.model_units(cfg, fmt)[1:10])
+    # w8: one M_BITS multiplier per row; two int16 gain vectors
+    mb = -(-(4096 * 8 + nx.M_BITS) // 8)
+    assert layer == (2 * 4096 + 2 * 1024 + 2 * 14336) * mb + 4096 * -(-(14336 * 8 + nx.M_BITS) // 8) \
+        + 2 * 8192
+    parts = partition.plan(cfg, fmt, partition.HC1_BYTES)
+    assert [p.kind for p in parts][0] == "embed" and parts[-1].kind == "head"
+    assert sum(p.nbytes for p in parts) == sum(u.nbytes for u in partition.model_units(cfg, fmt))
+    ulx = partition.plan(cfg, fmt, partition.parse_bytes("ulx3s"))
+    assert len(ulx) > 10000 and all(p.nbytes <= partition.ULX3S_85F_BYTES for p in ulx)
+    with pytest.raises(partition.PartitionError, match="too small for one row"):
+        partition.plan(cfg, fmt, 10000)
+
+
+def test_projection_table_and_plot(tmp_path):
+    from bakedllama.llama8b.arch import LLAMA31_8B, from_hf_config
+
+    cfg, _ = from_hf_config(LLAMA31_8B)
+    rows = projection.table(cfg)
+    hc1 = [r for r in rows if r["chip"].startswith("HC1") and r["mode"] == "resident"]
+    assert hc1 and all(5000 < r["tokens_per_s"] < 50000 for r in hc1)
+    ulx = [r for r in rows if r["chip"].startswith("ULX3S")]
+    assert all(r["tokens_per_s"] < 10 for r in ulx)
+    assert "17,000" in projection.format_table(rows)
+    png = projection.plot(cfg, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gguf_checkpoint_reads_like_hf(tiny_ck, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    c = tiny_ck.cfg
+    p = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_block_count(c.n_layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(c.dim)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_vocab_size(c.vocab_size)
+    w.add_bos_token_id(tiny_ck.special.bos)
+    w.add_eos_token_id(tiny_ck.special.stop[0])
+    for name, layer in checkpoint.tensor_list(c):
+        label = checkpoint.GGUF_GLOBAL[name] if layer is None else \
+            f"blk.{layer}.{checkpoint.GGUF_LAYER[name]}.weight"
+        t = tiny_ck.tensor(name, layer)  # interleaved q/k, as llama.cpp's converter writes them
+        w.add_tensor(label, t.astype(np.float16) if name == "w2" else t)
+    inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, None)
+    w.add_tensor("rope_freqs.weight",
+                 (inv / nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (tmp_path / "tokenizer.json").write_text((tiny_ck.path / "tokenizer.json").read_text())
+    g = checkpoint.open_checkpoint(str(p), 64)
+    assert isinstance(g, checkpoint.GGUFCheckpoint) and g.cfg == tiny_ck.cfg
+    assert g.special.bos == 384
+    for name, layer in checkpoint.tensor_list(c):
+        a, b = g.tensor(name, layer), tiny_ck.tensor(name, layer)
+        assert np.array_equal(a, b.astype(np.float16).astype(np.float32) if name == "w2" else b)
+    assert g.tokenizer().encode("Hi").ids == [72, 105]
