@@ -27,6 +27,9 @@ weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evalua
 	$(PY) -m weights.train --out weights/tiny $(if $(CORPUS),--corpus $(CORPUS))
 	$(PY) -m weights.quantize --dir weights/tiny --compare $(if $(CORPUS),--corpus $(CORPUS))
 
+bench: setup ## performance figures against their bounds (prints, never asserts)
+	$(PY) scripts/bench.py
+
 lint:       ## ruff on host/, weights/, tests/
 	$(VENV)/bin/ruff check host weights tests
 
