@@ -4,8 +4,9 @@ PY      := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 BOARD   ?= ulx3s
 PROMPT  ?= It was
+SIM_PORT ?= 4321
 
-.PHONY: help setup demo test test-all weights build load sim bench lint clean
+.PHONY: help setup demo test test-all weights build load sim report bench lint clean
 
 help:       ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -13,7 +14,7 @@ help:       ## list the targets
 setup:      ## apt packages, .venv and pinned PyPI packages (idempotent)
 	@bash scripts/setup.sh
 
-demo: setup ## the quick start: generate from a prompt
+demo: setup ## the quick start: generate from a prompt on the Verilator SoC (built once, cached)
 	$(VENV)/bin/bakedllama generate "$(PROMPT)" --max-tokens 48
 
 test: setup ## default + Verilator (sim) tests
@@ -26,6 +27,18 @@ weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evalua
 	@EXTRAS=dev,train bash scripts/setup.sh
 	$(PY) -m weights.train --out weights/tiny $(if $(CORPUS),--corpus $(CORPUS))
 	$(PY) -m weights.quantize --dir weights/tiny --compare $(if $(CORPUS),--corpus $(CORPUS))
+
+build:      ## bitstream for BOARD (ulx3s) with yosys/nextpnr/ecppack from PyPI; prints utilisation, Fmax
+	$(PY) -m soc.$(BOARD) --build $(if $(MODEL),--model $(MODEL))
+
+load:       ## program the board with openFPGALoader (SRAM; FLASH=1 writes the SPI flash)
+	$(PY) -m soc.$(BOARD) --load $(if $(FLASH),--flash)
+
+sim:        ## the simulated SoC on socket://127.0.0.1:$(SIM_PORT) for other clients (Ctrl-C stops it)
+	$(PY) -m bakedllama.device --port $(SIM_PORT)
+
+report:     ## utilisation, Fmax and token rates of the last `make build`
+	@cat build/soc/$(BOARD)/report.json
 
 bench: setup ## performance figures against their bounds (prints, never asserts)
 	$(PY) scripts/bench.py

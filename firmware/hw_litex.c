@@ -98,23 +98,35 @@ uint32_t hw_model_id(void)
 	return llama_model_id_read();
 }
 
+/* A field of the multi-word model_cfg CSR; LiteX keeps the most significant word at the lowest
+ * address. Offsets and sizes come from csr.h (packing: gateware/core.py). */
+static uint32_t model_cfg_field(const uint32_t *w, unsigned offset, unsigned size)
+{
+	uint64_t v = w[offset / 32];
+
+	if (offset / 32 + 1 < CSR_LLAMA_MODEL_CFG_SIZE)
+		v |= (uint64_t)w[offset / 32 + 1] << 32;
+	return (uint32_t)(v >> (offset % 32)) & (uint32_t)((1ull << size) - 1);
+}
+
+#define CFG_FIELD(w, NAME) \
+	model_cfg_field(w, CSR_LLAMA_MODEL_CFG_##NAME##_OFFSET, CSR_LLAMA_MODEL_CFG_##NAME##_SIZE)
+
 void hw_model_cfg(struct model_cfg *cfg)
 {
-	/* model_cfg: 8 words, dim first (gateware/INTERFACE.md). A CSR wider than one word keeps its
-	 * most significant word at the lowest address. */
-	uint32_t w[CSR_LLAMA_MODEL_CFG_SIZE];
+	uint32_t w[CSR_LLAMA_MODEL_CFG_SIZE];          /* w[0]: least significant word */
 	unsigned i, n = CSR_LLAMA_MODEL_CFG_SIZE;
 
 	for (i = 0; i < n; i++)
 		w[n - 1 - i] = csr_read_simple(CSR_LLAMA_MODEL_CFG_ADDR + 4 * i);
-	cfg->dim = w[0];
-	cfg->n_layers = w[1];
-	cfg->n_heads = w[2];
-	cfg->n_kv_heads = w[3];
-	cfg->hidden_dim = w[4];
-	cfg->vocab_size = w[5];
-	cfg->seq_len = w[6];
-	cfg->lanes = w[7];
+	cfg->dim = CFG_FIELD(w, DIM);
+	cfg->n_layers = CFG_FIELD(w, N_LAYERS);
+	cfg->n_heads = CFG_FIELD(w, N_HEADS);
+	cfg->n_kv_heads = CFG_FIELD(w, N_KV_HEADS);
+	cfg->hidden_dim = CFG_FIELD(w, HIDDEN_DIM);
+	cfg->vocab_size = CFG_FIELD(w, VOCAB_SIZE);
+	cfg->seq_len = CFG_FIELD(w, SEQ_LEN);
+	cfg->lanes = CFG_FIELD(w, LANES);
 }
 
 uint32_t hw_sys_clk_freq(void)

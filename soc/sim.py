@@ -106,7 +106,7 @@ def build(output_dir, core_kind="real", model_path=None, lanes=None, jobs=None, 
         run             = False,             # generate only; compiled below, run by the launcher
         extra_mods      = [SIM_MODULE],
         extra_mods_path = mods_dir,
-        jobs            = jobs,
+        jobs            = jobs or min(2, os.cpu_count() or 1),  # LiteX's default is `make -j` (unbounded)
         trace           = trace,
         opt_level       = "O3",
         interactive     = False,
@@ -123,7 +123,7 @@ def build(output_dir, core_kind="real", model_path=None, lanes=None, jobs=None, 
     with open(os.path.join(output_dir, "build.json"), "w") as f:
         json.dump(dict(core=core_kind, testing=testing,
             model=None if testing else os.path.abspath(model_path or DEFAULT_MODEL),
-            model_id=getattr(core, "model_id_value", None)), f)
+            model_id=getattr(core, "model_id_value", None) or getattr(getattr(core, "plan", None), "identity", None)), f)
     return gateware_dir
 
 def main():
@@ -134,7 +134,8 @@ def main():
     parser.add_argument("--model",      default=None, help="baked model (default weights/tiny/model-q.bkl)")
     parser.add_argument("--lanes",      default=None, type=int, help="accelerator lanes")
     parser.add_argument("--jobs",       default=None, help="compiler jobs")
-    parser.add_argument("--trace",      action="store_true", help="waveforms (opt-in, large)")
+    parser.add_argument("--trace",      action="store_true",
+        help="waveforms (opt-in, large; or BAKEDLLAMA_SIM_TRACE=1)")
     parser.add_argument("--build",      action="store_true", help="generate and compile")
     parser.add_argument("--run",        action="store_true", help="run in the foreground")
     parser.add_argument("--port",       default=0, type=int, help="TCP port on 127.0.0.1 (0 = free)")
@@ -142,7 +143,8 @@ def main():
 
     gateware_dir = os.path.join(os.path.abspath(args.output_dir), "gateware")
     if args.build:
-        gateware_dir = build(args.output_dir, args.core, args.model, args.lanes, args.jobs, args.trace)
+        trace = args.trace or os.environ.get("BAKEDLLAMA_SIM_TRACE") == "1"
+        gateware_dir = build(args.output_dir, args.core, args.model, args.lanes, args.jobs, trace)
     if args.run:
         write_sim_config(os.path.join(gateware_dir, "sim_config.js"), port=args.port)
         subprocess.call([os.path.join(gateware_dir, "obj_dir", "Vsim")], cwd=gateware_dir)

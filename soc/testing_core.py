@@ -1,7 +1,7 @@
 #
 # bakedllama: TEST-ONLY stand-in for the accelerator.
 #
-# TestingCore implements the gateware/INTERFACE.md contract (token streams, ctrl / temperature /
+# StandInCore implements the gateware/INTERFACE.md contract (token streams, ctrl / temperature /
 # seed / status / cycles / model_id / model_cfg CSRs) with a lookup table in a ROM instead of a
 # transformer, so that the SoC, the firmware and the protocol can be tested end to end in a small,
 # fast simulation. Only the protocol / fuzz tests use it (soc/sim.py --core testing); the product
@@ -29,14 +29,14 @@ MODEL_CFG_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "v
 
 # Reference ----------------------------------------------------------------------------------------
 
-def testing_table(vocab_size=512, seed=1):
+def lookup_table(vocab_size=512, seed=1):
     """The stand-in's lookup table: a deterministic pseudo-random permutation-free map."""
     if vocab_size < 2 or vocab_size & (vocab_size - 1) or vocab_size > 1 << 16:
         raise ValueError(f"vocab_size must be a power of two <= 65536, not {vocab_size}")
     rng = XorShift32(seed)
     return [rng.next() % vocab_size for _ in range(vocab_size)]
 
-def testing_model_id(table, seq_len):
+def lookup_model_id(table, seq_len):
     """32-bit identity of a stand-in (like BakedModel.identity(): first 8 hex digits of a sha256)."""
     h = hashlib.sha256(b"bakedllama testing core" + bytes(f"{seq_len}:", "ascii"))
     h.update(b"".join(t.to_bytes(2, "little") for t in table))
@@ -80,7 +80,7 @@ class _TableROM(Module):
         self.specials.mem = Memory(16, len(table), init=table)
         self.specials.port = self.mem.get_port()
 
-class TestingCore(LiteXModule):
+class StandInCore(LiteXModule):
     """TEST-ONLY stand-in for gateware.core.BakedLlamaCore: next token from a lookup table."""
     def __init__(self, table, seq_len=256, latency=64):
         vocab_size = len(table)
@@ -90,7 +90,7 @@ class TestingCore(LiteXModule):
             raise ValueError(f"seq_len must be in 1 .. 65535, not {seq_len}")
         if not 2 <= latency < 1 << 15:
             raise ValueError(f"latency must be in 2 .. 32767, not {latency}")
-        self.model_id_value = testing_model_id(table, seq_len)
+        self.model_id_value = lookup_model_id(table, seq_len)
         cfg_values = dict.fromkeys(MODEL_CFG_FIELDS, 0)
         cfg_values.update(vocab_size=vocab_size, seq_len=seq_len)
 
@@ -111,10 +111,9 @@ class TestingCore(LiteXModule):
         self.cycles    = CSRStatus(32, description="Cycles of the last pass (sink accept -> source valid).")
         self.model_id  = CSRStatus(32, reset=self.model_id_value,
             description="Identity of the stand-in's table (not a model).")
-        self.model_cfg = CSRStatus(32*len(MODEL_CFG_FIELDS),
-            reset=sum(cfg_values[f] << (32*i) for i, f in enumerate(MODEL_CFG_FIELDS)),
-            description="dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size, seq_len, lanes "
-                        "(32 bits each, dim in the least significant word); 0 = not a transformer.")
+        self.model_cfg = CSRStatus(fields=[CSRField(n, size=16, reset=cfg_values[n],
+            description=f"{n} (0 = not a transformer).") for n in MODEL_CFG_FIELDS],
+            description="Stand-in configuration, packed like gateware/core.py's (16 bits per field).")
 
         # # #
 

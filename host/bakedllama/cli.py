@@ -62,7 +62,7 @@ def cmd_generate(args) -> int:
         raise UserError("--temperature must be >= 0")
     model, tok = _load(args.model, args.tokenizer)
     ids = prompt_ids(tok, args.prompt, model.cfg.seq_len, args.max_tokens)
-    device = args.device or "golden"
+    device = args.device or "sim"  # no --device: the Verilator SoC (built once, cached)
     stream = TextStream(tok, sys.stdout, not args.json)
     if not args.json:
         sys.stdout.write(args.prompt)
@@ -72,12 +72,23 @@ def cmd_generate(args) -> int:
     if device == "golden":
         for t in generate(Golden(model), ids, args.max_tokens, args.temperature, args.seed, args.top_k):
             stream.push(t)
+        dt = time.perf_counter() - t0
+        tps = round(len(stream.ids) / dt, 2) if dt > 0 else None
     else:
-        raise UserError(f"unknown device '{device}' (use 'golden', socket://127.0.0.1:PORT or /dev/tty*)")
-    dt = time.perf_counter() - t0
+        from bakedllama.device import DeviceError, generate_on_device
+
+        if args.top_k:
+            raise UserError("--top-k runs on the golden model only (the hardware sampler has no top-k)")
+        try:
+            r = generate_on_device(None if device == "sim" else device, model, ids, args.max_tokens,
+                                   args.temperature, args.seed, on_token=stream.push,
+                                   log=lambda m: print(m, file=sys.stderr, flush=True))
+        except DeviceError as e:
+            raise UserError(str(e)) from None
+        device, cycles, tps = r["device"], r["cycles_per_token"], r["tokens_per_s"]
     n = len(stream.ids)
     result = dict(prompt=args.prompt, device=device, prompt_tokens=ids, tokens=stream.ids,
-                  text=stream.text(), tokens_per_s=round(n / dt, 2) if dt > 0 else None,
+                  text=stream.text(), tokens_per_s=tps,
                   cycles_per_token=cycles, temperature=args.temperature, seed=args.seed,
                   model_sha256=model.sha256)
     if args.json:
@@ -92,6 +103,24 @@ def cmd_info(args) -> int:
 
     model, tok = _load(args.model, args.tokenizer)
     c, f = model.cfg, model.fmt
+    if args.device:
+        from bakedllama.device import DeviceError, device_info
+
+        try:  # refuses a device whose model identity differs from this model's (and tokenizer's)
+            d = device_info(None if args.device == "sim" else args.device, model,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        except DeviceError as e:
+            raise UserError(str(e)) from None
+        if args.json:
+            print(json.dumps(d))
+        else:
+            print(f"device      {d['board']}, firmware {d['firmware']}, protocol {d['protocol']}, "
+                  f"clock {d['sys_clk_freq'] / 1e6:.2f} MHz")
+            print(f"identity    0x{d['model_id']} (matches the host's model)")
+            print(f"config      dim {d['dim']}, layers {d['n_layers']}, heads {d['n_heads']} "
+                  f"(kv {d['n_kv_heads']}), hidden {d['hidden_dim']}, vocab {d['vocab_size']}, "
+                  f"context {d['seq_len']}, lanes {d['lanes']}")
+        return 0
     if args.json:
         print(json.dumps(dict(config=c.to_dict(), params=c.param_count(), sha256=model.sha256,
                               identity=f"{model.identity():08x}", numerics=f,
@@ -127,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt")
-    g.add_argument("--device", help="golden | socket://127.0.0.1:PORT | /dev/ttyUSB0")
+    g.add_argument("--device", help="sim (default: the Verilator SoC) | golden | "
+                   "socket://127.0.0.1:PORT | /dev/ttyUSB0")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=0)
@@ -137,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="model, numerics, identity and block-RAM budget")
-    i.add_argument("--device", help="read the identity from a device instead")
+    i.add_argument("--device", help="read the identity from a device instead "
+                   "(sim | socket://127.0.0.1:PORT | /dev/ttyUSB0)")
     i.add_argument("--json", action="store_true")
     model_args(i)
     i.set_defaults(func=cmd_info)

@@ -52,10 +52,15 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
     Refuses a device whose model identity differs from `model`'s. on_token(id) is called as each
     token arrives. Returns tokens, cycles_per_token (hardware counter, mean over the forward
     passes), tokens_per_s (end to end: request to last token, including the prompt), and more."""
+    from bakedllama.device.sim import SIM_STEP_TIMEOUT, SIM_TIMEOUT
+
     stack, dev = _connect(url, log)
     with stack:
         info = dev.info()
         check_model(info, model, dev.url)
+        if info.board == 1:  # a Verilator simulation (e.g. `make sim`): ~1000x slower than the board
+            dev.timeout = max(dev.timeout, SIM_TIMEOUT)
+            dev.step_timeout = max(dev.step_timeout, SIM_STEP_TIMEOUT)
         g = dev.generate(prompt_ids, max_tokens, temperature, seed)
         for t in g:
             if on_token is not None:

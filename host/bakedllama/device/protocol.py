@@ -18,9 +18,12 @@ MAX_FRAME = HEADER + MAX_PAYLOAD + CRC_SIZE
 MAX_ENCODED = MAX_FRAME + (MAX_FRAME + 253) // 254  # COBS overhead, without the delimiter
 CRC_RESIDUE = 0x2144DF1C
 
-# The ULX3S's FT231X runs 3 Mbaud at most; 2 Mbaud is exact for its divisor (3 MHz / 1.5) and
-# for a 50 MHz UART (25 clocks per bit). 21 bytes per token at 8N1: 9,523 tokens/s.
-DEFAULT_BAUDRATE = 2_000_000
+# The ULX3S's FT231X runs up to 3 Mbaud (its 3 MHz base clock, divisor 1: exact). LiteX's UART
+# at 50 MHz makes it with 16.7 clocks per bit (it samples at ~0.7 bit, +-1 clock). A token is
+# one 21-byte STEP frame: 3 Mbaud carries 14,285 tokens/s, above the accelerator's rate at
+# lanes=128 (~5,500 cycles per token, ~9,000 tokens/s at 50 MHz). 2 Mbaud (9,523 tokens/s) is the
+# fallback if a board's link is marginal: build with --uart-baudrate 2e6, open with baudrate=.
+DEFAULT_BAUDRATE = 3_000_000
 BITS_PER_BYTE = 10  # 8N1
 
 # Request types (host -> device); the reply is type | REPLY.

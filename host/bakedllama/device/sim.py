@@ -10,7 +10,7 @@ directory (the binary reads sim_config.js and the memory images from its working
 several simulations can run at once; the TCP port is picked by the simulator (127.0.0.1 only) and
 read from its log. The simulator dies with the process that started it (PR_SET_PDEATHSIG).
 
-    python -m bakedllama.device.sim [--port 4321] [--core real|testing]    # for `make sim`
+    python -m bakedllama.device [--port 4321] [--core real|testing]    # for `make sim`
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ BUILD_ROOT = REPO / "build" / "soc"
 LISTEN_RE = re.compile(rb"\[serial2tcp_local\] listening on 127\.0\.0\.1:(\d+)")
 # Simulation is ~1000x slower than the board: generous waits.
 SIM_TIMEOUT = 10.0  # s, request -> reply
-SIM_STEP_TIMEOUT = 120.0  # s, one forward pass (a real core with few lanes is ~10^6 cycles)
+SIM_STEP_TIMEOUT = 30.0  # s, one forward pass: ~6,000 cycles at ~100k cycles/s (lanes=128) is
+#                         0.06 s; 30 s covers a core with a few lanes on a loaded machine
+SOURCE_SUFFIXES = (".py", ".c", ".h", ".S", ".ld", ".mak", ".v", ".sv")  # not docs
 
 
 def _default_model() -> Path:
@@ -59,11 +61,13 @@ def build_key(core: str, model_path: Path | None) -> str:
 
     h = hashlib.sha256()
     h.update(f"{core}\n{sys.version_info[:2]}\n{litex.__file__}\n".encode())
+    h.update(os.environ.get("BAKEDLLAMA_SIM_TRACE", "0").encode())  # waveforms: opt-in
     h.update(_tool_version(["verilator", "--version"]).encode())
     dirs = [REPO / "soc", REPO / "firmware"] + ([REPO / "gateware"] if core == "real" else [])
     for d in dirs:
         for p in sorted(d.rglob("*")):
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+            if p.is_file() and "__pycache__" not in p.parts and (p.suffix in SOURCE_SUFFIXES
+                                                                 or p.name == "Makefile"):
                 h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
     if core == "real":
         mp = Path(model_path or _default_model())
@@ -165,11 +169,17 @@ class SimHandle:
 
 
 def launch(build_dir: Path, port: int = 0, boot_timeout: float = 120.0,
-           cycles_per_byte: int = 0) -> SimHandle:
-    """Start the simulator of a build in a fresh run dir; returns once it answers INFO."""
+           cycles_per_byte: int = 0, wait_ready: bool = True) -> SimHandle:
+    """Start the simulator of a build in a fresh run dir; returns once it answers INFO
+    (wait_ready=False: once it listens, without connecting)."""
+    build_dir = Path(build_dir).resolve()
     gw = build_dir / "gateware"
     runs = BUILD_ROOT / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    for old in runs.iterdir():  # left by a process that was killed: its simulator died with it
+        pid = old.name.split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
     run_dir = runs / f"{os.getpid()}-{time.monotonic_ns()}"
     run_dir.mkdir()
     for p in gw.iterdir():  # memory images and the module directory, by symlink
@@ -199,6 +209,8 @@ def launch(build_dir: Path, port: int = 0, boot_timeout: float = 120.0,
             if time.monotonic() > deadline:
                 raise DeviceError(f"the simulator did not listen within {boot_timeout:.0f} s")
             time.sleep(0.05)
+        if not wait_ready:
+            return h
         # Up when the firmware answers INFO (its banner may arrive first: ignored).
         dev = None
         while True:
@@ -237,7 +249,7 @@ def start_sim(core: str = "real", model_path: Path | str | None = None, *, port:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bakedllama.device.sim",
+    p = argparse.ArgumentParser(prog="python -m bakedllama.device",
                                 description="Start the simulated SoC for other clients.")
     p.add_argument("--port", type=int, default=4321, help="TCP port on 127.0.0.1 (0 = any)")
     p.add_argument("--core", default="real", choices=["real", "testing"],

@@ -66,7 +66,7 @@ class Generation:
 
 
 class Device:
-    def __init__(self, port, url: str, *, timeout: float = 2.0, step_timeout: float = 10.0,
+    def __init__(self, port, url: str, *, timeout: float = 2.0, step_timeout: float = 3.0,
                  retries: int = 3):
         self.port, self.url = port, url
         self.timeout, self.step_timeout, self.retries = timeout, step_timeout, retries
@@ -147,7 +147,7 @@ class Device:
         name = P.REQUEST_NAMES.get(type_, f"type 0x{type_:02x}")
         timeout = self.timeout if timeout is None else timeout
         last = None
-        for attempt in range(self.retries + 1):
+        for _ in range(self.retries + 1):
             seq = self._next_seq()
             self._send(type_, seq, payload)
             deadline = time.monotonic() + timeout
@@ -191,7 +191,7 @@ class Device:
         silence (used while recovering)."""
         seq = self._next_seq()
         self._send(P.ABORT, seq)
-        deadline = time.monotonic() + max(self.timeout, self.step_timeout)
+        deadline = time.monotonic() + self.timeout
         try:
             while True:
                 f = self._wait(seq, deadline, "ABORT")
@@ -231,6 +231,7 @@ class Device:
     def _generate(self, g: Generation, payload: bytes):
         finished = False
         last = None
+        silent = 0  # a device silent for a whole step_timeout gets one more chance, not more
         g.t_start = time.monotonic()
         try:
             for attempt in range(self.retries + 1):
@@ -246,6 +247,10 @@ class Device:
                                        f"after {len(g.steps)} forward passes")
                         if f.type == P.STEP:
                             s = P.Step.parse(f.payload)
+                            if s.pos != len(g.steps):  # a STEP frame was lost on the way
+                                last = DeviceError(f"{self.url}: lost the STEP of pass {len(g.steps)}")
+                                self.abort()
+                                break
                             g.steps.append(s)
                             if not s.generated:
                                 continue
@@ -265,9 +270,12 @@ class Device:
                             if d.reason == P.DONE_HW_TIMEOUT:
                                 raise DeviceError(f"{self.url}: the accelerator stopped answering "
                                                   f"at pass {len(g.steps)}")
-                            if d.reason != P.DONE_COMPLETE or d.generated != len(g.tokens):
+                            if d.reason != P.DONE_COMPLETE:
                                 raise DeviceError(f"{self.url}: generation ended early "
                                                   f"({d.generated} of {g.max_tokens} tokens)")
+                            if d.generated != n_here or d.passes != len(g.steps):
+                                last = DeviceError(f"{self.url}: lost the last STEP frames")
+                                break
                             g.done = d
                             g.t_end = time.monotonic()
                             finished = True
@@ -287,6 +295,9 @@ class Device:
                             raise DeviceError(f"{self.url}: device refused GENERATE: {e}")
                 except _Timeout as t:
                     last = t
+                    silent += 1
+                    if silent >= 2:
+                        raise DeviceError(f"{t} (twice)") from None
                     self.abort()
             raise DeviceError(f"{last} (after {self.retries + 1} tries)")
         finally:
@@ -303,7 +314,7 @@ def _one_line(e: Exception) -> str:
 
 
 def open_device(url: str, *, baudrate: int = P.DEFAULT_BAUDRATE, timeout: float = 2.0,
-                step_timeout: float = 10.0, retries: int = 3) -> Device:
+                step_timeout: float = 3.0, retries: int = 3) -> Device:
     """Open a pyserial URL: socket://127.0.0.1:PORT (simulation), /dev/ttyUSB0 (board), ..."""
     import serial
 
@@ -314,6 +325,14 @@ def open_device(url: str, *, baudrate: int = P.DEFAULT_BAUDRATE, timeout: float 
         port = serial.serial_for_url(url, **kwargs)
     except Exception as e:  # SerialException, ValueError (bad URL), OSError
         raise DeviceError(f"cannot open {url}: {_one_line(e)}") from None
+    sock = getattr(port, "_socket", None)  # socket:// URLs: small frames must not wait (Nagle)
+    if sock is not None:
+        import socket
+
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
     return Device(port, url, timeout=timeout, step_timeout=step_timeout, retries=retries)
 
 

@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <event2/buffer.h>
@@ -128,6 +129,7 @@ static void accept_cb(struct evconnlistener *listener, evutil_socket_t fd,
 {
 	struct session_s *s = (struct session_s *)ctx;
 	struct bufferevent *bev;
+	int one = 1;
 
 	if (s->bev) {
 		/* One client at a time: two hosts interleaving frames would confuse both. */
@@ -136,6 +138,8 @@ static void accept_cb(struct evconnlistener *listener, evutil_socket_t fd,
 		evutil_closesocket(fd);
 		return;
 	}
+	/* The UART trickles bytes out: without TCP_NODELAY, Nagle + delayed ACKs cost ~40 ms. */
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	bev = bufferevent_socket_new(base, fd, BEV_OPT_CLOSE_ON_FREE);
 	if (!bev) {
 		evutil_closesocket(fd);

@@ -1,0 +1,382 @@
+"""The model compiler: passes from a BakedModel to everything the hardware needs, in plain Python.
+
+    geometry   lanes -> tile of the matrix-vector engine (R rows x C columns per cycle), vector
+               lanes P, attention parallelism; checked against the config (ValueError at once)
+    banks      weight matrices -> ROM images: one bank per weight format (bits, group), each
+               matrix a run of words; a word holds R_b row slots of C weights + a share of the
+               row's group multiplier, so one word is what the lanes consume in one cycle
+    tables     lookup tables from bakedllama.numerics (rsqrt, exp, sigmoid, RoPE cos/sin, norm
+               gains) - generated there, never copied here
+    schedule   the fixed sequence of steps of one forward pass (which matrix, which unit, when)
+
+Nothing here touches Migen, so the cycle model (and the 8B projection) can import it cheaply.
+The hardware (core.py) is built from a Plan; the cycle model sums the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bakedllama import numerics as nx
+from bakedllama.bake import scheme_format
+from bakedllama.config import ModelConfig
+
+DEFAULT_LANES = 128
+M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
+BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class Geometry:
+    lanes: int  # L: weight x activation products per cycle in the matrix-vector engine
+    cols: int  # C: columns of one row consumed per cycle (C divides every group size)
+    rows: int  # R: rows in flight per cycle (R * C = L)
+    vlanes: int  # P: elements per cycle in the vector passes (norm, quantizer, attention output)
+    post: int  # Q: matrix-vector results per cycle through the row post-processing (RoPE, SwiGLU)
+    kv_par: int  # KV heads handled together by the attention unit (n_kv_heads / kv_par passes)
+    bank_rows: tuple  # R_b per bank (a bank may use fewer row slots to keep its ROM deep)
+    lane_bits: int = 8  # weight bits per lane multiplier; wider weights take two row slots
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def matrix_formats(cfg: ModelConfig, weights_fmt: dict | None = None, scheme: str = "w4e8") -> dict:
+    """name -> (bits, group) for every weight matrix, from a baked model's fmt or from a scheme."""
+    cols = dict(tok_embeddings=cfg.dim, wq=cfg.dim, wk=cfg.dim, wv=cfg.dim, wo=cfg.dim,
+                w1=cfg.dim, w2=cfg.hidden_dim, w3=cfg.dim, wcls=cfg.dim)
+    out = {}
+    for name, c in cols.items():
+        if weights_fmt is not None:
+            src = "tok_embeddings" if (name == "wcls" and name not in weights_fmt) else name
+            out[name] = (int(weights_fmt[src]["bits"]), int(weights_fmt[src]["group"]))
+        else:
+            out[name] = scheme_format(scheme, "tok_embeddings" if (name == "wcls" and cfg.tied_embeddings)
+                                      else name, c)
+    return out
+
+
+def bank_key(fmt: tuple) -> tuple:
+    return fmt  # one ROM bank per (bits, group)
+
+
+def virtual_matrices(cfg: ModelConfig) -> list[tuple]:
+    """(key, rows, cols, weight-format name) of every matrix the engine runs, in ROM order."""
+    c = cfg
+    out = []
+    for l in range(c.n_layers):
+        out += [(f"qkv{l}", c.dim + 2 * c.kv_dim, c.dim, "wq"), (f"wo{l}", c.dim, c.dim, "wo"),
+                (f"w13{l}", 2 * c.hidden_dim, c.dim, "w1"), (f"w2{l}", c.dim, c.hidden_dim, "w2")]
+    out.append(("cls", c.vocab_size, c.dim, "wcls"))
+    if not c.tied_embeddings:
+        out.append(("emb", c.vocab_size, c.dim, "tok_embeddings"))
+    return out
+
+
+def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | None = None,
+                  kv_par: int | None = None) -> Geometry:
+    """Choose the engine tile for `lanes` and check that the config fits it (ValueError if not)."""
+    c = cfg
+    if not _pow2(lanes):
+        raise ValueError(f"lanes must be a power of two, got {lanes}")
+    if formats["wq"] != formats["wk"] or formats["wq"] != formats["wv"] or formats["w1"] != formats["w3"]:
+        raise ValueError("wq/wk/wv and w1/w3 must share a weight format (they run as one matrix)")
+    groups = {g for _, g in formats.values()}
+    C = lanes
+    while C > 1 and any(g % C for g in groups):
+        C //= 2
+    R = lanes // C
+    if vlanes is None:
+        vlanes = max(2, min(16, lanes // 16, c.head_dim))
+    P = vlanes
+    if not _pow2(P) or P < 2:
+        raise ValueError(f"vlanes must be a power of two >= 2, got {P}")
+    for name, n in (("dim", c.dim), ("hidden_dim", c.hidden_dim), ("kv_dim", c.kv_dim),
+                    ("head_dim", c.head_dim), ("vocab_size", c.vocab_size)):
+        if n % P:
+            raise ValueError(f"{name} = {n} is not a multiple of vlanes = {P}")
+    if kv_par is None:
+        kv_par = 1  # one KV head per pass: kv_mul * head_dim e*v products (DSP blocks) per cycle
+    if kv_par <= 0 or c.n_kv_heads % kv_par:
+        raise ValueError(f"kv_par {kv_par} must divide n_kv_heads {c.n_kv_heads}")
+    # lanes multiply lane_bits-bit weights; a bank of wider weights (at most twice as wide) keeps
+    # the low and high parts of each weight in two row slots, combined after the adder trees
+    banks = sorted({bank_key(formats[f]) for _, _, _, f in virtual_matrices(c)})
+    lane_bits = min(b for b, _ in banks)
+    if any(b > 2 * lane_bits for b, _ in banks) or R < 2:
+        lane_bits = max(b for b, _ in banks)  # (one row slot cannot hold a split weight)
+    # per bank: rows slots, reduced while the bank would be shallower than one block RAM
+    bank_rows = []
+    for key in banks:
+        bits, group = key
+        split = 2 if bits > lane_bits else 1
+        mats = [(r, k) for _, r, k, f in virtual_matrices(c) if bank_key(formats[f]) == key]
+        Rb = R
+        while Rb > split:
+            depth = sum(r // (Rb // split) * (k // C) for r, k in mats)
+            total_bits = sum(r * k for r, k in mats) * (bits + M_BITS / group)
+            if depth >= BRAM_DEPTH or total_bits <= 18432:
+                break
+            Rb //= 2
+        for key2, r, k, f in virtual_matrices(c):
+            if bank_key(formats[f]) == key and r % (Rb // split):
+                raise ValueError(f"matrix {key2} has {r} rows, not a multiple of the {Rb // split} "
+                                 f"rows per cycle of lanes = {lanes}")
+        bank_rows.append(Rb)
+    min_cols = min(c.dim, c.hidden_dim)
+    Q = 2
+    while Q < P and Q * min_cols < lanes:
+        Q *= 2
+    for name, n in (("dim", c.dim), ("hidden_dim", c.hidden_dim), ("kv_dim", c.kv_dim),
+                    ("vocab_size", c.vocab_size)):
+        if n % Q:
+            raise ValueError(f"{name} = {n} is not a multiple of the post-processing lanes {Q}")
+    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits)
+
+
+# ----------------------------------------------------------------------------- banks
+@dataclass
+class Bank:
+    bits: int  # weight bits
+    group: int  # weights per multiplier
+    slots: int  # R_b row slots per word
+    cols: int  # C weights per slot per word
+    m_share: int  # bits of the group multiplier carried per slot per word
+    lane_bits: int = 0  # bits per weight field (= bits, or half of them when split)
+    words: list = field(default_factory=list)  # ROM image (ints of `width` bits)
+
+    def __post_init__(self):
+        self.lane_bits = self.lane_bits or self.bits
+
+    @property
+    def split(self) -> int:
+        """1, or 2 when a weight's low part (unsigned) and high part (signed) sit in slots 2s, 2s+1."""
+        return 2 if self.bits > self.lane_bits else 1
+
+    @property
+    def rows_per_word(self) -> int:
+        return self.slots // self.split
+
+    @property
+    def slot_width(self) -> int:
+        return self.cols * self.lane_bits + self.m_share
+
+    @property
+    def width(self) -> int:
+        return self.slots * self.slot_width
+
+    @property
+    def chunks_per_group(self) -> int:
+        return self.group // self.cols
+
+    @property
+    def depth(self) -> int:
+        return len(self.words)
+
+
+@dataclass
+class Placement:
+    """One matrix (or stack of row blocks run as one matrix) in a bank."""
+    bank: int
+    base: int  # first word
+    rows: int
+    cols: int
+    chunks: int  # words per row group (cols / C)
+    rowgroups: int  # rows / R_b
+
+    @property
+    def words(self) -> int:
+        return self.chunks * self.rowgroups
+
+
+def _encode_rows(q: np.ndarray, m: np.ndarray, bank: Bank) -> list[int]:
+    """Rows (rows, cols) int8 + multipliers (rows, cols/group) -> bank words, row-group major.
+
+    Slot s of a word holds C weight fields of lane_bits and a share of the row's multiplier. In a
+    split bank, row j of the word uses slot 2j (low lane_bits of each weight, unsigned, and the
+    multiplier share) and slot 2j+1 (the high part, signed)."""
+    rows, cols = q.shape
+    Rw, C, lb = bank.rows_per_word, bank.cols, bank.lane_bits
+    chunks = cols // C
+    cpg = bank.chunks_per_group
+    qq = q.astype(np.int64).reshape(rows // Rw, Rw, chunks, C)
+    mm = np.repeat(m.astype(np.int64), cpg, axis=-1).reshape(rows // Rw, Rw, chunks)
+    kidx = np.arange(chunks) % cpg
+    share = (mm >> (kidx * bank.m_share)) & ((1 << bank.m_share) - 1)
+    if bank.split == 2:
+        parts = [(qq & ((1 << lb) - 1), share), ((qq >> lb) & ((1 << lb) - 1), np.zeros_like(share))]
+    else:
+        parts = [(qq & ((1 << lb) - 1), share)]
+    words = []
+    for rg in range(rows // Rw):
+        for ch in range(chunks):
+            w = 0
+            for j in range(Rw):
+                for h, (fields, sh) in enumerate(parts):
+                    slot = 0
+                    for i in range(C - 1, -1, -1):
+                        slot = (slot << lb) | int(fields[rg, j, ch, i])
+                    slot |= int(sh[rg, j, ch]) << (C * lb)
+                    w |= slot << ((j * bank.split + h) * bank.slot_width)
+            words.append(w)
+    return words
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    cfg: ModelConfig
+    geo: Geometry
+    identity: int  # BakedModel.identity()
+    fmt: dict  # the baked model's numerics formats
+    banks: list  # [Bank]
+    place: dict  # key -> Placement (cls, emb, qkv{l}, wo{l}, w13{l}, w2{l})
+    shifts: dict  # key -> per-row-segment weight shift(s)
+    acc_bits: int  # matrix-vector accumulator width (numerics.matvec_acc_bits, max over matrices)
+    tables: dict  # numerics tables (see compile_model)
+    schedule: list  # [Step]
+
+    @property
+    def tied(self) -> bool:
+        return self.cfg.tied_embeddings
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # embed | norm | mv | qemit | attn | hemit | sample | out
+    layer: int = -1
+    arg: str = ""  # matrix key for mv, norm selector for norm
+
+
+def make_schedule(cfg: ModelConfig, with_sampling: bool = False) -> list[Step]:
+    """The fixed order of one forward pass (the sequencer's states, the cycle model's terms)."""
+    s = [Step("embed")]
+    for l in range(cfg.n_layers):
+        s += [Step("norm", l, "att"), Step("mv", l, f"qkv{l}"), Step("qemit", l), Step("attn", l),
+              Step("mv", l, f"wo{l}"), Step("norm", l, "ffn"), Step("mv", l, f"w13{l}"),
+              Step("hemit", l), Step("mv", l, f"w2{l}")]
+    s += [Step("norm", -1, "final"), Step("mv", -1, "cls")]
+    if with_sampling:
+        s.append(Step("sample"))
+    s.append(Step("out"))
+    return s
+
+
+def build_banks(cfg: ModelConfig, geo: Geometry, formats: dict, weights: dict | None):
+    """Lay out every virtual matrix in its bank. With weights=None only the placement is computed."""
+    keys = sorted({bank_key(formats[f]) for _, _, _, f in virtual_matrices(cfg)})
+    banks = []
+    for i, (bits, group) in enumerate(keys):
+        cpg = group // geo.cols
+        banks.append(Bank(bits, group, geo.bank_rows[i], geo.cols, -(-M_BITS // cpg),
+                          min(bits, geo.lane_bits)))
+    place = {}
+    depth = [0] * len(banks)
+    for key, rows, cols, f in virtual_matrices(cfg):
+        bi = keys.index(bank_key(formats[f]))
+        bk = banks[bi]
+        p = Placement(bi, depth[bi], rows, cols, cols // geo.cols, rows // bk.rows_per_word)
+        place[key] = p
+        depth[bi] += p.words
+        if weights is not None:
+            q, m = virtual_rows(cfg, geo, weights, key)
+            bk.words += _encode_rows(q, m, bk)
+    if cfg.tied_embeddings:
+        place["emb"] = place["cls"]
+    return banks, place
+
+
+def virtual_rows(cfg: ModelConfig, geo: Geometry, W: dict, key: str):
+    """The (q, m) rows of a virtual matrix: qkv = [wq; wk; wv]; w13 = w1, w3 interleaved in blocks
+    of Q rows (so the SwiGLU unit sees a beat of h1 then the matching beat of h3)."""
+    if key == "cls":
+        w = W["wcls"] if "wcls" in W else W["tok_embeddings"]
+        return w.q, w.m
+    if key == "emb":
+        return W["tok_embeddings"].q, W["tok_embeddings"].m
+    kind, l = split_key(key)
+    if kind == "qkv":
+        parts = [W["wq"][l], W["wk"][l], W["wv"][l]]
+        return np.concatenate([p.q for p in parts]), np.concatenate([p.m for p in parts])
+    if kind == "w13":
+        P = geo.post
+        w1, w3 = W["w1"][l], W["w3"][l]
+        H = w1.rows
+        qs, ms = [], []
+        for b in range(H // P):
+            sl = slice(b * P, (b + 1) * P)
+            qs += [w1.q[sl], w3.q[sl]]
+            ms += [w1.m[sl], w3.m[sl]]
+        return np.concatenate(qs), np.concatenate(ms)
+    w = W[kind][l]  # wo, w2
+    return w.q, w.m
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """'w13' + '2' -> ('w13', 2); 'cls' -> ('cls', -1)."""
+    mt = re.fullmatch(r"(qkv|wo|w13|w2)(\d+)", key)
+    return (mt.group(1), int(mt.group(2))) if mt else (key, -1)
+
+
+def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
+                  kv_par: int | None = None, with_sampling: bool = True) -> Plan:
+    """BakedModel -> Plan (geometry, bank images, tables, schedule)."""
+    c, f = model.cfg, model.fmt
+    formats = matrix_formats(c, f["weights"])
+    geo = make_geometry(c, lanes, formats, vlanes, kv_par)
+    banks, place = build_banks(c, geo, formats, model.weights)
+    W = model.weights
+    wcls = model.wcls
+    shifts = {"cls": int(wcls.shift), "emb": int(W["tok_embeddings"].shift)}
+    for l in range(c.n_layers):
+        shifts[f"qkv{l}"] = (int(W["wq"].shift[l]), int(W["wk"].shift[l]), int(W["wv"].shift[l]))
+        shifts[f"wo{l}"] = int(W["wo"].shift[l])
+        shifts[f"w13{l}"] = (int(W["w1"].shift[l]), int(W["w3"].shift[l]))
+        shifts[f"w2{l}"] = int(W["w2"].shift[l])
+    acc_bits = max(nx.matvec_acc_bits(*formats[fn], k) for _, _, k, fn in virtual_matrices(c))
+    inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+    cos, sin = nx.rope_table(np.arange(c.seq_len), inv)  # (seq_len, head_dim/2) Q14
+    N = model.norms
+    gains = [N["rms_att_weight"][l] if i == 0 else N["rms_ffn_weight"][l]
+             for l in range(c.n_layers) for i in range(2)] + [N["rms_final_weight"]]
+    f_g = [f["f_g_rms_att_weight"][l] if i == 0 else f["f_g_rms_ffn_weight"][l]
+           for l in range(c.n_layers) for i in range(2)] + [f["f_g_rms_final_weight"]]
+    tables = dict(
+        rsqrt=[int(v) for v in nx.RSQRT_TABLE],
+        exp_hi=[int(v) for v in nx.EXP_HI],
+        exp_lo=[int(v) for v in nx.EXP_LO],
+        sigmoid=[int(v) for v in nx.SIGMOID_TABLE],
+        rope_cos=cos.astype(np.int64), rope_sin=sin.astype(np.int64),
+        gains=np.stack([np.asarray(g, dtype=np.int64) for g in gains]),  # (2L+1, dim) int16
+        f_g=[int(v) for v in f_g],
+        score_scale=nx.score_scale(c.head_dim),
+        eps_int=int(f["eps_int"]),
+    )
+    for b in banks:
+        assert all(0 <= w < (1 << b.width) for w in b.words)
+    return Plan(c, geo, model.identity(), f, banks, place, shifts, acc_bits, tables,
+                make_schedule(c, with_sampling))
+
+
+def norm_select(layer: int, which: str, n_layers: int) -> int:
+    """Index into the gain table: 2l (attention), 2l+1 (FFN), 2L (final)."""
+    return 2 * n_layers if which == "final" else 2 * layer + (which == "ffn")
+
+
+def weights_bits(cfg: ModelConfig, formats: dict) -> int:
+    """Bits of all weights + multipliers the engine stores (the ROM contents, unpadded)."""
+    n = 0
+    for _, rows, cols, fname in virtual_matrices(cfg):
+        bits, group = formats[fname]
+        n += rows * cols * bits + rows * (cols // group) * M_BITS
+    return n
+
+
+def ceil_log2(n: int) -> int:
+    return max(0, math.ceil(math.log2(n))) if n > 1 else 0

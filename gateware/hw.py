@@ -1,0 +1,235 @@
+"""Small hardware helpers for the integer formats of bakedllama.numerics.
+
+Every helper adds statements to a module `m` and returns a sized Signal: intermediate results are
+always explicit Signals, so Verilog's context-sized arithmetic and Migen's simulator agree.
+"""
+
+import importlib
+
+from migen import *
+
+_lx_expression = importlib.import_module("litex.gen.fhdl.expression")
+_lx_verilog = importlib.import_module("litex.gen.fhdl.verilog")
+
+
+def _generate_constant(node):
+    """Signed constants as N'sd<two's complement> (what Migen's own printer does).
+
+    LiteX 2024.12 prints them as "-N'dV", which Verilog types as *unsigned*: `x < -127` then
+    compares unsigned and `acc + -5` zero-extends acc. The Migen simulator has no such problem,
+    so the Verilog would silently differ from the simulated design. Patched here so every
+    conversion of this gateware (tests, SoC builds) gets the Migen semantics."""
+    if node.signed:
+        val = node.value if node.value >= 0 else (1 << node.nbits) + node.value
+        return f"{node.nbits}'sd{val}", True
+    return f"{node.nbits}'d{node.value}", False
+
+
+_lx_expression._generate_constant = _generate_constant
+_lx_verilog._generate_constant = _generate_constant
+
+
+def sbits(lo: int, hi: int | None = None) -> int:
+    """Width of a signed signal holding [lo, hi] (or [-lo, lo] when hi is None)."""
+    if hi is None:
+        lo, hi = -abs(lo), abs(lo)
+    n = 1
+    while lo < -(1 << (n - 1)) or hi > (1 << (n - 1)) - 1:
+        n += 1
+    return n
+
+
+def ubits(hi: int) -> int:
+    """Width of an unsigned signal holding [0, hi]."""
+    return max(1, int(hi).bit_length())
+
+
+def signed(m, expr, width: int, name: str | None = None) -> Signal:
+    s = Signal((width, True), name=name)
+    m.comb += s.eq(expr)
+    return s
+
+
+def unsigned(m, expr, width: int, name: str | None = None) -> Signal:
+    s = Signal(width, name=name)
+    m.comb += s.eq(expr)
+    return s
+
+
+def field(m, word, lo: int, width: int, is_signed: bool = True) -> Signal:
+    """Bits [lo, lo+width) of `word` as a (signed) signal (a Verilog slice is always unsigned)."""
+    s = Signal((width, is_signed))
+    m.comb += s.eq(word[lo:lo + width])
+    return s
+
+
+def round_shift(m, x, n, n_range: tuple[int, int]) -> Signal:
+    """numerics.round_shift(x, n): x * 2^-n rounded half up, for a runtime n in [lo, hi] (or int n).
+
+    Uses round_shift(x, n) = ((2x >> n) + 1) >> 1 (exact for n >= 0); n < 0 shifts left first."""
+    lo, hi = n_range
+    w = len(x)
+    pre = max(0, -lo)
+    if isinstance(n, int):
+        if n <= 0:
+            return signed(m, x << -n, w - n)
+        t = signed(m, x >> (n - 1), max(2, w - n + 2))
+        return signed(m, (t + 1) >> 1, max(2, w - n + 1))
+    amt_max = hi + pre
+    amt = Signal(ubits(amt_max))
+    m.comb += amt.eq(n + pre)
+    xs = signed(m, x << (pre + 1), w + pre + 1)
+    t = signed(m, xs >> amt, w + pre + 1)
+    return signed(m, (t + 1) >> 1, w + pre + 1)
+
+
+def saturate(m, x, bits: int) -> Signal:
+    """Clamp a signed value to the signed `bits`-bit range."""
+    if len(x) <= bits:
+        return signed(m, x, bits)
+    lim = (1 << (bits - 1)) - 1
+    out = Signal((bits, True))
+    m.comb += If(x > lim, out.eq(lim)).Elif(x < -lim - 1, out.eq(-lim - 1)).Else(out.eq(x))
+    return out
+
+
+def clip(m, x, lim: int) -> Signal:
+    """Clamp to the symmetric range [-lim, lim]."""
+    out = Signal((ubits(lim) + 1, True))
+    m.comb += If(x > lim, out.eq(lim)).Elif(x < -lim, out.eq(-lim)).Else(out.eq(x))
+    return out
+
+
+def absval(m, x) -> Signal:
+    """|x| of a signed value as an unsigned signal of the same width (|-2^(w-1)| fits)."""
+    out = Signal(len(x))
+    m.comb += If(x < 0, out.eq(-x)).Else(out.eq(x))
+    return out
+
+
+def bit_length(m, v) -> Signal:
+    """numerics.bit_length of an unsigned value (leading-one detect): 0 for 0."""
+    out = Signal(ubits(len(v)))
+    stmts = [out.eq(0)]
+    for i in range(len(v)):
+        stmts.append(If(v[i], out.eq(i + 1)))
+    m.comb += stmts
+    return out
+
+
+def max_tree(m, values: list) -> Signal:
+    """Maximum of unsigned values (combinational tree)."""
+    vals = list(values)
+    while len(vals) > 1:
+        nxt = []
+        for i in range(0, len(vals) - 1, 2):
+            a, b = vals[i], vals[i + 1]
+            s = Signal(max(len(a), len(b)))
+            m.comb += s.eq(Mux(a >= b, a, b))
+            nxt.append(s)
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals = nxt
+    return vals[0]
+
+
+def adder_tree(m, values: list, ce=None, regs_every: int = 2) -> tuple[Signal, int]:
+    """Sum of signed values; a register after every `regs_every` levels. Returns (sum, latency)."""
+    vals = list(values)
+    level, lat = 0, 0
+    while len(vals) > 1:
+        level += 1
+        reg = (level % regs_every == 0)
+        nxt = []
+        for i in range(0, len(vals) - 1, 2):
+            a, b = vals[i], vals[i + 1]
+            s = Signal((max(len(a), len(b)) + 1, True))
+            if reg:
+                m.sync += s.eq(a + b) if ce is None else If(ce, s.eq(a + b))
+            else:
+                m.comb += s.eq(a + b)
+            nxt.append(s)
+        if len(vals) % 2:
+            a = vals[-1]
+            if reg:
+                s = Signal((len(a), True))
+                m.sync += s.eq(a) if ce is None else If(ce, s.eq(a))
+                a = s
+            nxt.append(a)
+        vals = nxt
+        lat += reg
+    return vals[0], lat
+
+
+def csd(c: int) -> list[tuple[int, int]]:
+    """Canonical signed digits of a non-negative constant: [(shift, +1 | -1)]."""
+    out, k = [], 0
+    while c:
+        if c & 1:
+            d = 2 - (c & 3)  # +1 if ...01, -1 if ...11
+            out.append((k, d))
+            c -= d
+        c >>= 1
+        k += 1
+    return out
+
+
+def const_mul(m, x, c: int) -> Signal:
+    """x * c for a constant c >= 0 as shifts and adds (never a DSP block)."""
+    w = len(x) + ubits(c) + 1
+    terms = csd(c)
+    acc = None
+    for k, d in terms:
+        t = signed(m, x << k, w)
+        acc = (t if d > 0 else -t) if acc is None else (acc + t if d > 0 else acc - t)
+    return signed(m, acc if acc is not None else 0, w)
+
+
+def mul_lut(m, w, a) -> Signal:
+    """Signed w x signed a as a sum of shifted partial products (LUT logic, not a DSP block).
+
+    w is the narrow operand (a weight of a few bits): one adder per bit of w."""
+    bw, ba = len(w), len(a)
+    width = bw + ba
+    terms = []
+    for i in range(bw):
+        t = Signal((width, True))
+        sh = signed(m, a << i, width)
+        m.comb += t.eq(Mux(w[i], sh, 0))
+        terms.append((t, i == bw - 1))
+    acc = None
+    for t, neg in terms:
+        acc = (-t if neg else t) if acc is None else (acc - t if neg else acc + t)
+    return signed(m, acc, width)
+
+
+def plane_dot(m, weights: list, acts: list, top_neg, regs_every: int = 2) -> tuple[Signal, int]:
+    """sum_i w_i * a_i by bit planes: for each bit b of the weights, an adder tree of the
+    activations whose weight has bit b set; the planes are then shifted and added (the top plane
+    subtracted when top_neg: two's complement weights). Registered after the combination.
+
+    On ECP5 this costs about half the LUTs of per-lane multipliers followed by an adder tree.
+    Returns (sum, latency in registers)."""
+    wb = len(weights[0])
+    planes = []
+    lat = 0
+    for b in range(wb):
+        vals = []
+        for w, a in zip(weights, acts):
+            t = Signal((len(a), True))
+            m.comb += t.eq(Mux(w[b], a, 0))
+            vals.append(t)
+        ps, lat = adder_tree(m, vals, regs_every=regs_every)
+        planes.append(ps)
+    pw = len(planes[0]) + wb + 1
+    acc = None
+    for b, ps in enumerate(planes):
+        t = signed(m, ps << b, pw)
+        if b == wb - 1:
+            tt = Signal((pw, True))
+            m.comb += tt.eq(Mux(top_neg, -t, t))
+            t = tt
+        acc = t if acc is None else acc + t
+    out = Signal((pw, True))
+    m.sync += out.eq(acc)
+    return out, lat + 1

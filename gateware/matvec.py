@@ -1,0 +1,316 @@
+"""The matrix-vector engine: `lanes` weight x activation products per cycle from banked weight ROMs.
+
+Tile: each cycle one ROM word per bank is read; a word holds R_b row slots of C consecutive weights
+of one row (plus a share of that row's group multiplier). Slot j of row group g is row g*R_b + j.
+Per slot: C products -> adder tree -> group partial (over group/C cycles) -> x multiplier m ->
+row accumulator (over cols/C cycles). Finished rows are repacked into P-wide beats in row order.
+
+    acc[r] = sum_g m[r, g] * sum_{j in g} q[r, j] * a[j]      (numerics.matvec, exact)
+
+No stalls inside the pipeline: a row group is only issued while the output FIFO has room for
+everything in flight (credit counter), so back-pressure on `source` just pauses issuing.
+"""
+
+from migen import *
+from litex.soc.interconnect import stream
+
+from bakedllama import numerics as nx
+
+from gateware.hw import adder_tree, field, plane_dot, signed, ubits
+
+
+class WeightRom(Module):
+    """One bank's ROM (block RAM init contents), synchronous read."""
+
+    def __init__(self, width: int, words: list):
+        depth = max(2, len(words))
+        self.adr = Signal(ubits(depth - 1))
+        self.re = Signal()
+        self.dat_r = Signal(width)
+        # # #
+        mem = Memory(width, depth, init=list(words) + [0] * (depth - len(words)))
+        port = mem.get_port(has_re=True)
+        self.specials += mem, port
+        self.comb += [port.adr.eq(self.adr), port.re.eq(self.re), self.dat_r.eq(port.dat_r)]
+
+
+def cmd_layout(banks, max_rows_beats: int, tag_bits: int):
+    depth = max(b.depth for b in banks)
+    return [("bank", ubits(max(1, len(banks) - 1))), ("base", ubits(max(1, depth - 1))),
+            ("chunks", ubits(max(b.depth for b in banks))),
+            ("rowgroups", ubits(max(b.depth for b in banks))), ("tag", tag_bits)]
+
+
+class MatVec(Module):
+    """Matrix-vector engine.
+
+    act_sink  P-wide int8 beats (first .. last) fill the activation registers a[0 .. k)
+    cmd       (bank, base word, chunks per row group, row groups, tag): one matrix
+    source    Q-wide beats of row accumulators in row order, `beat` index, `tag`; last on the
+              final beat of a command
+    raw_*     direct ROM reads (the embedding lookup) while the engine is idle
+    """
+
+    def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
+                 out_lanes: int = 2, tag_bits: int = 8, mult: str = "lut"):
+        C, R, P = cols, rows, vlanes
+        self.banks = banks
+        nb = len(banks)
+        b_max = max(b.bits for b in banks)
+        max_rows = max(b.depth * b.rows_per_word for b in banks)
+        self.act_sink = stream.Endpoint([("a", P * 8)])
+        self.cmd = stream.Endpoint(cmd_layout(banks, max_rows, tag_bits))
+        Q = out_lanes
+        self.source = stream.Endpoint([("acc", Q * acc_bits), ("beat", ubits(max_rows // Q)),
+                                       ("tag", tag_bits)])
+        self.idle = Signal()
+        self.raw_adr = Signal(len(self.cmd.base))
+        self.raw_en = Signal()
+        self.latency = 0  # issue -> FIFO write, set below
+
+        # # #
+
+        # activation registers, filled P at a time
+        if k_max % C or k_max % P:
+            raise ValueError("activation length must be a multiple of C and P")
+        act = [Signal((8, True), name=f"act{i}") for i in range(k_max)]
+        fill = Signal(ubits(k_max // P))
+        self.comb += self.act_sink.ready.eq(1)
+        fill_cases = {}
+        for b in range(k_max // P):
+            fill_cases[b] = [act[b * P + j].eq(self.act_sink.a[8 * j:8 * j + 8]) for j in range(P)]
+        self.sync += If(self.act_sink.valid,
+                        Case(fill, fill_cases),
+                        If(self.act_sink.last, fill.eq(0)).Else(fill.eq(fill + 1)))
+
+        # ROMs
+        self.roms = roms = [WeightRom(b.width, b.words) for b in banks]
+        self.submodules += roms
+
+        # output FIFO and credits
+        fifo_depth = 24
+        fifo = stream.SyncFIFO([("acc", R * acc_bits), ("bank", ubits(max(1, nb - 1))),
+                                ("tag", tag_bits)], fifo_depth, buffered=False)
+        self.submodules.fifo = fifo
+        pending = Signal(ubits(fifo_depth + 1))
+
+        # issue (stage 0)
+        cmd = self.cmd
+        offset = Signal(len(cmd.base))
+        chunk = Signal(len(cmd.chunks))
+        rg = Signal(len(cmd.rowgroups))
+        kidx = Signal(ubits(max(b.chunks_per_group for b in banks)))
+        cpg = Signal(len(kidx) + 1)
+        self.comb += cpg.eq(Array([b.chunks_per_group for b in banks])[cmd.bank])
+        rlast0 = Signal()
+        issue = Signal()
+        self.comb += [
+            rlast0.eq(chunk == cmd.chunks - 1),
+            issue.eq(cmd.valid & (~rlast0 | (pending < fifo_depth))),
+            cmd.ready.eq(issue & rlast0 & (rg == cmd.rowgroups - 1)),
+        ]
+        self.sync += If(issue,
+            If(cmd.ready, offset.eq(0), chunk.eq(0), rg.eq(0), kidx.eq(0)).Else(
+                offset.eq(offset + 1),
+                If(rlast0, chunk.eq(0), rg.eq(rg + 1), kidx.eq(0)).Else(
+                    chunk.eq(chunk + 1),
+                    If(kidx == cpg - 1, kidx.eq(0)).Else(kidx.eq(kidx + 1)))))
+        for rom in roms:
+            self.comb += [
+                rom.adr.eq(Mux(self.raw_en, self.raw_adr, cmd.base + offset)),
+                rom.re.eq(issue | self.raw_en),
+            ]
+        # control that travels with the data
+        ctrl_layout = [("v", 1), ("chunk", len(chunk)), ("gfirst", 1), ("glast", 1),
+                       ("rfirst", 1), ("rlast", 1), ("kidx", len(kidx)), ("bank", len(cmd.bank)),
+                       ("tag", tag_bits), ("clast", 1)]
+        c0 = Record(ctrl_layout)
+        self.comb += [
+            c0.v.eq(issue), c0.chunk.eq(chunk), c0.gfirst.eq(kidx == 0),
+            c0.glast.eq(kidx == cpg - 1), c0.rfirst.eq(chunk == 0), c0.rlast.eq(rlast0),
+            c0.kidx.eq(kidx), c0.bank.eq(cmd.bank), c0.tag.eq(cmd.tag), c0.clast.eq(cmd.ready),
+        ]
+
+        def delay(rec, n=1):
+            for _ in range(n):
+                r = Record(ctrl_layout)
+                self.sync += r.raw_bits().eq(rec.raw_bits())
+                rec = r
+            return rec
+
+        c1 = delay(c0)  # ROM data valid
+        # stage 2: word and activation slice registers
+        wmax = max(b.width for b in banks)
+        word = Signal(wmax)
+        self.sync += word.eq(Array([r.dat_r for r in roms])[c1.bank])
+        nch = k_max // C
+        aslice = Signal(C * 8)
+        self.sync += aslice.eq(Array([Cat(*act[c * C:(c + 1) * C]) for c in range(nch)])[c1.chunk])
+        c2 = delay(c1)
+        a2 = [field(self, aslice, 8 * i, 8) for i in range(C)]
+
+        # stage 3: products. Each lane multiplies a lane_bits field: signed (sign-extended for
+        # narrower banks), or unsigned in the low slot of a split bank (a positive top bit)
+        lw = max(b.lane_bits for b in banks)
+        m_share_max = max(b.m_share for b in banks)
+        dots, mshares = [], []
+        tree_lat = 0
+        for j in range(R):
+            top_neg = Signal()
+            self.comb += top_neg.eq(Array([int(not (b.split == 2 and j % 2 == 0)) for b in banks])[c2.bank]
+                                    if nb > 1 else int(not (banks[0].split == 2 and j % 2 == 0)))
+            ws = []
+            for i in range(C):
+                opts = []
+                for b in banks:
+                    if j < b.slots:
+                        f = field(self, word, j * b.slot_width + i * b.lane_bits, b.lane_bits,
+                                  is_signed=not (b.split == 2 and j % 2 == 0))
+                        opts.append(f)
+                    else:
+                        opts.append(Constant(0, (b.lane_bits, True)))
+                wj = Signal(lw)  # raw bits (sign-extended for narrower banks); top_neg gives the sign
+                self.comb += wj.eq(Array(opts)[c2.bank] if nb > 1 else opts[0])
+                ws.append(wj)
+            if mult == "lut":
+                dot, tree_lat = plane_dot(self, ws, a2, top_neg)
+                tree_lat -= 1  # counted below with the products register
+            else:
+                prods = []
+                for i in range(C):
+                    wsg = Signal((lw + 1, True))
+                    self.comb += wsg.eq(Mux(top_neg, ws[i] - ((ws[i] >> (lw - 1)) << lw), ws[i]))
+                    p = Signal((lw + 9, True))
+                    self.sync += p.eq(wsg * a2[i])
+                    prods.append(p)
+                dot, tree_lat = adder_tree(self, prods)
+            dots.append(dot)
+            mopts = []
+            for b in banks:
+                if j < b.slots:
+                    mopts.append(field(self, word, j * b.slot_width + C * b.lane_bits, b.m_share, False))
+                else:
+                    mopts.append(Constant(0, b.m_share))
+            ms = Signal(m_share_max)
+            self.comb += ms.eq(Array(mopts)[c2.bank] if nb > 1 else mopts[0])
+            mshares.append(ms)
+        # the m shares travel along the product + tree latency
+        ms_d = [Cat(*mshares)]
+        for _ in range(1 + tree_lat):
+            r = Signal(len(ms_d[0]))
+            self.sync += r.eq(ms_d[-1])
+            ms_d.append(r)
+        cA = delay(c2, 1 + tree_lat)
+        msA = ms_d[-1]
+        ms_of = Array([b.m_share for b in banks])
+        msl = [Signal(m_share_max) for _ in range(R)]
+        self.comb += [msl[j].eq(msA[j * m_share_max:(j + 1) * m_share_max]) for j in range(R)]
+        # rows: slot j, or in a split bank slots 2j (low part) + 2j+1 (high part, << lane_bits)
+        any_split = any(b.split == 2 for b in banks)
+        is_split = Signal()
+        self.comb += is_split.eq(Array([int(b.split == 2) for b in banks])[cA.bank] if nb > 1
+                                 else int(banks[0].split == 2))
+        sb = max(b.lane_bits for b in banks if b.split == 2) if any_split else 0
+        rowdots, rowms = [], []
+        for j in range(R):
+            if any_split and 2 * j + 1 < R:
+                comb_dot = signed(self, dots[2 * j] + (dots[2 * j + 1] << sb), len(dots[0]) + sb + 1)
+                rd = signed(self, Mux(is_split, comb_dot, dots[j]), len(comb_dot))
+                rm = Signal(m_share_max)
+                self.comb += rm.eq(Mux(is_split, msl[2 * j], msl[j]))
+            else:
+                rd, rm = dots[j], msl[j]
+            rowdots.append(rd)
+            rowms.append(rm)
+
+        # stage A: group partial (over chunks of a group) and multiplier assembly
+        part_max = max(b.group * nx.qmax(b.bits) * nx.ACT_MAX for b in banks)
+        pw = ubits(part_max) + 1
+        gsum_B = [Signal((pw, True)) for _ in range(R)]
+        m_B = [Signal(nx.M_BITS) for _ in range(R)]
+        cB = Record(ctrl_layout)
+        grfirst = Signal()  # this group opens its row
+        for j in range(R):
+            gp = Signal((pw, True))
+            mreg = Signal(nx.M_BITS)
+            gsum = signed(self, Mux(cA.gfirst, 0, gp) + rowdots[j], pw)
+            mshare = rowms[j]
+            mfull = Signal(nx.M_BITS)
+            self.comb += mfull.eq(Mux(cA.gfirst, 0, mreg) | (mshare << (cA.kidx * ms_of[cA.bank])))
+            self.sync += If(cA.v, gp.eq(gsum), mreg.eq(mfull))
+            self.sync += [gsum_B[j].eq(gsum), m_B[j].eq(mfull)]
+        self.sync += If(cA.v & cA.gfirst, grfirst.eq(cA.rfirst))
+        self.sync += [cB.raw_bits().eq(cA.raw_bits()), cB.v.eq(cA.v & cA.glast),
+                      cB.rfirst.eq(Mux(cA.gfirst, cA.rfirst, grfirst))]
+        # stage C: group product m * partial
+        gw = pw + nx.M_BITS + 1
+        prod_C = [Signal((gw, True)) for _ in range(R)]
+        for j in range(R):
+            self.sync += prod_C[j].eq(gsum_B[j] * m_B[j])
+        cC = delay(cB)
+        # stage D: row accumulation -> FIFO
+        racc = [Signal((acc_bits, True)) for _ in range(R)]
+        outs = []
+        for j in range(R):
+            nxt = signed(self, Mux(cC.rfirst, 0, racc[j]) + prod_C[j], acc_bits)
+            self.sync += If(cC.v, racc[j].eq(nxt))
+            outs.append(nxt)
+        self.comb += [
+            fifo.sink.valid.eq(cC.v & cC.rlast),
+            fifo.sink.acc.eq(Cat(*outs)),
+            fifo.sink.bank.eq(cC.bank),
+            fifo.sink.tag.eq(cC.tag),
+            fifo.sink.last.eq(cC.clast),
+        ]
+        self.latency = 2 + 1 + tree_lat + 3  # c0 -> FIFO write
+
+        # repack R_b-row FIFO entries into Q-wide beats
+        src = self.source
+        accs = [fifo.source.acc[j * acc_bits:(j + 1) * acc_bits] for j in range(R)]
+        sub = Signal(ubits(max(R // Q, Q) + 1))
+        gather = [Signal(acc_bits) for _ in range(Q)]
+        beat = Signal(len(src.beat))
+        pop = Signal()
+        emit = Signal()
+        self.comb += [src.tag.eq(fifo.source.tag), src.beat.eq(beat), fifo.source.ready.eq(pop)]
+        bank_cases = {}
+        for bi, b in enumerate(banks):
+            Rb = b.rows_per_word
+            if Rb >= Q:  # split one entry into Rb/Q beats
+                n = Rb // Q
+                bank_cases[bi] = [
+                    src.valid.eq(fifo.source.valid),
+                    src.acc.eq(Array([Cat(*accs[s * Q:(s + 1) * Q]) for s in range(n)])[sub]),
+                    src.last.eq(fifo.source.last & (sub == n - 1)),
+                    emit.eq(src.valid & src.ready),
+                    pop.eq(emit & (sub == n - 1)),
+                ]
+            else:  # gather Q/Rb entries into one beat
+                n = Q // Rb
+                bank_cases[bi] = [
+                    src.valid.eq(fifo.source.valid & (sub == n - 1)),
+                    src.acc.eq(Cat(*[accs[j % Rb] if j // Rb == n - 1 else gather[j]
+                                     for j in range(Q)])),
+                    src.last.eq(fifo.source.last),
+                    emit.eq(src.valid & src.ready),
+                    pop.eq(fifo.source.valid & ((sub != n - 1) | src.ready)),
+                ]
+        self.comb += Case(fifo.source.bank, bank_cases) if nb > 1 else bank_cases[0]
+        seq_cases = {}
+        for bi, b in enumerate(banks):
+            Rb = b.rows_per_word
+            if Rb >= Q:
+                n = Rb // Q
+                seq_cases[bi] = If(emit, If(sub == n - 1, sub.eq(0)).Else(sub.eq(sub + 1)))
+            else:
+                n = Q // Rb
+                seq_cases[bi] = If(pop,
+                    Case(sub, {s: [gather[s * Rb + j].eq(accs[j]) for j in range(Rb)]
+                               for s in range(n - 1)}),
+                    If(sub == n - 1, sub.eq(0)).Else(sub.eq(sub + 1)))
+        self.sync += Case(fifo.source.bank, seq_cases) if nb > 1 else seq_cases[0]
+        self.sync += If(emit, If(src.last, beat.eq(0)).Else(beat.eq(beat + 1)))
+        # credits: one per row group in flight or queued
+        inc = issue & rlast0
+        self.sync += pending.eq(pending + inc - (fifo.source.valid & pop))
+        self.comb += self.idle.eq(~cmd.valid & (pending == 0))

@@ -1,0 +1,307 @@
+"""The firmware's protocol code (firmware/app.c, proto.c) built natively, over a real TCP socket.
+
+firmware/native/hw_native.c stands in for the SoC: a 127.0.0.1 socket for the UART and a model of
+the test stand-in accelerator (soc/testing_core.py). Built with AddressSanitizer and UBSan, so the
+fuzzing below also catches memory errors. The same checks run against the firmware in the
+Verilator SoC in tests/test_soc_sim.py."""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from bakedllama.device import DeviceError, open_device
+from bakedllama.device import protocol as P
+from bakedllama.device.fuzz import run_fuzz
+from bakedllama.numerics import temperature_q8
+
+from soc.testing_core import lookup_table, reference_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 256
+TABLE = lookup_table(512)
+PROMPTS = [[1], [1, 5, 300, 7], list(range(2, 60)), [511] * 10]
+
+
+@pytest.fixture(scope="module")
+def fw_native(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fw_native")
+    subprocess.run(["make", "-s", "-f", str(ROOT / "firmware" / "Makefile"), "native", f"OUT={d}"],
+                   check=True, timeout=120)
+    (d / "table.bin").write_bytes(struct.pack(f"<{len(TABLE)}H", *TABLE))
+    return d
+
+
+class NativeFirmware:
+    def __init__(self, d: Path, *extra: str):
+        self.proc = subprocess.Popen([str(d / "fw_native"), "--table", str(d / "table.bin"),
+                                      "--seq-len", str(SEQ_LEN), *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self.proc.stdout.readline().decode()
+        m = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert m, f"fw_native did not start: {line!r}"
+        self.url = f"socket://127.0.0.1:{m.group(1)}"
+
+    def stop(self) -> str:
+        self.proc.kill()
+        _, err = self.proc.communicate(timeout=10)
+        return err.decode(errors="replace")
+
+
+@pytest.fixture
+def fw(fw_native):
+    f = NativeFirmware(fw_native)
+    yield f
+    err = f.stop()
+    assert "ERROR: AddressSanitizer" not in err and "runtime error" not in err, err
+
+
+def ref(prompt, n, inv_t=0, seed=0):
+    return reference_generate(TABLE, prompt, n, inv_t, seed)
+
+
+def test_info_and_echo(fw):
+    with open_device(fw.url) as dev:
+        info = dev.info()
+        assert info.protocol == P.VERSION and info.testing_core
+        assert (info.vocab_size, info.seq_len, info.max_payload) == (512, SEQ_LEN, P.MAX_PAYLOAD)
+        for n in (0, 1, 253, 254, 255, 600, P.MAX_PAYLOAD):
+            data = bytes((i * 7) & 0xFF for i in range(n))
+            assert dev.echo(data) == data
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_generate_matches_reference(fw, prompt):
+    with open_device(fw.url) as dev:
+        g = dev.generate(prompt, 20)
+        assert list(g) == ref(prompt, 20)
+        assert g.done.prompt_tokens == len(prompt) and g.done.generated == 20
+        assert len(g.steps) == len(prompt) + 19
+        assert [s.cycles for s in g.steps] == [64 + p for p in range(len(prompt) + 19)]
+        inv_t = temperature_q8(0.7)
+        assert list(dev.generate(prompt, 20, temperature=0.7, seed=1234)) == ref(prompt, 20, inv_t, 1234)
+        st = dev.stats()
+        assert st.generated == 20 and st.prompt_tokens == len(prompt)
+
+
+def test_generate_fills_the_context(fw):
+    with open_device(fw.url) as dev:
+        prompt = [3] * 200
+        assert list(dev.generate(prompt, SEQ_LEN - 200)) == ref(prompt, SEQ_LEN - 200)
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE"):
+            list(dev.generate(prompt, SEQ_LEN - 199))
+
+
+def test_long_prompt_in_several_frames(fw_native):
+    f = NativeFirmware(fw_native, "--seq-len", "1024")
+    try:
+        with open_device(f.url) as dev:
+            prompt = [(i * 13) % 512 for i in range(900)]  # 2 PROMPT frames
+            assert list(dev.generate(prompt, 30)) == ref(prompt, 30)
+    finally:
+        f.stop()
+
+
+def test_errors_are_reported(fw):
+    with open_device(fw.url) as dev:
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE"):
+            dev.set_prompt([1, 2, 512])
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE"):
+            dev.set_prompt([1] * (SEQ_LEN + 1))
+        dev.reset()
+        with pytest.raises(DeviceError, match="BAD_STATE"):
+            list(dev.generate([], 3))
+        with pytest.raises(DeviceError, match="UNKNOWN_TYPE"):
+            dev.request(0x33)
+        with pytest.raises(DeviceError, match="BAD_LENGTH"):
+            dev.request(P.INFO, b"x")
+        assert dev.info().protocol == P.VERSION  # still fine
+
+
+def test_abort_and_busy(fw):
+    with open_device(fw.url) as dev:
+        g = dev.generate([1, 2, 3], 200)
+        assert next(g) == ref([1, 2, 3], 1)[0]
+        g.close()  # aborts on the device
+        assert list(dev.generate([4], 5)) == ref([4], 5)
+
+
+def test_fuzz(fw):
+    with open_device(fw.url, timeout=2.0) as dev:
+        info = dev.info()
+        rep = run_fuzz(dev, info, ref, PROMPTS, rounds=440, seed=7, gen_every=40)
+    assert rep.hangs == 0, rep
+    assert rep.wrong_tokens == 0, rep
+    assert rep.errors_answered == rep.errors_expected, rep
+    assert rep.valid_answered == rep.valid_requests, rep
+    assert rep.device_stats["frames_bad"] > 0 and rep.device_stats["frames_too_long"] > 0
+
+
+def test_firmware_watchdog(fw_native):
+    """An accelerator that never answers: the firmware gives up after 2^26 cycles (~1.3 s here)."""
+    f = NativeFirmware(fw_native, "--stall-at", "3")
+    try:
+        with open_device(f.url, step_timeout=10.0) as dev:
+            t0 = time.monotonic()
+            with pytest.raises(DeviceError, match="accelerator stopped answering"):
+                list(dev.generate([1, 2, 3, 4, 5], 4))
+            assert time.monotonic() - t0 < 8
+            assert dev.stats().hw_timeouts == 1
+            assert dev.info().protocol == P.VERSION
+    finally:
+        f.stop()
+
+
+def test_second_client_gets_the_link_after_the_first(fw):
+    with open_device(fw.url) as dev:
+        dev.info()
+    with open_device(fw.url) as dev:
+        assert list(dev.generate([9, 9], 3)) == ref([9, 9], 3)
+
+
+# Host side: silent, babbling, vanished devices -> one DeviceError line, bounded time -------------
+
+class FakeDevice:
+    """A TCP server on 127.0.0.1 that misbehaves: 'silent', 'babble' or 'vanish'."""
+
+    def __init__(self, mode: str):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.mode, self.stop = mode, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            if self.mode == "vanish":
+                conn.recv(100)
+                return
+            conn.settimeout(0.05)
+            x = 12345
+            while not self.stop.is_set():
+                try:
+                    conn.recv(4096)
+                except OSError:
+                    pass
+                if self.mode == "babble":
+                    out = bytearray()
+                    for _ in range(4096):
+                        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+                        out.append((x >> 16) & 0xFF)
+                    try:
+                        conn.sendall(bytes(out))
+                    except OSError:
+                        return
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode,pattern", [("silent", "silent device"),
+                                          ("babble", "babbling device"),
+                                          ("vanish", "disconnected")])
+def test_misbehaving_device_gives_one_line(mode, pattern):
+    fake = FakeDevice(mode)
+    try:
+        t0 = time.monotonic()
+        with open_device(f"socket://127.0.0.1:{fake.port}", timeout=0.5, retries=1) as dev:
+            with pytest.raises(DeviceError, match=pattern) as e:
+                dev.info()
+        assert time.monotonic() - t0 < 5
+        assert "\n" not in str(e.value)
+    finally:
+        fake.close()
+
+
+def test_no_device():
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(DeviceError, match="cannot open"):
+        open_device(f"socket://127.0.0.1:{port}")
+    with pytest.raises(DeviceError, match="cannot open"):
+        open_device("/dev/ttyUSB_does_not_exist")
+
+
+class LossyLink:
+    """A TCP proxy on 127.0.0.1 that flips one byte in about every `every` bytes, both ways."""
+
+    def __init__(self, upstream_url: str, every: int, seed: int = 0):
+        host, port = upstream_url.removeprefix("socket://").split(":")
+        self.upstream = (host, int(port))
+        self.every = every
+        self.flips = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"socket://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.rng = random.Random(seed)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def pump(self, src, dst):
+        try:
+            while not self.stop.is_set():
+                data = bytearray(src.recv(4096))
+                if not data:
+                    break
+                for i in range(len(data)):
+                    if self.rng.randrange(self.every) == 0:
+                        data[i] ^= 1 << self.rng.randrange(8)
+                        self.flips += 1
+                dst.sendall(bytes(data))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve(self):
+        client, _ = self.sock.accept()
+        up = socket.create_connection(self.upstream)
+        threading.Thread(target=self.pump, args=(client, up), daemon=True).start()
+        self.pump(up, client)
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_generation_survives_a_lossy_link(fw):
+    """Damaged frames both ways: requests are retransmitted, lost STEPs make the host restart the
+    (deterministic) generation, and the tokens are still exactly right."""
+    link = LossyLink(fw.url, every=1500, seed=3)
+    try:
+        with open_device(link.url, timeout=1.0, step_timeout=1.0, retries=8) as dev:
+            retried = 0
+            for i, prompt in enumerate(PROMPTS * 3):
+                g = dev.generate(prompt, 20, temperature=0.5 * (i % 2), seed=i)
+                assert list(g) == ref(prompt, 20, temperature_q8(0.5) if i % 2 else 0, i)
+                retried += g.retries
+        assert link.flips > 0 and retried > 0, (link.flips, retried)
+    finally:
+        link.close()
+
+
+def test_device_info_and_model_check(fw, tmp_path):
+    """What `bakedllama info --device URL` calls; a stand-in or another model is refused."""
+    from bakedllama.config import ModelConfig
+    from bakedllama.device import device_info
+    from bakedllama.synthetic import random_baked
+
+    d = device_info(fw.url)
+    assert d["testing_core"] and d["vocab_size"] == 512 and d["model_id"] == f"{0x7E57C0DE:08x}"
+    model = random_baked(tmp_path / "m.bkl", ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                                          hidden_dim=48, vocab_size=512, seq_len=SEQ_LEN))
+    with pytest.raises(DeviceError, match="stand-in"):
+        device_info(fw.url, model)
