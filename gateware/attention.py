@@ -17,7 +17,7 @@ from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
 
-from gateware.hw import (absval, bit_length, clip, const_mul, max_tree, plane_dot, round_shift,
+from gateware.hw import (absval, adder_tree, bit_length, clip, const_mul, max_tree, round_shift,
                          sbits, signed, ubits)
 from gateware.units import Softmax, lanes_of
 
@@ -109,61 +109,77 @@ class Attention(Module):
         self.comb += ek.eq(Array([Constant(v, (len(ek), True)) for v in e_k])[self.layer])
         shift = Signal((sbits(sh_lo, sh_hi) + 1, True))
         self.comb += shift.eq(f_qk + 15 - nx.SCORE_FRAC + ek - kq)
-        scores = []
-        dot_lat = 0
+        # Shared multipliers (one MULT18X18D per product, kv_mul * head_dim of them):
+        #   pass 1: q * k -> per-head dot -> Q8 score -> Softmax (max) and the score buffer
+        #   pass 2: the score buffer -> Softmax -> e;  e * v -> out accumulators
+        av_mode = Signal()  # products are e * v (pass 2)
+        self.submodules.softmax = sm = Softmax(HP, s_bits, S)
+        es = lanes_of(self, sm.source_e.e, HP, 17, False)
+        vs = lanes_of(self, vr.dat_r, W, 8)
+        prods = []
         for hh in range(HP):
             kk = hh // c.kv_mul
-            # q . k by bit planes of k (LUT logic; the DSP blocks go to the wider e * v products)
-            dot, dot_lat = plane_dot(self, ks[kk * hd:(kk + 1) * hd], qs[hh * hd:(hh + 1) * hd], 1)
+            e_s = signed(self, es[hh], 18)
+            for d in range(hd):
+                a_in = signed(self, Mux(av_mode, e_s, qs[hh * hd + d]), 18)
+                b_in = signed(self, Mux(av_mode, vs[kk * hd + d], ks[kk * hd + d]), 8)
+                p = Signal((26, True))
+                self.sync += p.eq(a_in * b_in)
+                prods.append(p)
+        scores = []
+        tl = 0
+        for hh in range(HP):
+            dot, tl = adder_tree(self, prods[hh * hd:(hh + 1) * hd])
             sc = const_mul(self, dot, scale)
             s = round_shift(self, sc, shift, (sh_lo, sh_hi))
             sr = Signal((s_bits, True))
             self.sync += sr.eq(s)
             scores.append(sr)
-        lat_s = 1 + dot_lat + 1  # address -> K data -> dot -> registered score
-        vpipe = [issuing]
+        lat_s = 1 + 1 + tl + 1  # address -> K data -> product -> (tree) -> registered score
+        vpipe = [issuing & ~phase]
         fpipe = [t == 0]
         lpipe = [t == lpos]
-        ppipe = [phase]
+        tpipe = [t]
         for _ in range(lat_s):
-            nv, nf, nl, np_ = Signal(), Signal(), Signal(), Signal()
-            self.sync += [nv.eq(vpipe[-1]), nf.eq(fpipe[-1]), nl.eq(lpipe[-1]), np_.eq(ppipe[-1])]
+            nv, nf, nl, nt = Signal(), Signal(), Signal(), Signal(len(t))
+            self.sync += [nv.eq(vpipe[-1]), nf.eq(fpipe[-1]), nl.eq(lpipe[-1]), nt.eq(tpipe[-1])]
             vpipe.append(nv)
             fpipe.append(nf)
             lpipe.append(nl)
-            ppipe.append(np_)
-
-        self.submodules.softmax = sm = Softmax(HP, s_bits, S)
+            tpipe.append(nt)
+        # score buffer: one word of HP scores per position
+        sbuf = Memory(HP * s_bits, S)
+        sbw = sbuf.get_port(write_capable=True)
+        sbr = sbuf.get_port(has_re=True)
+        self.specials += sbuf, sbw, sbr
+        self.comb += [sbw.adr.eq(tpipe[-1]), sbw.dat_w.eq(Cat(*scores)), sbw.we.eq(vpipe[-1]),
+                      sbr.adr.eq(t), sbr.re.eq(1)]
+        rv, rf, rl_ = Signal(), Signal(), Signal()
+        self.sync += [rv.eq(issuing & phase), rf.eq(t == 0), rl_.eq(t == lpos)]
         self.comb += [
-            sm.sink.valid.eq(vpipe[-1]), sm.sink.first.eq(fpipe[-1]), sm.sink.last.eq(lpipe[-1]),
-            sm.sink.phase.eq(ppipe[-1]), sm.sink.s.eq(Cat(*scores)),
+            sm.sink.valid.eq(vpipe[-1] | rv),
+            sm.sink.first.eq(Mux(rv, rf, fpipe[-1])), sm.sink.last.eq(Mux(rv, rl_, lpipe[-1])),
+            sm.sink.phase.eq(rv), sm.sink.s.eq(Mux(rv, sbr.dat_r, Cat(*scores))),
             sm.source_e.ready.eq(1), sm.source_recip.ready.eq(1),
         ]
 
-        # AV: V row prefetched so V[t] is at the RAM output when e[t] arrives
+        # AV: V row prefetched so V[t] is at the RAM output when e[t] arrives; product a cycle later
         vt = Signal(ubits(S))
         consume = Signal()
+        consume_d = Signal()
         self.comb += [consume.eq(sm.source_e.valid),
                       vr.adr.eq(base + (vt + consume) * NG + g), vr.re.eq(1)]
-        self.sync += If(consume, vt.eq(vt + 1))
-        es = lanes_of(self, sm.source_e.e, HP, 17, False)
-        vs = lanes_of(self, vr.dat_r, W, 8)
+        self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume)]
         acc_max = S * nx.EXP_ONE * 128
         aw = sbits(acc_max)
         out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
         clear = Signal()
-        av = []
-        for hh in range(HP):
-            kk = hh // c.kv_mul
-            e_s = signed(self, es[hh], 18)
-            for d in range(hd):
-                av.append(signed(self, e_s * vs[kk * hd + d], 26))  # one MULT18X18D each
         for h in range(c.n_heads):
             grp, hh = h // HP, h % HP
             for d in range(hd):
                 i = h * hd + d
                 self.sync += If(g == grp,
-                                If(clear, out[i].eq(0)).Elif(consume, out[i].eq(out[i] + av[hh * hd + d])))
+                                If(clear, out[i].eq(0)).Elif(consume_d, out[i].eq(out[i] + prods[hh * hd + d])))
         recip = [Signal(len(sm.source_recip.recip) // HP, name=f"recip{h}") for h in range(c.n_heads)]
         rs = lanes_of(self, sm.source_recip.recip, HP, len(recip[0]), False)
         for h in range(c.n_heads):
@@ -216,10 +232,16 @@ class Attention(Module):
             If(wcnt == NG - 1, NextValue(g, 0), NextState("PASS")))
         fsm.act("PASS",  # phase 0 then phase 1 for group g
             pass_start.eq(1),
-            NextValue(t, 0), NextValue(issuing, 1), NextValue(phase, 0), NextState("ISSUE0"))
+            NextValue(t, 0), NextValue(issuing, 1), NextValue(phase, 0), NextValue(av_mode, 0),
+            NextState("ISSUE0"))
+        wcnt2 = Signal(ubits(lat_s + 1))
         fsm.act("ISSUE0",
-            If(t == lpos, NextValue(t, 0), NextValue(phase, 1), NextState("ISSUE1")).Else(
-                NextValue(t, t + 1)))
+            If(t == lpos, NextValue(t, 0), NextValue(issuing, 0), NextValue(wcnt2, 0),
+               NextState("WAIT1")).Else(NextValue(t, t + 1)))
+        fsm.act("WAIT1",  # the last score reaches the buffer and the softmax max
+            NextValue(wcnt2, wcnt2 + 1),
+            If(wcnt2 == lat_s - 1, NextValue(phase, 1), NextValue(issuing, 1), NextValue(av_mode, 1),
+               NextState("ISSUE1")))
         fsm.act("ISSUE1",
             If(t == lpos, NextValue(issuing, 0), NextState("RECIP")).Else(NextValue(t, t + 1)))
         fsm.act("RECIP",

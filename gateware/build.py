@@ -1,7 +1,9 @@
 """Build the accelerator: Verilog, and synthesis + place-and-route for the LFE5U-85F (yowasp).
 
-    python -m gateware.build [--model weights/tiny/model-q.bkl | --synthetic] [--lanes N]
-                             [--out build/gateware/<name>] [--synth] [--freq MHz]
+    python -m gateware.build [--model FILE | --synthetic] [--lanes N] [--out DIR] [--synth]
+
+The model defaults to weights/tiny/model-q.bkl (random weights of the same shape with --synthetic
+or when it is missing); the output to build/gateware/accel-l<lanes>.
 
 Writes <out>/accel.v (+ ROM .init files) and <out>/build.json. With --synth: yosys synth_ecp5 and
 nextpnr-ecp5 (--85k, CABGA381, speed 6), then prints and stores LUT4 / FF / DP16KD / MULT18X18D
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -44,9 +45,11 @@ def tool(name: str) -> str:
 
 
 def load_model(args):
-    from bakedllama.model import load_baked
+    from bakedllama.model import DEFAULT_BAKED, load_baked
     if args.model:
         return load_baked(args.model)
+    if not args.synthetic and DEFAULT_BAKED.exists():
+        return load_baked(DEFAULT_BAKED)
     from bakedllama.synthetic import random_baked
     d = Path(tempfile.mkdtemp(prefix="bkl-build-"))
     return random_baked(d / "m.bkl", REAL, scheme="w4e8", seed=args.seed)
@@ -57,7 +60,7 @@ def write_verilog(plan, out: Path, with_trace: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     text, csr_map, inits = generate(plan, with_trace, out)
-    (out / "accel.v").write_text(text.replace('$readmemh("top_', '$readmemh("top_'))
+    (out / "accel.v").write_text(text)
     for name, content in inits.items():
         (out / name).write_text(content)
     (out / "csr.json").write_text(json.dumps(csr_map, indent=1))
@@ -74,7 +77,7 @@ def _run(cmd, cwd: Path, log: Path, timeout: int):
     return round(time.time() - t0, 1)
 
 
-def synthesize(out: Path, freq: float = 100.0, timeout: int = 6 * 3600, seed: int = 1) -> dict:
+def synthesize(out: Path, freq: float = 70.0, timeout: int = 6 * 3600, seed: int = 1) -> dict:
     """yosys + nextpnr-ecp5 on <out>/accel.v; returns utilisation and Fmax."""
     res = {}
     ys = out / "synth.ys"
@@ -114,7 +117,7 @@ def projected(cfg, lanes, fmax_mhz, prompt: int = 16, gen: int = 128) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="baked model (.bkl); default: random weights of the real shape")
+    ap.add_argument("--model", help="baked model (.bkl); default: weights/tiny/model-q.bkl")
     ap.add_argument("--synthetic", action="store_true", help="random weights of the real shape")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lanes", type=int, default=compiler.DEFAULT_LANES)
@@ -122,7 +125,7 @@ def main(argv=None):
     ap.add_argument("--kv-par", type=int)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--synth", action="store_true", help="run yosys + nextpnr-ecp5 (LFE5U-85F)")
-    ap.add_argument("--freq", type=float, default=100.0, help="nextpnr target (MHz)")
+    ap.add_argument("--freq", type=float, default=70.0, help="nextpnr target (MHz)")
     args = ap.parse_args(argv)
     model = load_model(args)
     plan = compiler.compile_model(model, args.lanes, args.vlanes, args.kv_par)

@@ -70,7 +70,27 @@ class Datapath(Module):
         self.submodules.sampler = smp = Sampler(V, Q)
 
         # ---------------------------------------------------------------- residual x
-        xs = [Signal((16, True), name=f"x{i}") for i in range(D)]
+        # P/Q banks of distributed RAM; bank b, word a = x[a*P + b*Q + (0 .. Q-1)]. Written P-wide
+        # (embedding) or Q-wide (residual adds); read P-wide (RMSNorm) and Q-wide (residual adds).
+        NBx = P // Q
+        x_wa = Signal(ubits(D // P))  # write word
+        x_wd = [Signal(Q * 16) for _ in range(NBx)]
+        x_we = [Signal() for _ in range(NBx)]
+        x_ra = Signal(ubits(D // P))  # P-wide read word
+        x_qa = Signal(ubits(D // Q))  # Q-wide read / write index (element / Q)
+        x_rd, x_qd = [], []
+        for b in range(NBx):
+            mem = Memory(Q * 16, D // P, name=f"xmem{b}")
+            wp = mem.get_port(write_capable=True)
+            r1 = mem.get_port(async_read=True)
+            r2 = mem.get_port(async_read=True)
+            self.specials += mem, wp, r1, r2
+            self.comb += [wp.adr.eq(x_wa), wp.dat_w.eq(x_wd[b]), wp.we.eq(x_we[b]),
+                          r1.adr.eq(x_ra), r2.adr.eq(x_qa >> ubits(NBx - 1) if NBx > 1 else x_qa)]
+            x_rd.append(r1.dat_r)
+            x_qd.append(r2.dat_r)
+        xq_bank = Signal(ubits(max(1, NBx - 1)))
+        self.comb += xq_bank.eq(x_qa & (NBx - 1) if NBx > 1 else 0)
 
         # ---------------------------------------------------------------- sequencer state
         fsm = FSM(reset_state="IDLE")
@@ -168,8 +188,7 @@ class Datapath(Module):
                       If(e_emit, e_b.eq(e_b + 1), If(e_b == D // P - 1, e_emit.eq(0))),
                       If(e_rd_d & (e_ch_d == pe.chunks - 1), e_emit.eq(1), e_b.eq(0))]
         self.comb += emb_done.eq(e_wr & (e_wb == D // P - 1))
-        self.sync += If(e_wr, Case(e_wb, {b: [xs[b * P + j].eq(e_vals[j]) for j in range(P)]
-                                          for b in range(D // P)}))
+        emb_x_wr = e_wr  # the embedding writes whole words of x (all banks)
 
         # ---------------------------------------------------------------- x -> RMSNorm streamer
         n_sel = 2 * NL + 1
@@ -179,7 +198,7 @@ class Datapath(Module):
         st_pass = Signal(2)
         nsel = Signal(ubits(n_sel))
         xw = Signal(P * 16)
-        self.comb += xw.eq(Array([Cat(*xs[b * P:(b + 1) * P]) for b in range(D // P)])[st_b])
+        self.comb += [x_ra.eq(st_b), xw.eq(Cat(*x_rd))]
         self.comb += [
             rms.sel.eq(nsel),
             rms.sink.valid.eq(st_run), rms.sink.x.eq(xw),
@@ -350,11 +369,16 @@ class Datapath(Module):
         is_res = Signal()
         self.comb += is_res.eq(v1 & ((kind == KIND_WO) | (kind == KIND_W2)))
         xq = Signal(Q * 16)
-        self.comb += xq.eq(Array([Cat(*xs[b * Q:(b + 1) * Q]) for b in range(D // Q)])[beat1])
+        self.comb += [x_qa.eq(beat1), xq.eq(Array(x_qd)[xq_bank] if NBx > 1 else x_qd[0])]
         xnew = [saturate(self, signed(self, xv + r, rw + 1), 16)
                 for xv, r in zip(lanes_of(self, xq, Q, 16), req1)]
-        self.sync += If(is_res, Case(beat1, {b: [xs[b * Q + j].eq(xnew[j]) for j in range(Q)]
-                                            for b in range(D // Q)}))
+        # x write port: the embedding (P-wide) or a residual add (Q-wide, one bank)
+        for b in range(NBx):
+            self.comb += [
+                x_wd[b].eq(Mux(emb_x_wr, Cat(*e_vals[b * Q:(b + 1) * Q]), Cat(*xnew))),
+                x_we[b].eq(emb_x_wr | (is_res & (xq_bank == b))),
+            ]
+        self.comb += x_wa.eq(Mux(emb_x_wr, e_wb, x_qa >> ubits(NBx - 1) if NBx > 1 else x_qa))
         # cls: argmax on the accumulators, Q8 logits to the sampler
         is_cls = Signal()
         self.comb += is_cls.eq(v1 & (kind == KIND_CLS))

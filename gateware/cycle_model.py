@@ -23,7 +23,6 @@ NORM_WAIT = 6  # RMSNorm: after the sum-of-squares pass, until 1/sqrt is ready (
 NORM_LAT = 5  # RMSNorm: input beat -> output beat registers
 MV_LAT = 6  # MatVec: issue -> ROM -> word/act regs -> products -> (tree) -> group -> m* -> FIFO
 POST_LAT = {"qkv": 2, "wo": 0, "w13": 4, "w2": 0, "cls": 1}  # RowPost: RoPE 2, SwiGLU 4, Argmax 1
-DIV_EXTRA = 3  # Softmax: start register, done register, `have` register
 EXP_LAT = 4  # Softmax: d register + ExpNeg's 3
 
 
@@ -71,7 +70,10 @@ def breakdown(cfg: ModelConfig, lanes: int, pos: int, scheme: str = "w4e8",
     norm = 3 * (D // P) + NORM_WAIT + NORM_LAT + 1
     pe = place["emb"]
     embed = max(pe.chunks + 3 + D // P, hd // 2 + 1)
-    attn = NG + 8 + NG * (2 * pos + lat_s + q_iters + EXP_LAT + DIV_EXTRA + 3) + 2 * (D // P)
+    # per KV group: pass 1 (pos+1 issues) + drain into the score buffer (lat_s) + pass 2 (pos+1) +
+    # buffer read, exp, divider; then two passes over the output vector
+    group = 1 + 2 * (pos + 1) + lat_s + 1 + EXP_LAT + 1 + q_iters + 2
+    attn = NG + 8 + NG * group + 2 * (D // P)
     for step in compiler.make_schedule(c, with_sampling):
         k = step.kind
         if k == "embed":

@@ -160,17 +160,22 @@ class MatVec(Module):
             self.comb += top_neg.eq(Array([int(not (b.split == 2 and j % 2 == 0)) for b in banks])[c2.bank]
                                     if nb > 1 else int(not (banks[0].split == 2 and j % 2 == 0)))
             ws = []
+            # banks with the same slot geometry share the weight fields (no per-lane bank mux)
+            same = all(b.lane_bits == lw and b.slot_width == banks[0].slot_width and j < b.slots
+                       for b in banks)
             for i in range(C):
-                opts = []
-                for b in banks:
-                    if j < b.slots:
-                        f = field(self, word, j * b.slot_width + i * b.lane_bits, b.lane_bits,
-                                  is_signed=not (b.split == 2 and j % 2 == 0))
-                        opts.append(f)
-                    else:
-                        opts.append(Constant(0, (b.lane_bits, True)))
                 wj = Signal(lw)  # raw bits (sign-extended for narrower banks); top_neg gives the sign
-                self.comb += wj.eq(Array(opts)[c2.bank] if nb > 1 else opts[0])
+                if same:
+                    self.comb += wj.eq(word[j * banks[0].slot_width + i * lw:][:lw])
+                else:
+                    opts = []
+                    for b in banks:
+                        if j < b.slots:
+                            opts.append(field(self, word, j * b.slot_width + i * b.lane_bits,
+                                              b.lane_bits, is_signed=not (b.split == 2 and j % 2 == 0)))
+                        else:
+                            opts.append(Constant(0, (b.lane_bits, True)))
+                    self.comb += wj.eq(Array(opts)[c2.bank] if nb > 1 else opts[0])
                 ws.append(wj)
             if mult == "lut":
                 dot, tree_lat = plane_dot(self, ws, a2, top_neg)
@@ -185,14 +190,18 @@ class MatVec(Module):
                     prods.append(p)
                 dot, tree_lat = adder_tree(self, prods)
             dots.append(dot)
-            mopts = []
-            for b in banks:
-                if j < b.slots:
-                    mopts.append(field(self, word, j * b.slot_width + C * b.lane_bits, b.m_share, False))
-                else:
-                    mopts.append(Constant(0, b.m_share))
             ms = Signal(m_share_max)
-            self.comb += ms.eq(Array(mopts)[c2.bank] if nb > 1 else mopts[0])
+            if same and all(b.m_share == banks[0].m_share for b in banks):
+                self.comb += ms.eq(word[j * banks[0].slot_width + C * lw:][:banks[0].m_share])
+            else:
+                mopts = []
+                for b in banks:
+                    if j < b.slots:
+                        mopts.append(field(self, word, j * b.slot_width + C * b.lane_bits, b.m_share,
+                                           False))
+                    else:
+                        mopts.append(Constant(0, b.m_share))
+                self.comb += ms.eq(Array(mopts)[c2.bank] if nb > 1 else mopts[0])
             mshares.append(ms)
         # the m shares travel along the product + tree latency
         ms_d = [Cat(*mshares)]

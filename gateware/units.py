@@ -215,31 +215,38 @@ class ActQuant(Module):
 
         # # #
 
-        buf = [Signal((width, True), name=f"aq{i}") for i in range(n_max)]
+        # the buffer: P/Q banks of distributed RAM; bank b, word a = elements a*P + b*Q + [0, Q)
+        NB = P // Q
         n = Signal(ubits(n_max))  # values filled
         mx = Signal(width)
         fill, source = self.fill, self.source
         self.comb += fill.ready.eq(1)
         vs = lanes_of(self, fill.v, Q, width)
-        cases = {}
-        for b in range(n_max // Q):
-            cases[b * Q] = [buf[b * Q + j].eq(vs[j]) for j in range(Q)]
         bmax = max_tree(self, [absval(self, v) for v in vs])
         emitting = Signal()
         calc = Signal()
         k = Signal(len(source.k))
         rd = Signal(ubits(n_max // P))
+        fb = Signal(ubits(max(1, NB - 1)))
+        self.comb += fb.eq((fill.idx >> ubits(Q - 1)) & (NB - 1) if NB > 1 else 0)
+        reads = []
+        for b in range(NB):
+            mem = Memory(Q * width, n_max // P)
+            wp = mem.get_port(write_capable=True)
+            rp = mem.get_port(async_read=True)
+            self.specials += mem, wp, rp
+            self.comb += [wp.adr.eq(fill.idx >> ubits(P - 1)), wp.dat_w.eq(fill.v),
+                          wp.we.eq(fill.valid & (fb == b)), rp.adr.eq(rd)]
+            reads.append(rp.dat_r)
         self.sync += If(fill.valid,
-                        Case(fill.idx, cases),
                         If(fill.first, mx.eq(bmax)).Elif(bmax > mx, mx.eq(bmax)),
                         If(fill.first, n.eq(Q)).Else(n.eq(n + Q)))
         bl = bit_length(self, mx)
         self.sync += calc.eq(fill.valid & fill.last)
         self.sync += If(calc, emitting.eq(1), rd.eq(0), k.eq(Mux(bl > 7, bl - 7, 0)))
         # emit: P values per beat, output register
-        words = Array([Cat(*buf[b * P:(b + 1) * P]) for b in range(n_max // P)])
         cur = Signal(P * width)
-        self.comb += cur.eq(words[rd])
+        self.comb += cur.eq(Cat(*reads))
         aq = [clip(self, round_shift(self, v, k, (0, width)), nx.ACT_MAX)
               for v in lanes_of(self, cur, P, width)]
         ce = Signal()
@@ -349,7 +356,15 @@ class ExpNeg(Module):
         # # #
 
         ce = self.ce
-        hi_ports = rom(self, nx.EXP_HI, 16, nports=H)
+        # EXP_HI (256 entries) in block RAM, read at the stage-1 edge; EXP_LO (16) in LUTs
+        hi_mem = Memory(16, len(nx.EXP_HI), init=[int(v) for v in nx.EXP_HI])
+        self.specials += hi_mem
+        hi_ports = []
+        for _ in range(H):
+            hp = hi_mem.get_port(has_re=True)
+            self.specials += hp
+            self.comb += hp.re.eq(ce)
+            hi_ports.append((hp.adr, hp.dat_r))
         lo_ports = rom(self, nx.EXP_LO, 16, nports=H)
         for j in range(H):
             d = self.d[j]
@@ -359,7 +374,7 @@ class ExpNeg(Module):
             (ha, hd), (la, ld) = hi_ports[j], lo_ports[j]
             over1, dc1 = Signal(), Signal(12)
             self.sync += If(ce, over1.eq(over), dc1.eq(dc))
-            self.comb += [ha.eq(dc1[4:12]), la.eq(dc1[0:4])]
+            self.comb += [ha.eq(dc[4:12]), la.eq(dc1[0:4])]
             p2, over2 = Signal(32), Signal()
             self.sync += If(ce, p2.eq(hd * ld), over2.eq(over1))
             e = Signal(17)

@@ -4,18 +4,12 @@ waits, small random baked models (cached per session)."""
 from __future__ import annotations
 
 import functools
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bakedllama.config import ModelConfig  # noqa: E402
-from bakedllama.synthetic import random_baked  # noqa: E402
+from bakedllama.config import ModelConfig
+from bakedllama.synthetic import random_baked
 
 # A small model with the real one's shape ratios (GQA, hidden = 1.5 dim, w4e8 format).
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=64,

@@ -8,16 +8,12 @@ import random
 
 import numpy as np
 import pytest
+from bakedllama import numerics as nx
+from gateware_util import TINY, baked, pack, recv, send, unpack
+from migen import run_simulation
 
-from gateware_util import SMALL, TINY, baked, pack, recv, send, unpack
-
-from migen import run_simulation  # noqa: E402
-
-from bakedllama import numerics as nx  # noqa: E402
-
-from gateware import compiler  # noqa: E402
-from gateware.matvec import MatVec  # noqa: E402
-from gateware import units  # noqa: E402
+from gateware import compiler, units
+from gateware.matvec import MatVec
 
 
 # ----------------------------------------------------------------------------- matvec

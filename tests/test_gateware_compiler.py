@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
+from bakedllama import numerics as nx
+from bakedllama.config import ModelConfig
 from gateware_util import SMALL, TINY, baked
 
-from bakedllama import numerics as nx  # noqa: E402
-from bakedllama.config import ModelConfig  # noqa: E402
-
-from gateware import compiler, cycle_model  # noqa: E402
+from gateware import compiler, cycle_model
 
 REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192, vocab_size=512,
                    seq_len=256, tied_embeddings=True)

@@ -5,18 +5,17 @@ Builds are cached under build/gateware/vsim/<hash of the Verilog> (first build ~
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-
+from bakedllama import numerics as nx
+from bakedllama.config import ModelConfig
+from bakedllama.golden import Golden, Trace
 from gateware_util import SMALL, baked
 
-from bakedllama import numerics as nx  # noqa: E402
-from bakedllama.config import ModelConfig  # noqa: E402
-from bakedllama.golden import Golden, Trace  # noqa: E402
-
-from gateware import compiler  # noqa: E402
-from gateware.cycle_model import expected_cycles  # noqa: E402
+from gateware import compiler
+from gateware.cycle_model import expected_cycles
 
 pytestmark = [pytest.mark.sim,
               pytest.mark.skipif(shutil.which("verilator") is None, reason="verilator not installed")]
@@ -132,15 +131,20 @@ def test_identity_status_and_full(small_sim):
 
 REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192, vocab_size=512,
                    seq_len=256, tied_embeddings=True)
+TRAINED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "model-q.bkl"
 
 
 @pytest.mark.slow
-def test_real_config_bit_exact():
-    """The tiny model's real shapes (random weights, w4e8, tied) at the default lanes."""
+def test_real_model_bit_exact():
+    """The trained tiny model (or random weights of its shape) at the default lanes: three prompts,
+    32 generated tokens each, then positions up to the end of the context."""
+    from bakedllama.model import load_baked
+
     from gateware.sim import VerilatorSim
-    model = baked(REAL)
+    model = load_baked(TRAINED) if TRAINED.exists() else baked(REAL)
     plan = compiler.compile_model(model)
     sim = VerilatorSim(plan, with_trace=True)
+    lanes = plan.geo.lanes
     for prompt in PROMPTS:
-        run_and_compare(sim, model, [t * 7 % REAL.vocab_size for t in prompt], N_GEN,
-                        lanes=plan.geo.lanes)
+        run_and_compare(sim, model, [t * 7 % model.cfg.vocab_size for t in prompt], N_GEN, lanes)
+    run_and_compare(sim, model, [3], model.cfg.seq_len - 1, lanes)
