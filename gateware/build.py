@@ -77,8 +77,28 @@ def _run(cmd, cwd: Path, log: Path, timeout: int):
     return round(time.time() - t0, 1)
 
 
-def synthesize(out: Path, freq: float = 70.0, timeout: int = 6 * 3600, seed: int = 1) -> dict:
-    """yosys + nextpnr-ecp5 on <out>/accel.v; returns utilisation and Fmax."""
+def synthesize(out: Path, freq: float = 70.0, timeout: int = 6 * 3600, seed: int = 1,
+               pnr_only: bool = False) -> dict:
+    """yosys + nextpnr-ecp5 (router2) on <out>/accel.v; returns utilisation and Fmax."""
+    res = {}
+    if not pnr_only:
+        res.update(_yosys(out, timeout))
+    res["nextpnr_seconds"] = _run(
+        [tool("nextpnr-ecp5"), "--85k", "--package", "CABGA381", "--speed", "6",
+         "--json", "accel.json", "--textcfg", "accel.config", "--freq", str(freq),
+         "--report", "report.json", "--timing-allow-fail", "--seed", str(seed), "--threads", "1",
+         "--router", "router2"],
+        out, out / "nextpnr.log", timeout)
+    rep = json.loads((out / "report.json").read_text())
+    util = rep.get("utilization", {})
+    res["utilization"] = {k: v for k, v in util.items() if v.get("used")}
+    fm = rep.get("fmax", {})
+    res["fmax_mhz"] = min((v["achieved"] for v in fm.values()), default=None)
+    res["fmax"] = fm
+    return res
+
+
+def _yosys(out: Path, timeout: int) -> dict:
     res = {}
     ys = out / "synth.ys"
     ys.write_text("read_verilog accel.v\nsynth_ecp5 -top top -json accel.json\n"
@@ -91,17 +111,6 @@ def synthesize(out: Path, freq: float = 70.0, timeout: int = 6 * 3600, seed: int
         m = re.findall(rf"^\s+(\d+)\s+{cell}\s*$", stat, re.M) or \
             re.findall(rf"^\s+{cell}\s+(\d+)\s*$", stat, re.M)
         res[f"yosys_{cell}"] = int(m[-1]) if m else 0
-    res["nextpnr_seconds"] = _run(
-        [tool("nextpnr-ecp5"), "--85k", "--package", "CABGA381", "--speed", "6",
-         "--json", "accel.json", "--textcfg", "accel.config", "--freq", str(freq),
-         "--report", "report.json", "--timing-allow-fail", "--seed", str(seed), "--threads", "1"],
-        out, out / "nextpnr.log", timeout)
-    rep = json.loads((out / "report.json").read_text())
-    util = rep.get("utilization", {})
-    res["utilization"] = {k: v for k, v in util.items() if v.get("used")}
-    fm = rep.get("fmax", {})
-    res["fmax_mhz"] = min((v["achieved"] for v in fm.values()), default=None)
-    res["fmax"] = fm
     return res
 
 
@@ -126,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     ap.add_argument("--synth", action="store_true", help="run yosys + nextpnr-ecp5 (LFE5U-85F)")
     ap.add_argument("--freq", type=float, default=70.0, help="nextpnr target (MHz)")
+    ap.add_argument("--pnr-only", action="store_true", help="reuse <out>/accel.json from yosys")
     args = ap.parse_args(argv)
     model = load_model(args)
     plan = compiler.compile_model(model, args.lanes, args.vlanes, args.kv_par)
@@ -139,7 +149,7 @@ def main(argv=None):
     info["bounds"] = cycle_model.device_bounds(c)
     print(json.dumps(info, indent=1))
     if args.synth:
-        info["synth"] = synthesize(out, args.freq)
+        info["synth"] = synthesize(out, args.freq, pnr_only=args.pnr_only)
         info["projection"] = projected(c, args.lanes, info["synth"]["fmax_mhz"])
         print(json.dumps({k: info[k] for k in ("synth", "projection")}, indent=1))
     (out / "build.json").write_text(json.dumps(info, indent=1))

@@ -39,6 +39,56 @@ def _geometry(cfg, lanes, scheme, vlanes, kv_par, formats):
     return formats, geo, banks, place
 
 
+# One formula per step of the schedule. They take plain numbers (no geometry objects) so that the
+# 8B projection (bakedllama.llama8b.projection) prices its partitions with the same formulas.
+
+def mv_cycles(words: int, rowgroups: int, beats_per_rg: int, cols: int, kind: str) -> int:
+    """A matrix-vector pass: `words` ROM words issued over `rowgroups` row groups of `cols`
+    columns per cycle. The output repacker emits beats_per_rg beats per row group; if that
+    outruns the issue rate the FIFO credit throttles issuing to one row group per beats_per_rg
+    cycles. Then the pipeline drains (MV_LAT, adder tree, post-processing)."""
+    issue = max(words, rowgroups * beats_per_rg)
+    return issue + 2 + MV_LAT + tree_latency(cols) + (beats_per_rg - 1) + POST_LAT[kind]
+
+
+def norm_cycles(dim: int, vlanes: int) -> int:
+    """RMSNorm: sum of squares, wait for 1/sqrt, scale and quantize (three passes of dim/vlanes)."""
+    return 3 * (dim // vlanes) + NORM_WAIT + NORM_LAT + 1
+
+
+def attn_cycles(pos: int, n_groups: int, head_dim: int, dim: int, vlanes: int) -> int:
+    """Attention at position `pos` over n_groups passes (KV groups handled one after another)."""
+    q_bits = nx.ATT_RECIP_BITS - int(math.log2(nx.EXP_ONE)) + 1
+    q_iters = (q_bits + 1) // 2  # the divider makes two quotient bits per cycle
+    lat_s = 3 + tree_latency(head_dim)
+    # per KV group: pass 1 (pos+1 issues) + drain into the score buffer (lat_s) + pass 2 (pos+1) +
+    # buffer read, exp, divider; then two passes over the output vector
+    group = 1 + 2 * (pos + 1) + lat_s + 1 + EXP_LAT + 1 + q_iters + 2
+    return n_groups + 8 + n_groups * group + 2 * (dim // vlanes)
+
+
+def embed_cycles(chunks: int, dim: int, vlanes: int, head_dim: int) -> int:
+    return max(chunks + 3 + dim // vlanes, head_dim // 2 + 1)
+
+
+def qemit_cycles(dim: int, vlanes: int) -> int:
+    return dim // vlanes
+
+
+def hemit_cycles(hidden_dim: int, vlanes: int) -> int:
+    """ActQuant of the FFN hidden vector: 1 cycle for the shift, 1 to load its output register."""
+    return hidden_dim // vlanes + 2
+
+
+def sample_cycles(vocab_size: int, sampled: int | None) -> int:
+    """Greedy: the argmax result is already there; sampling: a max pass and a sum pass over the
+    vocabulary (V issues + 3 to drain each), then the search up to the token (+ 33: the draw)."""
+    return 1 if sampled is None else 2 * vocab_size + 44 + sampled
+
+
+OUT_CYCLES = 2  # out: its state + the first cycle of the output (counted by `cycles`)
+
+
 def breakdown(cfg: ModelConfig, lanes: int, pos: int, scheme: str = "w4e8",
               vlanes: int | None = None, kv_par: int | None = None, formats: dict | None = None,
               with_sampling: bool = True, sampled: int | None = None) -> dict:
@@ -48,52 +98,32 @@ def breakdown(cfg: ModelConfig, lanes: int, pos: int, scheme: str = "w4e8",
     c = cfg
     formats, geo, banks, place = _geometry(c, lanes, scheme, vlanes, kv_par, formats)
     D, H, P, Q = c.dim, c.hidden_dim, geo.vlanes, geo.post
-    tl_mv = tree_latency(geo.cols)
     out = {}
 
     def mv(key):
         p = place[key]
         b = banks[p.bank]
-        words = p.chunks * p.rowgroups
-        # the output repacker emits Rb/Q beats per row group; if that outruns the issue rate
-        # the FIFO credit throttles issuing to one row group per Rb/Q cycles
-        beats_per_rg = max(1, b.rows_per_word // Q)
-        issue = max(words, p.rowgroups * beats_per_rg)
         kind, _ = compiler.split_key(key)
-        return issue + 2 + MV_LAT + tl_mv + (beats_per_rg - 1) + POST_LAT[kind]
+        return mv_cycles(p.chunks * p.rowgroups, p.rowgroups, max(1, b.rows_per_word // Q), geo.cols, kind)
 
-    hd = c.head_dim
-    NG = c.n_kv_heads // geo.kv_par
-    q_bits = nx.ATT_RECIP_BITS - int(math.log2(nx.EXP_ONE)) + 1
-    q_iters = (q_bits + 1) // 2  # the divider makes two quotient bits per cycle
-    lat_s = 3 + tree_latency(hd)
-    norm = 3 * (D // P) + NORM_WAIT + NORM_LAT + 1
-    pe = place["emb"]
-    embed = max(pe.chunks + 3 + D // P, hd // 2 + 1)
-    # per KV group: pass 1 (pos+1 issues) + drain into the score buffer (lat_s) + pass 2 (pos+1) +
-    # buffer read, exp, divider; then two passes over the output vector
-    group = 1 + 2 * (pos + 1) + lat_s + 1 + EXP_LAT + 1 + q_iters + 2
-    attn = NG + 8 + NG * group + 2 * (D // P)
     for step in compiler.make_schedule(c, with_sampling):
         k = step.kind
         if k == "embed":
-            cyc = embed
+            cyc = embed_cycles(place["emb"].chunks, D, P, c.head_dim)
         elif k == "norm":
-            cyc = norm
+            cyc = norm_cycles(D, P)
         elif k == "mv":
             cyc = mv(step.arg)
         elif k == "qemit":
-            cyc = D // P
+            cyc = qemit_cycles(D, P)
         elif k == "attn":
-            cyc = attn
-        elif k == "hemit":  # ActQuant: 1 cycle for the shift, 1 to load its output register
-            cyc = H // P + 2
+            cyc = attn_cycles(pos, c.n_kv_heads // geo.kv_par, c.head_dim, D, P)
+        elif k == "hemit":
+            cyc = hemit_cycles(H, P)
         elif k == "sample":
-            # greedy: the argmax result is already there; sampling: a max pass and a sum pass
-            # over the vocabulary (V issues + 3 to drain each), then the search up to the token
-            cyc = 1 if sampled is None else 2 * c.vocab_size + 44 + sampled  # + 33: the draw
-        else:  # out: its state + the first cycle of the output (counted by `cycles`)
-            cyc = 2
+            cyc = sample_cycles(c.vocab_size, sampled)
+        else:
+            cyc = OUT_CYCLES
         name = f"{k}{'' if step.layer < 0 else step.layer}{':' + step.arg if step.arg else ''}"
         out[name] = cyc
     return out

@@ -36,7 +36,7 @@ def bench_kernel() -> None:
         p = pack(q, m, 10, bits, group)
         a = rng.integers(-127, 128, cols)
         matvec_packed(p, a)  # compile
-        best = min(_timed(lambda: matvec_packed(p, a)) for _ in range(3))
+        best = min(_timed(lambda p=p, a=a: matvec_packed(p, a)) for _ in range(3))
         nbytes = p.nbytes()
         bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
         print(f"8B kernel int{bits}: {nbytes / best / 1e9:.2f} GB/s of packed weights; machine read "

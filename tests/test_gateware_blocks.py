@@ -9,11 +9,11 @@ import random
 import numpy as np
 import pytest
 from bakedllama import numerics as nx
-from gateware_util import TINY, baked, pack, recv, send, unpack
 from migen import run_simulation
 
 from gateware import compiler, units
 from gateware.matvec import MatVec
+from gateware.testutil import TINY, baked, pack, recv, send, unpack
 
 
 # ----------------------------------------------------------------------------- matvec

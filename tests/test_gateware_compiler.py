@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from bakedllama import numerics as nx
 from bakedllama.config import ModelConfig
-from gateware_util import SMALL, TINY, baked
 
 from gateware import compiler, cycle_model
+from gateware.testutil import SMALL, TINY, baked
 
 REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192, vocab_size=512,
                    seq_len=256, tied_embeddings=True)

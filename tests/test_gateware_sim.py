@@ -12,10 +12,10 @@ import pytest
 from bakedllama import numerics as nx
 from bakedllama.config import ModelConfig
 from bakedllama.golden import Golden, Trace
-from gateware_util import SMALL, baked
 
 from gateware import compiler
 from gateware.cycle_model import expected_cycles
+from gateware.testutil import SMALL, baked
 
 pytestmark = [pytest.mark.sim,
               pytest.mark.skipif(shutil.which("verilator") is None, reason="verilator not installed")]

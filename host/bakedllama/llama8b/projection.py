@@ -1,13 +1,18 @@
-"""Performance projection for the partitioned model on real chips (an analytic cycle model).
+"""Performance projection for the partitioned model on real chips, priced with the accelerator's
+own cycle model (gateware/cycle_model.py: the formulas the Verilator tests check against the
+hardware cycle counter on the tiny model).
 
-Until the gateware's own cycle model (gateware/) covers full-size layers, the projection uses
-the explicit parameters below; every number in a ChipSpec is either a datasheet fact or an
-assumption, and says which.
+A chip is the gateware's engine at some size: `lanes` weight x activation products per cycle
+(tiles of `cols` columns x lanes/cols rows), `vlanes` elements per cycle in the vector units
+(norms, quantizer, attention output), `post` matrix-vector results per cycle through the row
+post-processing (RoPE, SwiGLU, argmax), `kv_par` KV heads per attention pass. Each number in a
+ChipSpec is a datasheet fact, a measurement, or an assumption, and says which.
 
-Cycle model of one pass (one partition on one chip):
-  weights   each piece of rows x cols: ceil(rows * cols / lanes) cycles (lanes MACs per cycle)
-  attention per layer whose attention runs in the pass: 2 * dim * context MACs / lanes
-  overhead  PASS_OVERHEAD_CYCLES per pass (norms, quantize, pipeline fill)
+Cycles of one pass (one partition on one chip): for each piece (rows r0..r1 of one matrix),
+cycle_model.mv_cycles with the piece's ROM words and row groups; cycle_model.norm_cycles for each
+RMSNorm; the layer's qemit + attention (cycle_model.attn_cycles at the context position) before
+its wo, the hidden-vector quantizer (hemit) before its w2, the embedding lookup, and the argmax
+after the head; plus HANDOFF: streaming the residual in from the previous chip (dim / vlanes).
 Tokens per second for one user (one sequence, decode):
   resident (chips >= the R needed to hold every partition, consecutive partitions sharing a
      chip while they fit): a token flows through all passes in turn:
@@ -21,21 +26,35 @@ Throughput with many users in flight (a full pipeline) is 1 / the slowest chip's
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 from bakedllama.llama8b.partition import HC1_BYTES, ULX3S_85F_BYTES, Partition, plan
 
-PASS_OVERHEAD_CYCLES = 64
 TAALAS_HC1_TOKENS_PER_S = 17000  # published per-user figure for Llama 3.1 8B (Taalas, 2025)
+
+
+def cycle_model():
+    """gateware.cycle_model (pure Python, no Migen); the repository root holds the gateware."""
+    repo = str(Path(__file__).resolve().parents[3])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from gateware import cycle_model as cm
+
+    return cm
 
 
 @dataclass(frozen=True)
 class ChipSpec:
     name: str
     mem_bytes: int  # on-chip bytes for weights
-    lanes: int  # MACs per cycle
+    lanes: int  # weight x activation products per cycle (the gateware's `lanes`)
+    vlanes: int  # elements per cycle in the vector units (the gateware's `vlanes`)
+    post: int  # matrix-vector results per cycle through RoPE / SwiGLU / argmax (`post`)
+    kv_par: int  # KV heads per attention pass (`kv_par`)
     clock_hz: float
     link_bytes_per_s: float  # activations between chips
     link_latency_s: float
@@ -44,19 +63,20 @@ class ChipSpec:
 
 
 ULX3S = ChipSpec(
-    "ULX3S 85F", ULX3S_85F_BYTES, 156, 60e6, 50e6, 2e-6, 3e6 / 10,
-    "fact: LFE5U-85F has 208 DP16KD (18 Kbit each, all usable through x9/x18 ports) and 156 "
-    "MULT18X18D; ~60 MHz is what a "
-    "LiteX SoC with wide BRAM reads closes at (TOOLCHAIN-NOTES: 63-71 MHz); assumptions: one MAC "
-    "per MULT18X18D per cycle, all BRAM for weights, 50 MB/s board-to-board link (8 GPIO pins at "
-    "~50 MHz), reload through the FT231X UART at 3 Mbaud (0.3 MB/s)")
+    "ULX3S 85F", ULX3S_85F_BYTES, 128, 8, 2, 1, 50e6, 50e6, 2e-6, 3e6 / 10,
+    "fact: LFE5U-85F, 208 DP16KD; the engine is the default build of gateware/ (lanes 128, "
+    "vlanes 8, post 2, kv_par 1) at the SoC's 50 MHz system clock (measured Fmax: README); "
+    "assumptions: all BRAM for weights, 50 MB/s board-to-board link (8 GPIO pins at ~50 MHz), "
+    "reload through the FT231X UART at 3 Mbaud (0.3 MB/s)")
 HC1 = ChipSpec(
-    "HC1-like", HC1_BYTES, 1 << 17, 1e9, 64e9, 1e-6, 100e9,
+    "HC1-like", HC1_BYTES, 1 << 17, 256, 128, 8, 1e9, 64e9, 1e-6, 100e9,
     "assumptions (not Taalas data): on-chip weight storage sized to hold the 3/6-bit 8B with its "
-    "multipliers (~4.7 GB); 2^17 MAC lanes at 1 GHz (hardwired constant-coefficient multipliers "
-    "are cheap; 53 B transistors on TSMC N6); PCIe-5 x16-class link (64 GB/s, 1 us); a reloadable "
-    "variant loading at 100 GB/s (Taalas' chip is hardwired: it never reloads)")
+    "multipliers (~4.7 GB); the gateware's engine scaled up: 2^17 lanes (hardwired "
+    "constant-coefficient multipliers are cheap; 53 B transistors on TSMC N6), vlanes 256, post "
+    "128, all 8 KV heads per attention pass, 1 GHz; PCIe-5 x16-class link (64 GB/s, 1 us); a "
+    "reloadable variant loading at 100 GB/s (Taalas' chip is hardwired: it never reloads)")
 CHIP_SPECS = {"ulx3s": ULX3S, "hc1": HC1}
+HANDOFF = "residual in from the previous chip: dim / vlanes cycles"
 
 
 def scheme_fmt(cfg: ModelConfig, scheme: str) -> dict:
@@ -77,15 +97,50 @@ def live_bytes(cfg: ModelConfig, part: Partition) -> int:
     return 2 * d + extra
 
 
-def pass_cycles(cfg: ModelConfig, part: Partition, lanes: int, context: int) -> int:
-    cyc = PASS_OVERHEAD_CYCLES
+# which post-processing a matrix's rows go through (gateware.cycle_model.POST_LAT keys)
+_KIND = dict(wq="qkv", wk="qkv", wv="qkv", wo="wo", w1="w13", w3="w13", w2="w2", wcls="cls")
+
+
+def _tile_cols(chip: ChipSpec, fmt: dict) -> int:
+    """Columns per cycle: the largest power of two <= lanes dividing every group (as the gateware)."""
+    groups = {w["group"] for w in fmt["weights"].values()}
+    c = chip.lanes
+    while c > 1 and any(g % c for g in groups):
+        c //= 2
+    return c
+
+
+def pass_cycles(cfg: ModelConfig, fmt: dict, part: Partition, chip: ChipSpec, context: int) -> int:
+    """Clock cycles of one pass, from the gateware's per-step formulas (see the module text)."""
+    cm = cycle_model()
+    C = _tile_cols(chip, fmt)
+    R = max(1, chip.lanes // C)
+    P = chip.vlanes
+    lane_bits = min(w["bits"] for w in fmt["weights"].values())
+    cyc = cfg.dim // P  # HANDOFF
     for pc in part.pieces:
-        if pc.name.startswith("rms_") or pc.name == "tok_embeddings":
+        n = pc.name
+        if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
+            cyc += cm.norm_cycles(cfg.dim, P)
             continue
-        cols = cfg.hidden_dim if pc.name == "w2" else cfg.dim
-        cyc += math.ceil(pc.rows * cols / lanes)
-        if pc.name == "wo" and pc.r0 == 0:  # the layer's attention runs before its wo
-            cyc += math.ceil(2 * cfg.dim * context / lanes)
+        cols = cfg.hidden_dim if n == "w2" else cfg.dim
+        if n == "tok_embeddings":
+            cyc += cm.embed_cycles(math.ceil(cols / C), cfg.dim, P, cfg.head_dim)
+            continue
+        if n == "wo" and pc.r0 == 0:  # the layer's q emit and attention run before its wo
+            cyc += cm.qemit_cycles(cfg.dim, P)
+            cyc += cm.attn_cycles(context - 1, math.ceil(cfg.n_kv_heads / chip.kv_par), cfg.head_dim,
+                                  cfg.dim, P)
+        if n == "w2" and pc.r0 == 0:  # the hidden vector is quantized before w2
+            cyc += cm.hemit_cycles(cfg.hidden_dim, P)
+        # a weight wider than the lane multipliers (the narrowest format) takes two row slots
+        wide = fmt["weights"][n]["bits"] > lane_bits and R >= 2
+        rows_per_word = max(1, R // (2 if wide else 1))
+        rowgroups = math.ceil(pc.rows / rows_per_word)
+        cyc += cm.mv_cycles(rowgroups * math.ceil(cols / C), rowgroups,
+                            max(1, rows_per_word // chip.post), C, _KIND[n])
+        if n == "wcls" and pc.r1 == cfg.vocab_size:
+            cyc += cm.sample_cycles(cfg.vocab_size, None) + cm.OUT_CYCLES
     return cyc
 
 
@@ -105,7 +160,7 @@ def project(cfg: ModelConfig, fmt: dict, chip: ChipSpec, n_chips: list[int],
     """Tokens/s for each chip count, plus the partition facts."""
     parts = parts if parts is not None else _plan(cfg, fmt, chip.mem_bytes)
     P = len(parts)
-    comp = [pass_cycles(cfg, p, chip.lanes, context) / chip.clock_hz for p in parts]
+    comp = [pass_cycles(cfg, fmt, p, chip, context) / chip.clock_hz for p in parts]
     load = [p.nbytes / chip.load_bytes_per_s for p in parts]
     hops = [live_bytes(cfg, p) / chip.link_bytes_per_s + chip.link_latency_s for p in parts[:-1]]
     R = chips_to_hold(parts, chip.mem_bytes)

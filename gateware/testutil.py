@@ -1,4 +1,4 @@
-"""Shared helpers for the gateware tests: stream drivers with random gaps / back-pressure and bounded
+"""Test helpers for the gateware (used by tests/test_gateware*.py): stream drivers with random gaps / back-pressure and
 waits, small random baked models (cached per session)."""
 
 from __future__ import annotations
