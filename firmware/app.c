@@ -12,7 +12,7 @@
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define MAX_SEQ_LEN 1024                       /* prompt buffer, tokens */
-#define ACCEL_TIMEOUT_CYCLES (1u << 26)         /* one forward pass; ~1.3 s at 50 MHz */
+#define ACCEL_TIMEOUT_CYCLES (1u << 26)         /* one forward pass; ~2.7 s at 25 MHz */
 
 static struct rx_state rx;
 static int rx_pending;                          /* rx holds a finished frame not handled yet */

@@ -117,7 +117,8 @@ def build(output_dir=DEFAULT_OUTPUT_DIR, core_kind="real", model_path=None, lane
         csr_json=os.path.join(output_dir, "csr.json"))
     os.environ["PATH"] = yowasp_path(os.path.join(output_dir, "toolchain-bin"))
     report = os.path.join(builder.gateware_dir, "nextpnr-report.json")
-    soc.platform.toolchain._pnr_opts += f" --report {report}"
+    # router2: router1 stalled on this design's congestion (>30 min with ~200k arcs left)
+    soc.platform.toolchain._pnr_opts += f" --report {report} --router router2"
     builder.build(seed=seed, **toolchain_kwargs)
     build_s = time.monotonic() - t0
 

@@ -342,9 +342,9 @@ def test_projection_prices_passes_with_the_gateware_cycle_model():
     """The tiny baked model as one pass on the ULX3S spec (the gateware's default engine) costs
     what gateware.cycle_model says its forward pass costs (which the Verilator tests tie to the
     hardware counter), up to the per-matrix pipeline drains and the hand-off of a partition."""
-    from gateware import compiler, cycle_model
-
     from bakedllama.model import load_baked
+
+    from gateware import compiler, cycle_model
 
     m = load_baked()
     cfg = m.cfg

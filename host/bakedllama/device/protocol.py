@@ -19,10 +19,11 @@ MAX_ENCODED = MAX_FRAME + (MAX_FRAME + 253) // 254  # COBS overhead, without the
 CRC_RESIDUE = 0x2144DF1C
 
 # The ULX3S's FT231X runs up to 3 Mbaud (its 3 MHz base clock, divisor 1: exact). LiteX's UART
-# at 50 MHz makes it with 16.7 clocks per bit (it samples at ~0.7 bit, +-1 clock). A token is
-# one 21-byte STEP frame: 3 Mbaud carries 14,285 tokens/s, above the accelerator's rate at
-# lanes=128 (~5,500 cycles per token, ~9,000 tokens/s at 50 MHz). 2 Mbaud (9,523 tokens/s) is the
-# fallback if a board's link is marginal: build with --uart-baudrate 2e6, open with baudrate=.
+# at the 25 MHz system clock makes it with 8.3 clocks per bit (it samples at ~0.7 bit, +-1 clock
+# = +-0.12 bit). A token is one 21-byte STEP frame: 3 Mbaud carries 14,285 tokens/s, above the
+# accelerator's rate at lanes=128 (~6,500 cycles per token, ~3,800 tokens/s at 25 MHz). 2 Mbaud
+# (9,523 tokens/s) is the fallback if a board's link is marginal: build with --uart-baudrate 2e6,
+# open with baudrate=.
 DEFAULT_BAUDRATE = 3_000_000
 BITS_PER_BYTE = 10  # 8N1
 
