@@ -339,7 +339,7 @@ def test_projection_table_and_plot(tmp_path):
 
 
 def test_projection_prices_passes_with_the_gateware_cycle_model():
-    """The tiny baked model as one pass on the ULX3S spec (the gateware's default engine) costs
+    """The tiny baked model as one pass on the ULX3S spec (the ULX3S build's engine) costs
     what gateware.cycle_model says its forward pass costs (which the Verilator tests tie to the
     hardware counter), up to the per-matrix pipeline drains and the hand-off of a partition."""
     from bakedllama.model import load_baked
@@ -351,12 +351,14 @@ def test_projection_prices_passes_with_the_gateware_cycle_model():
     fmt = dict(m.fmt, weights=dict(m.fmt["weights"], wcls=m.fmt["weights"]["tok_embeddings"]))
     parts = partition.plan(cfg, fmt, None)
     formats = compiler.matrix_formats(cfg, m.fmt["weights"])
-    geo = compiler.make_geometry(cfg, compiler.DEFAULT_LANES, formats)
+    from soc.common import LANES
+
     spec = projection.ULX3S
+    geo = compiler.make_geometry(cfg, LANES or compiler.DEFAULT_LANES, formats)
     assert (spec.lanes, spec.vlanes, spec.post, spec.kv_par) == (geo.lanes, geo.vlanes, geo.post, geo.kv_par)
     for ctx in (17, 129, cfg.seq_len):
         proj = sum(projection.pass_cycles(cfg, fmt, p, projection.ULX3S, ctx) for p in parts)
-        gw = cycle_model.expected_cycles(cfg, compiler.DEFAULT_LANES, ctx - 1, formats=formats)
+        gw = cycle_model.expected_cycles(cfg, geo.lanes, ctx - 1, formats=formats)
         assert abs(proj - gw) / gw < 0.1, (ctx, proj, gw)
 
 

@@ -63,11 +63,11 @@ class ChipSpec:
 
 
 ULX3S = ChipSpec(
-    "ULX3S 85F", ULX3S_85F_BYTES, 128, 8, 2, 1, 50e6, 50e6, 2e-6, 3e6 / 10,
-    "fact: LFE5U-85F, 208 DP16KD; the engine is the default build of gateware/ (lanes 128, "
-    "vlanes 8, post 2, kv_par 1) at the SoC's 50 MHz system clock (measured Fmax: README); "
-    "assumptions: all BRAM for weights, 50 MB/s board-to-board link (8 GPIO pins at ~50 MHz), "
-    "reload through the FT231X UART at 3 Mbaud (0.3 MB/s)")
+    "ULX3S 85F", ULX3S_85F_BYTES, 64, 4, 2, 1, 25e6, 50e6, 2e-6, 3e6 / 10,
+    "fact: LFE5U-85F, 208 DP16KD; the engine is the ULX3S build of gateware/ (soc/common.py: "
+    "lanes 64, vlanes 4, post 2, kv_par 1) at the SoC's 25 MHz system clock (nextpnr Fmax: "
+    "README); assumptions: all BRAM for weights, 50 MB/s board-to-board link (8 GPIO pins at "
+    "~50 MHz), reload through the FT231X UART at 3 Mbaud (0.3 MB/s)")
 HC1 = ChipSpec(
     "HC1-like", HC1_BYTES, 1 << 17, 256, 128, 8, 1e9, 64e9, 1e-6, 100e9,
     "assumptions (not Taalas data): on-chip weight storage sized to hold the 3/6-bit 8B with its "
