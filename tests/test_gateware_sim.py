@@ -134,7 +134,6 @@ REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192,
 TRAINED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "model-q.bkl"
 
 
-@pytest.mark.slow
 def test_real_model_bit_exact():
     """The trained tiny model (or random weights of its shape) at the default lanes: three prompts,
     32 generated tokens each, then positions up to the end of the context."""
