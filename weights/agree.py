@@ -18,11 +18,10 @@ from bakedllama.bake import SCHEMES, bake, calibration_windows, write_baked
 from bakedllama.evaluate import golden_logits, windows
 from bakedllama.fileformat import ModelFileError
 from bakedllama.llama8b.agreement import compare
-from bakedllama.model import load_baked, load_float
-from bakedllama.tokenizer import Tokenizer
+from bakedllama.model import load_baked
 
-from weights.corpus import CorpusError, load_text
-from weights.quantize import split_ids
+from weights.corpus import CorpusError
+from weights.quantize import load_dir
 
 
 def main(argv=None) -> int:
@@ -35,9 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     d = Path(args.dir)
     try:
-        cfg, w, fmeta = load_float(d / "model-f32.bkl")
-        tok = Tokenizer.load(d / "tokenizer.json", fmeta.get("tokenizer_sha256"))
-        train_ids, val_ids = split_ids(tok, load_text(args.corpus))
+        cfg, w, _, tok, train_ids, val_ids = load_dir(d, args.corpus)
     except (ModelFileError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

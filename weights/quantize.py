@@ -30,6 +30,14 @@ def split_ids(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     return ids[:-n_val], ids[-n_val:]
 
 
+def load_dir(d: Path, corpus: str | None):
+    """(cfg, float weights, float meta, tokenizer, train ids, val ids) of a model directory."""
+    cfg, w, fmeta = load_float(d / "model-f32.bkl")
+    tok = Tokenizer.load(d / "tokenizer.json", fmeta.get("tokenizer_sha256"))
+    train_ids, val_ids = split_ids(tok, load_text(corpus))
+    return cfg, w, fmeta, tok, train_ids, val_ids
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="weights/tiny")
@@ -39,9 +47,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     d = Path(args.dir)
     try:
-        cfg, w, fmeta = load_float(d / "model-f32.bkl")
-        tok = Tokenizer.load(d / "tokenizer.json", fmeta.get("tokenizer_sha256"))
-        train_ids, val_ids = split_ids(tok, load_text(args.corpus))
+        cfg, w, fmeta, tok, train_ids, val_ids = load_dir(d, args.corpus)
     except (ModelFileError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
