@@ -172,34 +172,38 @@ class Attention(Module):
         self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume)]
         acc_max = S * nx.EXP_ONE * 128
         aw = sbits(acc_max)
-        out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
+        # one group's accumulators (HP * hd); when the group's reciprocals arrive they are copied
+        # into the whole vector `out`, which the output passes then read by rotating it one beat
+        # of P per cycle (word 0 is the beat): no wide read multiplexer, each product feeds one
+        # accumulator
+        GW = HP * hd
+        acc = [Signal((aw, True), name=f"att_acc{k}") for k in range(GW)]
         clear = Signal()
-        for h in range(c.n_heads):
-            grp, hh = h // HP, h % HP
-            for d in range(hd):
-                i = h * hd + d
-                self.sync += If(g == grp,
-                                If(clear, out[i].eq(0)).Elif(consume_d, out[i].eq(out[i] + prods[hh * hd + d])))
+        for k in range(GW):
+            self.sync += If(clear, acc[k].eq(0)).Elif(consume_d, acc[k].eq(acc[k] + prods[k]))
+        out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
+        orun = Signal()
+        self.sync += If(orun, [out[i].eq(out[(i + P) % D]) for i in range(D)]).Else(
+            [If(sm.source_recip.valid & (g == grp),
+                [out[grp * GW + k].eq(acc[k]) for k in range(GW)]) for grp in range(NG)])
         recip = [Signal(len(sm.source_recip.recip) // HP, name=f"recip{h}") for h in range(c.n_heads)]
         rs = lanes_of(self, sm.source_recip.recip, HP, len(recip[0]), False)
         for h in range(c.n_heads):
             self.sync += If(sm.source_recip.valid & (g == h // HP), recip[h].eq(rs[h % HP]))
 
-        # output passes over the vector: o = round_shift(out * recip, 40 + e_v - 12)
+        # output passes over the vector: o = round_shift(out * recip, 40 + e_v - 12); a beat of P
+        # lies within one head (P divides head_dim), so one reciprocal serves the beat
         ob = Signal(ubits(D // P))
-        ow = Signal(P * aw)
-        self.comb += ow.eq(Array([Cat(*out[b * P:(b + 1) * P]) for b in range(D // P)])[ob])
-        outs = lanes_of(self, ow, P, aw)
-        rsel = Signal(P * len(recip[0]))
-        self.comb += rsel.eq(Array([Cat(*[recip[(b * P + j) // hd] for j in range(P)])
-                                    for b in range(D // P)])[ob])
-        rl = lanes_of(self, rsel, P, len(recip[0]), False)
+        outs = out[:P]
+        rcur = Signal(len(recip[0]))
+        hsh = (hd // P).bit_length() - 1
+        self.comb += rcur.eq(Array(recip)[ob[hsh:] if hsh else ob])
+        rl = [rcur] * P
         sho = [nx.ATT_RECIP_BITS + ev - nx.ATT_OUT_FRAC for ev in e_v]
         osh = Signal((sbits(min(sho), max(sho)) + 1, True))
         self.comb += osh.eq(Array([Constant(v, (len(osh), True)) for v in sho])[self.layer])
         prod1 = [Signal((aw + len(recip[0]) + 1, True)) for _ in range(P)]
         ovalid1, ophase1, olast1, ofirst1 = Signal(), Signal(), Signal(), Signal()
-        orun = Signal()
         ophase = Signal()  # 0 max, 1 emit
         self.sync += [prod1[j].eq(outs[j] * rl[j]) for j in range(P)]
         self.sync += [ovalid1.eq(orun), ophase1.eq(ophase), olast1.eq(ob == D // P - 1),

@@ -75,11 +75,17 @@ def round_shift(m, x, n, n_range: tuple[int, int]) -> Signal:
             return signed(m, x << -n, w - n)
         t = signed(m, x >> (n - 1), max(2, w - n + 2))
         return signed(m, (t + 1) >> 1, max(2, w - n + 1))
-    amt_max = hi + pre
-    amt = Signal(ubits(amt_max))
-    m.comb += amt.eq(n + pre)
+    # floor shifts compose, so the part every n shares (lo, when lo > 0) is a fixed shift and
+    # only n - lo goes through the barrel shifter: fewer stages over a narrower value
+    base = lo + pre
     xs = signed(m, x << (pre + 1), w + pre + 1)
-    t = signed(m, xs >> amt, w + pre + 1)
+    xb = signed(m, xs >> base, max(2, w + pre + 1 - base)) if base else xs
+    if hi == lo:
+        t = xb
+    else:
+        amt = Signal(ubits(hi - lo))
+        m.comb += amt.eq(n - lo)
+        t = signed(m, xb >> amt, len(xb))
     return signed(m, (t + 1) >> 1, w + pre + 1)
 
 

@@ -577,7 +577,7 @@ class Sampler(Module):
         nw = n // Q
         mem = Memory(Q * 32, nw)
         wp = mem.get_port(write_capable=True)
-        rp = mem.get_port(async_read=True)
+        rp = mem.get_port()  # synchronous read: a block RAM, not distributed RAM
         self.specials += mem, wp, rp
         fidx = Signal(ubits(nw))
         fill = self.fill
@@ -603,12 +603,14 @@ class Sampler(Module):
         ]
         draw = xorshift32_next(self, state)
 
-        # one element per cycle: address i -> stage A (t) -> stage B (w = exp_neg(tmax - t))
+        # one element per cycle: address i -> stage R (the RAM word) -> stage A (t)
+        # -> stage B (w = exp_neg(tmax - t))
         lq = max(1, ubits(Q - 1)) if Q > 1 else 0
         i = Signal(ubits(n))
         self.comb += rp.adr.eq(i[lq:] if Q > 1 else i)
+        vR, iR = Signal(), Signal(ubits(n))
         lsel = Signal((32, True))
-        self.comb += lsel.eq(Array([rp.dat_r[32 * j:32 * j + 32] for j in range(Q)])[i[:lq]]
+        self.comb += lsel.eq(Array([rp.dat_r[32 * j:32 * j + 32] for j in range(Q)])[iR[:lq]]
                              if Q > 1 else rp.dat_r)
         tw = 32 + 17
         prod = signed(self, lsel * self.inv_temp, tw)
@@ -629,7 +631,8 @@ class Sampler(Module):
         issuing = Signal()
         running = Signal()
         self.sync += [
-            tA.eq(t), vA.eq(issuing), iA.eq(i),
+            vR.eq(issuing), iR.eq(i),
+            tA.eq(t), vA.eq(vR), iA.eq(iR),
             wB.eq(w), vB.eq(vA), iB.eq(iA),
             self.done.eq(0),
         ]
@@ -645,10 +648,10 @@ class Sampler(Module):
                 If(issuing, If(i == n - 1, issuing.eq(0), i.eq(0)).Else(i.eq(i + 1))),
                 If(phase == 0,
                     If(vA & (tA > tmax), tmax.eq(tA)),
-                    If(~issuing & ~vA & ~vB, phase.eq(1), issuing.eq(1))
+                    If(~issuing & ~vR & ~vA & ~vB, phase.eq(1), issuing.eq(1))
                 ).Elif(phase == 1,
                     If(vB, total.eq(total + wB)),
-                    If(~issuing & ~vA & ~vB & ~drawing,
+                    If(~issuing & ~vR & ~vA & ~vB & ~drawing,
                         drawing.eq(1), state.eq(draw), dr_r.eq(draw), dr_acc.eq(0), dr_n.eq(32)),
                     If(drawing,  # target = (r * total) >> 32, one bit of r per cycle
                         If(dr_n == 0,

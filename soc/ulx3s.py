@@ -30,6 +30,7 @@ from soc.platforms import ulx3s
 from soc.common import (BakedLlamaSoC, make_core, BOARD_ULX3S, CPU_TYPE, CPU_VARIANT, ROM_SIZE,
     SRAM_SIZE, SYS_CLK_FREQ, REPO_DIR)
 from soc.toolchain import yowasp_path, check_build_dir, parse_nextpnr_report, format_summary
+from gateware.build import NEXTPNR_PLACE_ROUTE
 
 DEFAULT_OUTPUT_DIR = os.path.join(REPO_DIR, "build", "soc", "ulx3s")
 
@@ -117,8 +118,9 @@ def build(output_dir=DEFAULT_OUTPUT_DIR, core_kind="real", model_path=None, lane
         csr_json=os.path.join(output_dir, "csr.json"))
     os.environ["PATH"] = yowasp_path(os.path.join(output_dir, "toolchain-bin"))
     report = os.path.join(builder.gateware_dir, "nextpnr-report.json")
-    # router2: router1 stalled on this design's congestion (>30 min with ~200k arcs left)
-    soc.platform.toolchain._pnr_opts += f" --report {report} --router router2"
+    # gateware.build's placer and router: the electrostatic placer spreads the design over the
+    # die (HeAP left a quarter of it empty) and router2 converges where router1 stalled
+    soc.platform.toolchain._pnr_opts += f" --report {report} " + " ".join(NEXTPNR_PLACE_ROUTE)
     builder.build(seed=seed, **toolchain_kwargs)
     build_s = time.monotonic() - t0
 
