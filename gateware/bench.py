@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     from bakedllama.model import load_baked
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lanes", type=int, nargs="+", default=[16, 64, compiler.DEFAULT_LANES])
+    ap.add_argument("--lanes", type=int, nargs="+", default=sorted({16, 64, 128, compiler.DEFAULT_LANES}))
     ap.add_argument("--positions", type=int, default=256, help="decode steps from position 0")
     ap.add_argument("--model", help="baked model (.bkl); default: weights/tiny/model-q.bkl")
     ap.add_argument("--jobs", type=int, default=2, help="Verilator build jobs")

@@ -25,7 +25,9 @@ from bakedllama import numerics as nx
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 
-DEFAULT_LANES = 128
+# 64: the widest engine that places and routes on the LFE5U-85F, alone and inside the ULX3S SoC
+# (lanes 128 packs into 65 % of the LUTs but did not route here); see the README
+DEFAULT_LANES = 64
 M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
 

@@ -17,6 +17,8 @@ from litex.soc.interconnect import stream
 from litex.soc.interconnect.csr import CSRStorage, CSRStatus, CSRField
 from litex.soc.integration.soc_core import get_mem_data
 
+from gateware.compiler import DEFAULT_LANES
+
 REPO_DIR     = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FIRMWARE_DIR = os.path.join(REPO_DIR, "firmware")
 DEFAULT_MODEL = os.path.join(REPO_DIR, "weights", "tiny", "model-q.bkl")
@@ -28,7 +30,7 @@ BOARD_ULX3S = 2
 # CPU and memories: the soft CPU stays small so block RAM goes to weights and the KV cache.
 # VexRiscv "lite" (RV32IM, 2 KiB instruction cache, bypassing): measured in the simulation it
 # sends a token's STEP frame in ~2,600 cycles, "minimal" (no cache, no bypass) in ~4,600, which
-# is close to a forward pass at lanes=128 (~5,500). The firmware runs from ROM, data and stack in
+# is about half a forward pass at lanes=64 (~11,500). The firmware runs from ROM, data and stack in
 # SRAM.
 CPU_TYPE    = "vexriscv"
 CPU_VARIANT = "lite"
@@ -37,14 +39,13 @@ SRAM_SIZE   = 0x2000  # 8 KiB: frame buffers (2 x 1 KiB), prompt (2 KiB), stack
 
 # System clock of the ULX3S target (the simulation reports the same nominal frequency). 25 MHz:
 # nextpnr's post-placement estimate for the SoC with the lanes=128 accelerator was 29.6 MHz
-# (50 MHz fails); see the README for the routed Fmax.
+# (50 MHz fails); see the README for the routed Fmax at lanes 64.
 SYS_CLK_FREQ = int(25e6)
 
 # Accelerator lanes for both targets, so that the simulation counts the cycles of the bitstream's
-# accelerator. 64, not gateware.compiler.DEFAULT_LANES (128): at 128 the SoC packs into the 85F
-# (57,796 / 83,640 LUT4, 192 DP16KD) but nextpnr's router had not converged after an hour here;
-# at 64 it is ~50 % of the LUTs. See the README for the figures.
-LANES = 64
+# accelerator: the compiler's default (64). At 128 the SoC packs into the 85F (57,796 / 83,640
+# LUT4, 192 DP16KD) but nextpnr's router had not converged after an hour here. See the README.
+LANES = DEFAULT_LANES
 
 # LlamaPort ----------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ CRC_RESIDUE = 0x2144DF1C
 # The ULX3S's FT231X runs up to 3 Mbaud (its 3 MHz base clock, divisor 1: exact). LiteX's UART
 # at the 25 MHz system clock makes it with 8.3 clocks per bit (it samples at ~0.7 bit, +-1 clock
 # = +-0.12 bit). A token is one 21-byte STEP frame: 3 Mbaud carries 14,285 tokens/s, above the
-# accelerator's rate at lanes=128 (~6,500 cycles per token, ~3,800 tokens/s at 25 MHz). 2 Mbaud
+# accelerator's rate at lanes=64 (~12,400 cycles per token, ~2,000 tokens/s at 25 MHz). 2 Mbaud
 # (9,523 tokens/s) is the fallback if a board's link is marginal: build with --uart-baudrate 2e6,
 # open with baudrate=.
 DEFAULT_BAUDRATE = 3_000_000

@@ -37,8 +37,8 @@ BUILD_ROOT = REPO / "build" / "soc"
 LISTEN_RE = re.compile(rb"\[serial2tcp_local\] listening on 127\.0\.0\.1:(\d+)")
 # Simulation is ~1000x slower than the board: generous waits.
 SIM_TIMEOUT = 10.0  # s, request -> reply
-SIM_STEP_TIMEOUT = 30.0  # s, one forward pass: ~6,000 cycles at ~100k cycles/s (lanes=128) is
-#                         0.06 s; 30 s covers a core with a few lanes on a loaded machine
+SIM_STEP_TIMEOUT = 30.0  # s, one forward pass: ~12,000 cycles at ~100k cycles/s (lanes=64) is
+#                         0.12 s; 30 s covers a core with a few lanes on a loaded machine
 SOURCE_SUFFIXES = (".py", ".c", ".h", ".S", ".ld", ".mak", ".v", ".sv")  # not docs
 
 
