@@ -16,6 +16,37 @@ from gateware.matvec import MatVec
 from gateware.testutil import TINY, baked, pack, recv, send, unpack
 
 
+# ----------------------------------------------------------------------------- round_shift
+@pytest.mark.parametrize("lo,hi", [(28, 35), (-3, 4), (0, 9), (5, 5)])
+def test_round_shift_runtime_amount(lo, hi):
+    """hw.round_shift with the shift a signal in [lo, hi] (the fixed part shifted as a constant)."""
+    from migen import Module, Signal
+
+    from gateware.hw import round_shift
+    w = 40
+    m = Module()
+    x = Signal((w, True))
+    n = Signal((8, True))
+    y = round_shift(m, x, n, (lo, hi))
+    rng = np.random.default_rng((lo + 100) * 100 + hi)
+    xs = [int(v) for v in rng.integers(-(1 << (w - 1)), 1 << (w - 1), 200)]
+    xs += [-(1 << (w - 1)), (1 << (w - 1)) - 1, 0, 1, -1]
+    cases = [(v, int(rng.integers(lo, hi + 1))) for v in xs] + [(v, k) for v in xs[-5:]
+                                                                 for k in (lo, hi)]
+    got = []
+
+    def gen():
+        for v, k in cases:
+            yield x.eq(v)
+            yield n.eq(k)
+            yield
+            got.append((yield y))
+
+    run_simulation(m, gen())
+    want = [int(nx.round_shift(np.array([v], dtype=object), k)[0]) for v, k in cases]
+    assert got == want
+
+
 # ----------------------------------------------------------------------------- matvec
 @pytest.mark.parametrize("lanes", [16, 64])
 def test_matvec(lanes):
