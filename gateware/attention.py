@@ -3,8 +3,9 @@
 For each group of kv_par KV heads (HP = kv_par * kv_mul query heads):
   pass 1  t = 0..pos: K row -> HP dot products -> Q8 scores -> Softmax (running max)
   pass 2  t = 0..pos: the same scores -> e = exp_neg(max - s) -> out[h] += e * V row; sums
-  then    recip[h] = floor(2^40 / sum) (Softmax's dividers)
-Then over the whole vector: o = round_shift(out * recip, 40 + e_v - 12), one pass for max |o|,
+  then    recip[h] = floor(2^40 / sum) (Softmax's dividers); the group's HP * head_dim
+          accumulators are copied into the output vector
+Then over the whole vector (rotated one beat of P per cycle, so no wide read multiplexer): o = round_shift(out * recip, 40 + e_v - 12), one pass for max |o|,
 one pass emitting quantize_act(o) (P int8 per beat) to the matrix-vector engine.
 
 The KV cache is two block RAMs (keys, values): word = kv_par heads x head_dim int8, address
