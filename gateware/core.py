@@ -193,7 +193,6 @@ class Datapath(Module):
         # ---------------------------------------------------------------- x -> RMSNorm streamer
         n_sel = 2 * NL + 1
         st_run = Signal()
-        st_i = Signal(ubits(3 * D // P))
         st_b = Signal(ubits(D // P))
         st_pass = Signal(2)
         nsel = Signal(ubits(n_sel))

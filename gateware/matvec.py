@@ -56,7 +56,6 @@ class MatVec(Module):
         C, R, P = cols, rows, vlanes
         self.banks = banks
         nb = len(banks)
-        b_max = max(b.bits for b in banks)
         max_rows = max(b.depth * b.rows_per_word for b in banks)
         self.act_sink = stream.Endpoint([("a", P * 8)])
         self.cmd = stream.Endpoint(cmd_layout(banks, max_rows, tag_bits))

@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from migen import Module, Signal, ClockDomain
+from migen import Module, ClockDomain
 from litex.gen.fhdl.verilog import convert
 from litex.soc.interconnect import csr_bus
 from litex.soc.interconnect.csr_bus import CSRBankArray
