@@ -7,9 +7,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python scripts/bench.py` puts scripts/, not the repo, on the path
+    sys.path.insert(0, str(REPO))
 
 
 def bench_golden() -> None:
@@ -52,12 +58,9 @@ def _timed(f) -> float:
 def main() -> None:
     bench_golden()
     bench_kernel()
-    try:
-        from gateware import bench as gw_bench
-    except ImportError:
-        print("gateware: no gateware.bench module in this build")
-    else:
-        gw_bench.main()
+    from gateware import bench as gw_bench
+
+    gw_bench.main([])
 
 
 if __name__ == "__main__":

@@ -99,5 +99,16 @@ def test_cycle_model_shape():
     b = cycle_model.device_bounds(REAL)
     assert b["bram_bound"] < cycle_model.expected_cycles(REAL, 256, 0)
     assert b["mult_bound"] < cycle_model.expected_cycles(REAL, 64, 0)
+    # each matrix pass issues at least rows x cols x (slots per weight) / lanes words, and one more
+    # position costs exactly two KV-cache passes (scores, then e x V) per KV group and layer
+    fmts = compiler.matrix_formats(REAL, None, "w4e8")
+    geo = compiler.make_geometry(REAL, 128, fmts)
     bd = cycle_model.breakdown(REAL, 128, 10)
-    assert sum(bd.values()) == cycle_model.expected_cycles(REAL, 128, 10)
+    for key, rows, cols, fname in compiler.virtual_matrices(REAL):
+        step = next(v for k, v in bd.items() if k.startswith("mv") and k.endswith(":" + key))
+        slots = 2 if fmts[fname][0] > geo.lane_bits else 1
+        assert step >= rows * cols * slots // 128, key
+    groups = REAL.n_kv_heads // geo.kv_par
+    for p in (0, 10, 200):
+        d = cycle_model.expected_cycles(REAL, 128, p + 1) - cycle_model.expected_cycles(REAL, 128, p)
+        assert d == 2 * groups * REAL.n_layers, p

@@ -31,13 +31,33 @@ def test_batch_rows_equal_single_runs(small_baked):
 
 
 def test_trace_has_every_layer_and_matches_residual(small_baked, small_cfg):
+    """The trace holds the residual stream itself: the embedding, each block's output as the next
+    block computes from it, and the last layer's output is what the classifier turned into logits."""
+    from bakedllama.golden import attention_block, classifier, embed, ffn_block
+
     g = Golden(small_baked)
+    f = g.fmt
     s, tr = g.new_state(1), Trace()
-    g.forward(s, [5], trace=tr)
+    g.forward(s, [7])  # position 0, so position 1 attends over two cache rows
+    out = g.forward(s, [5], trace=tr)
     assert len(tr.layers) == small_cfg.n_layers
-    for layer in tr.layers:
-        for v in layer.values():
-            assert v.shape == (1, small_cfg.dim) and np.abs(v).max() <= 32767
+    assert (tr.embedding == embed(small_baked.weights["tok_embeddings"], [5], f["f_x"])).all()
+    # replay the blocks on a copy of the cache as it was before position 1, from the traced inputs
+    s2 = g.new_state(1)
+    g.forward(s2, [7])
+    x = tr.embedding
+    cos, sin = g.rope_cos[1], g.rope_sin[1]
+    for l, layer in enumerate(tr.layers):
+        lw = g.layer(l)
+        assert layer["x_att"].shape == (1, small_cfg.dim)
+        x_att = attention_block(small_cfg, f, lw, x, s2.key_cache[l], s2.value_cache[l], 1, cos, sin)
+        assert (x_att == layer["x_att"]).all(), f"layer {l}: x_att is not the attention block's output"
+        assert (ffn_block(small_cfg, f, lw, layer["x_att"]) == layer["x_ffn"]).all(), f"layer {l}: x_ffn"
+        assert not (layer["x_att"] == x).all()  # each block changes the residual
+        x = layer["x_ffn"]
+    want = classifier(f, small_baked.norms["rms_final_weight"], f["f_g_rms_final_weight"],
+                      small_baked.wcls, x)
+    assert (want.acc == out.acc).all() and (want.frac == out.frac).all()
 
 
 def test_generation_is_deterministic_and_bounded(small_baked, small_cfg):
