@@ -8,6 +8,7 @@ greedy decoding for `positions` steps (position 0 .. positions-1) and print:
   - cycles per token from the hardware counter at positions 16, 128 and 255, next to the cycle
     model and the device bounds (weight bits / 7,488 BRAM bits per cycle; weights / 156 multipliers),
   - token ids and per-layer traces checked against the golden model (mismatches counted, printed),
+  - LUT4 / FF / DP16KD / MULT18X18D per unit at the default lanes (gateware.area),
   - projected tokens/s = Fmax / cycles (16-token prompt, 128 generated) when a place-and-route
     result for that lanes exists (build/gateware/accel-l<lanes>/build.json from `gateware.build
     --synth`).
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="baked model (.bkl); default: weights/tiny/model-q.bkl")
     ap.add_argument("--jobs", type=int, default=2, help="Verilator build jobs")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-area", action="store_true", help="skip the per-unit synthesis")
     args = ap.parse_args(argv)
     model = load_baked(args.model) if args.model else load_baked()
     cfg = model.cfg
@@ -129,6 +131,15 @@ def main(argv=None) -> int:
         else:
             print(f"    no place-and-route result (python -m gateware.build --lanes {lanes} --synth)")
         out.append(r)
+    if not args.no_area:
+        from gateware import area
+
+        plan = compiler.compile_model(model, lanes=compiler.DEFAULT_LANES)
+        areas = area.unit_areas(plan, args.jobs, log=lambda s: print("  " + s, flush=True))
+        print(f"area per unit at lanes {plan.geo.lanes} (yosys synth_ecp5, each unit alone; "
+              f"python -m gateware.area):")
+        for row in area.table(areas):
+            print("    " + row)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -34,6 +34,24 @@ KIND_QKV, KIND_WO, KIND_W13, KIND_W2, KIND_CLS = range(5)
 _KINDS = {"qkv": KIND_QKV, "wo": KIND_WO, "w13": KIND_W13, "w2": KIND_W2, "cls": KIND_CLS}
 
 
+def make_units(plan: compiler.Plan) -> dict:
+    """The datapath's units, built from the plan (the Datapath wires them; gateware.area
+    synthesizes each one alone for the per-unit area table)."""
+    c, g, f, t = plan.cfg, plan.geo, plan.fmt, plan.tables
+    D, H, V, P, Q = c.dim, c.hidden_dim, c.vocab_size, g.vlanes, g.post
+    kmax = max(D, H)
+    return dict(
+        mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q),
+        rms=RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"]),
+        aq=ActQuant(kmax, Q, P),
+        att=Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q),
+        rope=Rope(Q),
+        swiglu=SwiGLU(Q, f["f_h"]),
+        argmax=Argmax(Q, plan.acc_bits, V),
+        sampler=Sampler(V, Q),
+    )
+
+
 class Datapath(Module):
     """Everything with memories (weight ROMs, KV cache, tables) lives here, outside the AutoCSR core."""
 
@@ -58,16 +76,11 @@ class Datapath(Module):
         # # #
 
         # ---------------------------------------------------------------- units
-        kmax = max(D, H)
-        self.submodules.mv = mv = MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits,
-                                         out_lanes=Q)
-        self.submodules.rms = rms = RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"])
-        self.submodules.aq = aq = ActQuant(kmax, Q, P)
-        self.submodules.att = att = Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q)
-        self.submodules.rope = rope = Rope(Q)
-        self.submodules.swiglu = swiglu = SwiGLU(Q, f["f_h"])
-        self.submodules.argmax = amax = Argmax(Q, plan.acc_bits, V)
-        self.submodules.sampler = smp = Sampler(V, Q)
+        units = make_units(plan)
+        for name, u in units.items():
+            setattr(self.submodules, name, u)
+        mv, rms, aq, att = units["mv"], units["rms"], units["aq"], units["att"]
+        rope, swiglu, amax, smp = units["rope"], units["swiglu"], units["argmax"], units["sampler"]
 
         # ---------------------------------------------------------------- residual x
         # P/Q banks of distributed RAM; bank b, word a = x[a*P + b*Q + (0 .. Q-1)]. Written P-wide
