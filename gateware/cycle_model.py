@@ -17,13 +17,14 @@ from bakedllama import numerics as nx
 from bakedllama.config import ModelConfig
 
 from gateware import compiler
+from gateware import latency as lat
 
-# pipeline constants of the units (see the comments at each use)
-NORM_WAIT = 6  # RMSNorm: after the sum-of-squares pass, until 1/sqrt is ready (pass 2 follows pass 1)
-NORM_LAT = 5  # RMSNorm: input beat -> output beat registers
-MV_LAT = 6  # MatVec: issue -> ROM -> word/act regs -> products -> (tree) -> group -> m* -> FIFO
-POST_LAT = {"qkv": 2, "wo": 0, "w13": 4, "w2": 0, "cls": 1}  # RowPost: RoPE 2, SwiGLU 4, Argmax 1
-EXP_LAT = 4  # Softmax: d register + ExpNeg's 3
+# pipeline constants of the units: defined once in gateware/latency.py, which the units build from
+NORM_WAIT = lat.NORM_WAIT
+NORM_LAT = lat.NORM_LAT
+MV_LAT = lat.MV_LAT
+POST_LAT = lat.POST
+EXP_LAT = lat.SOFTMAX_EXP
 
 
 def tree_latency(n: int, regs_every: int = 2) -> int:

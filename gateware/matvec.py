@@ -16,6 +16,7 @@ from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
 
+from gateware import latency as lat
 from gateware.hw import adder_tree, field, plane_dot, signed, ubits
 
 
@@ -270,7 +271,11 @@ class MatVec(Module):
             fifo.sink.tag.eq(cC.tag),
             fifo.sink.last.eq(cC.clast),
         ]
-        self.latency = 2 + 1 + tree_lat + 3  # c0 -> FIFO write
+        # c0 -> FIFO write: ROM (c1), word/act (c2), products + tree, group (cB), m* (cC), row acc
+        self.latency = 2 + 1 + tree_lat + 3
+        if self.latency != lat.MV_LAT + tree_lat:
+            raise ValueError(f"MatVec pipeline is {self.latency} cycles, gateware.latency says "
+                             f"{lat.MV_LAT} + the adder tree's {tree_lat}")
 
         # repack R_b-row FIFO entries into Q-wide beats
         src = self.source

@@ -18,6 +18,7 @@ from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
 
+from gateware import latency as lat
 from gateware.hw import (absval, bit_length, clip, field, max_tree, round_shift, saturate, sbits,
                          signed, ubits)
 
@@ -186,7 +187,7 @@ class RMSNorm(Module):
         [(radr, rdat)] = rom(self, nx.RSQRT_TABLE, 16)
         self.comb += radr.eq(mant[6:16] - 256)
         cnt = Signal(4)
-        drain = 5  # last pass-0 beat -> sum (2) -> ss_tot, bl, kk, mant (4) -> r
+        drain = lat.NORM_WAIT - 1  # last pass-0 beat -> sum (2) -> ss_tot, bl, kk, mant (4) -> r
         self.sync += [
             If(take & sink.last,
                 cnt.eq(0),
@@ -200,6 +201,9 @@ class RMSNorm(Module):
         ]
         self.comb += self.busy.eq((phase != 0) | wait | v1 | v2 | v3 | v4 | v5)
         self.wait_cycles = drain + 1
+        self.latency = len((v1, v2, v3, v4, v5))  # the stages above, input beat -> output beat
+        if self.latency != lat.NORM_LAT:
+            raise ValueError(f"RMSNorm has {self.latency} stages, gateware.latency says {lat.NORM_LAT}")
 
 
 # ----------------------------------------------------------------------------- ActQuant
@@ -266,7 +270,7 @@ class ActQuant(Module):
 class Rope(Module):
     """numerics.rope on Q/2 interleaved pairs per beat, cos/sin (Q14) given with each beat."""
 
-    latency = 2
+    latency = lat.ROPE
 
     def __init__(self, Q: int):
         self.sink = stream.Endpoint([("x", Q * 16), ("cos", Q // 2 * 16), ("sin", Q // 2 * 16)])
@@ -297,7 +301,7 @@ class Rope(Module):
 class SwiGLU(Module):
     """numerics.swiglu(h1, h3, f_h): silu(h1) * h3 for Q lanes of int16."""
 
-    latency = 4
+    latency = lat.SWIGLU
 
     def __init__(self, Q: int, f_h: int):
         self.sink = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16)])
@@ -346,7 +350,7 @@ class SwiGLU(Module):
 class ExpNeg(Module):
     """numerics.exp_neg: d >= 0 (Q8) -> exp(-d) in Q15, for H lanes; fixed latency, ce given."""
 
-    latency = 3
+    latency = lat.EXPNEG
 
     def __init__(self, H: int, d_bits: int, ce=None):
         self.d = [Signal(d_bits) for _ in range(H)]

@@ -1,0 +1,17 @@
+"""Pipeline latencies of the units, defined once: the units build their pipelines from these and
+the cycle model (and through it the 8B projection) prices the schedule with the same numbers.
+
+Plain constants, no Migen, so `gateware.cycle_model` and `bakedllama.llama8b.projection` import
+them cheaply. A unit whose structure cannot follow a constant checks it in its constructor.
+"""
+
+ROPE = 2  # Rope: products register, then the rounded sum
+SWIGLU = 4  # SwiGLU: sigmoid index, table, h1 * sigmoid, * h3 and round
+EXPNEG = 3  # ExpNeg: EXP_HI block-RAM read, hi * lo product, rounded result
+ARGMAX = 1  # Argmax: the result register after the last beat
+SOFTMAX_EXP = 1 + EXPNEG  # Softmax: the d = max - s register, then ExpNeg
+NORM_LAT = 5  # RMSNorm: input beat -> output beat (products, u, u * g, xb, int8 registers)
+NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
+MV_LAT = 6  # MatVec: ROM read 2 (address, data), word/act regs 1, group sum, m x partial, row acc
+# row post-processing after the requantization register, per matrix kind
+POST = {"qkv": ROPE, "wo": 0, "w13": SWIGLU, "w2": 0, "cls": ARGMAX}
