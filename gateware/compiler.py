@@ -1,7 +1,9 @@
 """The model compiler: passes from a BakedModel to everything the hardware needs, in plain Python.
 
     geometry   lanes -> tile of the matrix-vector engine (R rows x C columns per cycle), vector
-               lanes P, attention parallelism; checked against the config (ValueError at once)
+               lanes P, attention parallelism; hidden_dim and vocab_size padded up to the tile
+               (zero rows / columns: exact, see make_geometry); ValueError at once where the
+               config cannot be padded (dim, head_dim, kv_dim) or cannot fit
     banks      weight matrices -> ROM images: one bank per weight format (bits, group), each
                matrix a run of words; a word holds R_b row slots of C weights + a share of the
                row's group multiplier, so one word is what the lanes consume in one cycle
@@ -30,6 +32,8 @@ from bakedllama.config import ModelConfig
 DEFAULT_LANES = 64
 M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
+BRAM_BITS = 18432  # bits of one DP16KD
+BRAMS = 208  # DP16KD blocks of the LFE5U-85F (the ULX3S default)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -43,10 +47,16 @@ class Geometry:
     kv_par: int  # KV heads handled together by the attention unit (n_kv_heads / kv_par passes)
     bank_rows: tuple  # R_b per bank (a bank may use fewer row slots to keep its ROM deep)
     lane_bits: int = 8  # weight bits per lane multiplier; wider weights take two row slots
+    hidden: int = 0  # FFN width as laid out: hidden_dim padded with zero rows of w1/w3, columns of w2
+    vocab: int = 0  # classifier / embedding rows as laid out: vocab_size padded with zero rows
 
 
 def _pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+def _roundup(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def matrix_formats(cfg: ModelConfig, weights_fmt: dict | None = None, scheme: str = "w4e8") -> dict:
@@ -68,27 +78,52 @@ def bank_key(fmt: tuple) -> tuple:
     return fmt  # one ROM bank per (bits, group)
 
 
-def virtual_matrices(cfg: ModelConfig) -> list[tuple]:
-    """(key, rows, cols, weight-format name) of every matrix the engine runs, in ROM order."""
+def virtual_matrices(cfg: ModelConfig, geo: Geometry | None = None) -> list[tuple]:
+    """(key, rows, cols, weight-format name) of every matrix the engine runs, in ROM order.
+
+    With a geometry, the shapes as laid out (hidden_dim and vocab_size padded to the tile)."""
+    return _matrices(cfg, geo.hidden if geo else cfg.hidden_dim, geo.vocab if geo else cfg.vocab_size)
+
+
+def _matrices(cfg: ModelConfig, H: int, V: int) -> list[tuple]:
     c = cfg
     out = []
     for l in range(c.n_layers):
         out += [(f"qkv{l}", c.dim + 2 * c.kv_dim, c.dim, "wq"), (f"wo{l}", c.dim, c.dim, "wo"),
-                (f"w13{l}", 2 * c.hidden_dim, c.dim, "w1"), (f"w2{l}", c.dim, c.hidden_dim, "w2")]
-    out.append(("cls", c.vocab_size, c.dim, "wcls"))
+                (f"w13{l}", 2 * H, c.dim, "w1"), (f"w2{l}", c.dim, H, "w2")]
+    out.append(("cls", V, c.dim, "wcls"))
     if not c.tied_embeddings:
-        out.append(("emb", c.vocab_size, c.dim, "tok_embeddings"))
+        out.append(("emb", V, c.dim, "tok_embeddings"))
+    return out
+
+
+def padded_formats(cfg: ModelConfig, formats: dict, hidden: int) -> dict:
+    """The formats as laid out: a w2 quantized per row (group = hidden_dim) keeps one multiplier
+    per row over the padded row (the pad weights are 0, so the group sum is unchanged)."""
+    out = dict(formats)
+    bits, group = formats["w2"]
+    if group == cfg.hidden_dim:
+        out["w2"] = (bits, hidden)
     return out
 
 
 def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | None = None,
                   kv_par: int | None = None) -> Geometry:
-    """Choose the engine tile for `lanes` and check that the config fits it (ValueError if not)."""
+    """Choose the engine tile for `lanes` and pad the config to it (ValueError where it cannot).
+
+    Padding is exact: w1/w3 get zero rows (h1 = h3 = 0, SwiGLU(0, 0) = 0, and max |hb| is
+    unchanged), w2 zero columns (they meet those zeros); the classifier and embedding get zero rows,
+    which Argmax and the Sampler never pick (they stop at the real vocab_size). dim, head_dim and
+    kv_dim are not padded: RMSNorm divides by the real dim, and a head's lanes hold its real width."""
     c = cfg
     if not _pow2(lanes):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
     if formats["wq"] != formats["wk"] or formats["wq"] != formats["wv"] or formats["w1"] != formats["w3"]:
         raise ValueError("wq/wk/wv and w1/w3 must share a weight format (they run as one matrix)")
+    for name in ("dim", "hidden_dim", "vocab_size", "seq_len"):
+        if getattr(c, name) > 0xFFFF:
+            raise ValueError(f"{name} = {getattr(c, name)} does not fit the 16-bit token / config "
+                             f"fields of the core")
     groups = {g for _, g in formats.values()}
     C = lanes
     while C > 1 and any(g % C for g in groups):
@@ -99,17 +134,51 @@ def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | Non
     P = vlanes
     if not _pow2(P) or P < 2:
         raise ValueError(f"vlanes must be a power of two >= 2, got {P}")
-    for name, n in (("dim", c.dim), ("hidden_dim", c.hidden_dim), ("kv_dim", c.kv_dim),
-                    ("head_dim", c.head_dim), ("vocab_size", c.vocab_size)):
+    for name, n in (("dim", c.dim), ("kv_dim", c.kv_dim), ("head_dim", c.head_dim)):
         if n % P:
-            raise ValueError(f"{name} = {n} is not a multiple of vlanes = {P}")
+            raise ValueError(f"{name} = {n} is not a multiple of vlanes = {P} (the compiler pads "
+                             f"hidden_dim and vocab_size, not {name}: choose vlanes dividing it)")
     if kv_par is None:
         kv_par = 1  # one KV head per pass: kv_mul * head_dim e*v products (DSP blocks) per cycle
     if kv_par <= 0 or c.n_kv_heads % kv_par:
         raise ValueError(f"kv_par {kv_par} must divide n_kv_heads {c.n_kv_heads}")
+    min_cols = min(c.dim, c.hidden_dim)
+    Q = 2
+    while Q < P and Q * min_cols < lanes:
+        Q *= 2
+    for name, n in (("dim", c.dim), ("kv_dim", c.kv_dim)):
+        if n % Q:
+            raise ValueError(f"{name} = {n} is not a multiple of the post-processing lanes {Q}")
+    # padding: hidden to the vector lanes, the post lanes (w1/w3 interleave in blocks of Q), C
+    # (w2's columns) and w2's group; vocab to the vector and post lanes; then both to the rows per
+    # word of their banks (which may grow with the padding: repeat until nothing moves)
+    g2 = formats["w2"][1]
+    Hp = _roundup(c.hidden_dim, math.lcm(P, Q, C, g2 if g2 != c.hidden_dim else 1))
+    Vp = _roundup(c.vocab_size, math.lcm(P, Q))
+    for _ in range(2 * lanes.bit_length() + 2):
+        mats = _matrices(c, Hp, Vp)
+        lane_bits, bank_rows, rpw = _bank_rows(mats, padded_formats(c, formats, Hp), R, C)
+        Hn = _roundup(Hp, max(1, rpw["w1"] // 2))
+        Vn = _roundup(Vp, max(rpw["wcls"], 1 if c.tied_embeddings else rpw["tok_embeddings"]))
+        if (Hn, Vn) == (Hp, Vp):
+            break
+        Hp, Vp = Hn, Vn
+    else:  # pragma: no cover - the rows per word only grow, up to R
+        raise ValueError("hidden_dim / vocab_size padding did not converge")
+    for key2, r, _, f in mats:
+        if r % rpw[f]:
+            raise ValueError(f"matrix {key2} has {r} rows, not a multiple of the {rpw[f]} rows per "
+                             f"cycle of lanes = {lanes} (dim and kv_dim are not padded: choose other "
+                             f"lanes)")
+    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits, Hp, Vp)
+
+
+def _bank_rows(mats: list, formats: dict, R: int, C: int) -> tuple[int, list, dict]:
+    """lane_bits, R_b per bank (sorted bank keys) and rows per word per weight format name, for
+    the matrices `mats`."""
     # lanes multiply lane_bits-bit weights; a bank of wider weights (at most twice as wide) keeps
     # the low and high parts of each weight in two row slots, combined after the adder trees
-    banks = sorted({bank_key(formats[f]) for _, _, _, f in virtual_matrices(c)})
+    banks = sorted({bank_key(formats[f]) for _, _, _, f in mats})
     lane_bits = min(b for b, _ in banks)
     if any(b > 2 * lane_bits for b, _ in banks) or R < 2:
         lane_bits = max(b for b, _ in banks)  # (one row slot cannot hold a split weight)
@@ -118,28 +187,18 @@ def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | Non
     for key in banks:
         bits, group = key
         split = 2 if bits > lane_bits else 1
-        mats = [(r, k) for _, r, k, f in virtual_matrices(c) if bank_key(formats[f]) == key]
+        bm = [(r, k) for _, r, k, f in mats if bank_key(formats[f]) == key]
         Rb = R
         while Rb > split:
-            depth = sum(r // (Rb // split) * (k // C) for r, k in mats)
-            total_bits = sum(r * k for r, k in mats) * (bits + M_BITS / group)
+            depth = sum(-(-r // (Rb // split)) * (k // C) for r, k in bm)
+            total_bits = sum(r * k for r, k in bm) * (bits + M_BITS / group)
             if depth >= BRAM_DEPTH or total_bits <= 18432:
                 break
             Rb //= 2
-        for key2, r, k, f in virtual_matrices(c):
-            if bank_key(formats[f]) == key and r % (Rb // split):
-                raise ValueError(f"matrix {key2} has {r} rows, not a multiple of the {Rb // split} "
-                                 f"rows per cycle of lanes = {lanes}")
         bank_rows.append(Rb)
-    min_cols = min(c.dim, c.hidden_dim)
-    Q = 2
-    while Q < P and Q * min_cols < lanes:
-        Q *= 2
-    for name, n in (("dim", c.dim), ("hidden_dim", c.hidden_dim), ("kv_dim", c.kv_dim),
-                    ("vocab_size", c.vocab_size)):
-        if n % Q:
-            raise ValueError(f"{name} = {n} is not a multiple of the post-processing lanes {Q}")
-    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits)
+    rpw = {f: bank_rows[banks.index(bank_key(formats[f]))] // (2 if formats[f][0] > lane_bits else 1)
+           for _, _, _, f in mats}
+    return lane_bits, bank_rows, rpw
 
 
 # ----------------------------------------------------------------------------- banks
@@ -271,8 +330,11 @@ def make_schedule(cfg: ModelConfig, with_sampling: bool = False) -> list[Step]:
 
 
 def build_banks(cfg: ModelConfig, geo: Geometry, formats: dict, weights: dict | None):
-    """Lay out every virtual matrix in its bank. With weights=None only the placement is computed."""
-    keys = sorted({bank_key(formats[f]) for _, _, _, f in virtual_matrices(cfg)})
+    """Lay out every virtual matrix (padded to the geometry) in its bank. With weights=None only
+    the placement is computed."""
+    formats = padded_formats(cfg, formats, geo.hidden)
+    mats = virtual_matrices(cfg, geo)
+    keys = sorted({bank_key(formats[f]) for _, _, _, f in mats})
     banks = []
     for i, (bits, group) in enumerate(keys):
         cpg = group // geo.cols
@@ -280,7 +342,7 @@ def build_banks(cfg: ModelConfig, geo: Geometry, formats: dict, weights: dict | 
                           min(bits, geo.lane_bits)))
     place = {}
     depth = [0] * len(banks)
-    for key, rows, cols, f in virtual_matrices(cfg):
+    for key, rows, cols, f in mats:
         bi = keys.index(bank_key(formats[f]))
         bk = banks[bi]
         p = Placement(bi, depth[bi], rows, cols, cols // geo.cols, rows // bk.rows_per_word)
@@ -294,29 +356,42 @@ def build_banks(cfg: ModelConfig, geo: Geometry, formats: dict, weights: dict | 
     return banks, place
 
 
+def _pad_rows(q: np.ndarray, m: np.ndarray, rows: int):
+    """Zero rows (weights and multipliers) up to `rows`."""
+    n = rows - q.shape[0]
+    return np.pad(q, ((0, n), (0, 0))), np.pad(m, ((0, n), (0, 0)))
+
+
 def virtual_rows(cfg: ModelConfig, geo: Geometry, W: dict, key: str):
-    """The (q, m) rows of a virtual matrix: qkv = [wq; wk; wv]; w13 = w1, w3 interleaved in blocks
-    of Q rows (so the SwiGLU unit sees a beat of h1 then the matching beat of h3)."""
+    """The (q, m) rows of a virtual matrix as laid out: qkv = [wq; wk; wv]; w13 = w1, w3 (zero rows
+    up to geo.hidden) interleaved in blocks of Q rows (so the SwiGLU unit sees a beat of h1 then the
+    matching beat of h3); w2 with zero columns up to geo.hidden; cls and emb with zero rows up to
+    geo.vocab."""
     if key == "cls":
         w = W["wcls"] if "wcls" in W else W["tok_embeddings"]
-        return w.q, w.m
+        return _pad_rows(w.q, w.m, geo.vocab)
     if key == "emb":
-        return W["tok_embeddings"].q, W["tok_embeddings"].m
+        return _pad_rows(W["tok_embeddings"].q, W["tok_embeddings"].m, geo.vocab)
     kind, l = split_key(key)
     if kind == "qkv":
         parts = [W["wq"][l], W["wk"][l], W["wv"][l]]
         return np.concatenate([p.q for p in parts]), np.concatenate([p.m for p in parts])
     if kind == "w13":
         P = geo.post
-        w1, w3 = W["w1"][l], W["w3"][l]
-        H = w1.rows
+        (q1, m1), (q3, m3) = (_pad_rows(w.q, w.m, geo.hidden) for w in (W["w1"][l], W["w3"][l]))
         qs, ms = [], []
-        for b in range(H // P):
+        for b in range(geo.hidden // P):
             sl = slice(b * P, (b + 1) * P)
-            qs += [w1.q[sl], w3.q[sl]]
-            ms += [w1.m[sl], w3.m[sl]]
+            qs += [q1[sl], q3[sl]]
+            ms += [m1[sl], m3[sl]]
         return np.concatenate(qs), np.concatenate(ms)
     w = W[kind][l]  # wo, w2
+    if kind == "w2" and geo.hidden != cfg.hidden_dim:
+        n = geo.hidden - cfg.hidden_dim
+        q = np.pad(w.q, ((0, 0), (0, n)))
+        # per-row multipliers cover the padded row; per-group ones get zero groups
+        m = w.m if w.group == cfg.hidden_dim else np.pad(w.m, ((0, 0), (0, n // w.group)))
+        return q, m
     return w.q, w.m
 
 
@@ -327,11 +402,17 @@ def split_key(key: str) -> tuple[str, int]:
 
 
 def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
-                  kv_par: int | None = None, with_sampling: bool = True) -> Plan:
-    """BakedModel -> Plan (geometry, bank images, tables, schedule)."""
+                  kv_par: int | None = None, with_sampling: bool = True,
+                  brams: int | None = BRAMS) -> Plan:
+    """BakedModel -> Plan (geometry, bank images, tables, schedule).
+
+    brams: block RAMs of the device (None: no check); a model whose padded weight ROMs and KV cache
+    hold more bits than all of them is refused (ValueError) before any image is built."""
     c, f = model.cfg, model.fmt
     formats = matrix_formats(c, f["weights"])
     geo = make_geometry(c, lanes, formats, vlanes, kv_par)
+    if brams is not None:
+        check_bram_budget(c, geo, formats, brams)
     banks, place = build_banks(c, geo, formats, model.weights)
     W = model.weights
     wcls = model.wcls
@@ -341,7 +422,8 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
         shifts[f"wo{l}"] = int(W["wo"].shift[l])
         shifts[f"w13{l}"] = (int(W["w1"].shift[l]), int(W["w3"].shift[l]))
         shifts[f"w2{l}"] = int(W["w2"].shift[l])
-    acc_bits = max(nx.matvec_acc_bits(*formats[fn], k) for _, _, k, fn in virtual_matrices(c))
+    pf = padded_formats(c, formats, geo.hidden)
+    acc_bits = max(nx.matvec_acc_bits(*pf[fn], k) for _, _, k, fn in virtual_matrices(c, geo))
     inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
     cos, sin = nx.rope_table(np.arange(c.seq_len), inv)  # (seq_len, head_dim/2) Q14
     N = model.norms
@@ -364,6 +446,20 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
         assert all(0 <= w < (1 << b.width) for w in b.words)
     return Plan(c, geo, model.identity(), f, banks, place, shifts, acc_bits, tables,
                 make_schedule(c, with_sampling))
+
+
+def check_bram_budget(cfg: ModelConfig, geo: Geometry, formats: dict, brams: int = BRAMS):
+    """ValueError if the weight ROMs (as laid out) and the KV cache cannot fit `brams` block RAMs
+    even when packed without waste (a lower bound: the real mapping needs more)."""
+    banks, place = build_banks(cfg, geo, formats, None)
+    rom = sum(p.words * banks[p.bank].width for k, p in place.items()
+              if not (k == "emb" and cfg.tied_embeddings))
+    kv = 2 * cfg.n_layers * cfg.seq_len * cfg.kv_dim * 8
+    have = brams * BRAM_BITS
+    if rom + kv > have:
+        raise ValueError(f"the model does not fit: weight ROMs {rom / 1024:.0f} kbit + KV cache "
+                         f"{kv / 1024:.0f} kbit > {brams} block RAMs x 18 kbit = {have / 1024:.0f} "
+                         f"kbit (fewer layers, a shorter seq_len or fewer weight bits)")
 
 
 def norm_select(layer: int, which: str, n_layers: int) -> int:

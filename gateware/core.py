@@ -38,7 +38,7 @@ def make_units(plan: compiler.Plan) -> dict:
     """The datapath's units, built from the plan (the Datapath wires them; gateware.area
     synthesizes each one alone for the per-unit area table)."""
     c, g, f, t = plan.cfg, plan.geo, plan.fmt, plan.tables
-    D, H, V, P, Q = c.dim, c.hidden_dim, c.vocab_size, g.vlanes, g.post
+    D, H, V, P, Q = c.dim, g.hidden, g.vocab, g.vlanes, g.post  # hidden, vocab: padded
     kmax = max(D, H)
     return dict(
         mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q),
@@ -47,8 +47,8 @@ def make_units(plan: compiler.Plan) -> dict:
         att=Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q),
         rope=Rope(Q),
         swiglu=SwiGLU(Q, f["f_h"]),
-        argmax=Argmax(Q, plan.acc_bits, V),
-        sampler=Sampler(V, Q),
+        argmax=Argmax(Q, plan.acc_bits, V, n_valid=c.vocab_size),  # never a pad row
+        sampler=Sampler(c.vocab_size, Q, n_fill=V),
     )
 
 
@@ -57,7 +57,8 @@ class Datapath(Module):
 
     def __init__(self, plan: compiler.Plan, sink, source, with_trace: bool = False):
         c, g, f = plan.cfg, plan.geo, plan.fmt
-        D, H, KVD, S, NL, V = c.dim, c.hidden_dim, c.kv_dim, c.seq_len, c.n_layers, c.vocab_size
+        D, KVD, S, NL = c.dim, c.kv_dim, c.seq_len, c.n_layers
+        H, V = g.hidden, g.vocab  # padded to the tile (compiler.make_geometry)
         hd = c.head_dim
         P, Q = g.vlanes, g.post
         t = plan.tables

@@ -99,7 +99,7 @@ def breakdown(cfg: ModelConfig, lanes: int, pos: int, scheme: str = "w4e8",
     sampled: the token drawn when the pass samples (temperature != 0); None for greedy."""
     c = cfg
     formats, geo, banks, place = _geometry(c, lanes, scheme, vlanes, kv_par, formats)
-    D, H, P, Q = c.dim, c.hidden_dim, geo.vlanes, geo.post
+    D, H, P, Q = c.dim, geo.hidden, geo.vlanes, geo.post  # hidden as padded to the tile
     out = {}
 
     def mv(key):

@@ -1,5 +1,6 @@
 """Test helpers for the gateware (used by tests/test_gateware*.py): stream drivers with random gaps / back-pressure and
-waits, small random baked models (cached per session)."""
+waits, small random baked models (cached per session), run_and_compare (a Verilator run against the
+golden model: tokens, per-layer traces, cycles)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+from bakedllama import numerics as nx
 from bakedllama.config import ModelConfig
 from bakedllama.synthetic import random_baked
 
@@ -22,6 +25,69 @@ TINY = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=96, v
 def baked(cfg: ModelConfig, scheme: str = "w4e8", seed: int = 0):
     d = Path(tempfile.mkdtemp(prefix="bkl-gw-"))
     return random_baked(d / "m.bkl", cfg, scheme=scheme, seed=seed)
+
+
+CYCLE_TOLERANCE = 0.005  # measured cycles within 0.5% of the cycle model (it is exact today)
+
+
+def _slots(tr) -> np.ndarray:
+    return np.stack([tr.embedding[0]] + [v[0] for L in tr.layers for v in (L["x_att"], L["x_ffn"])])
+
+
+def _slot_name(s: int) -> str:
+    return "embedding" if s == 0 else f"layer {(s - 1) // 2} after {'attention' if s % 2 else 'FFN'}"
+
+
+def run_and_compare(sim, model, prompt, n_gen, lanes, temperature=0.0, seed=0):
+    """Feed the prompt, then the device's own outputs (a VerilatorSim of the model's plan); compare
+    every pass with the golden model: tokens, the per-layer trace, and the cycle counter against
+    the cycle model."""
+    from bakedllama.golden import Golden, Trace
+
+    from gateware.compiler import matrix_formats
+    from gateware.cycle_model import expected_cycles
+    cfg, plan = model.cfg, sim.plan
+    formats = matrix_formats(cfg, model.fmt["weights"])  # the model's own scheme, not the default
+    gold = Golden(model)
+    st = gold.new_state(1)
+    rng = nx.XorShift32(seed)
+    inv_t = nx.temperature_q8(temperature) if temperature > 0 else 0
+    outs, cycles = [], []
+    with sim.run() as dut:
+        dut.reset(seed=seed, temperature_q8=0)
+        tok = prompt[0]
+        for pos in range(len(prompt) + n_gen - 1):
+            prompt_pass = pos < len(prompt) - 1
+            dut.write("temperature", 0 if prompt_pass else inv_t)
+            tr = Trace()
+            lg = gold.forward(st, [tok], tr)
+            if prompt_pass:
+                want = None
+            elif inv_t:
+                want = nx.sample(lg.q8()[0], inv_t, rng)
+            else:
+                want = int(nx.argmax(lg.acc)[0])
+            out, cyc = dut.token(tok)
+            x = dut.trace()
+            ref = _slots(tr)
+            for s in range(len(ref)):
+                if not (x[s] == ref[s]).all():
+                    bad = np.nonzero(x[s] != ref[s])[0]
+                    pytest.fail(f"first divergence at position {pos}, {_slot_name(s)}: "
+                                f"x[{bad[:5].tolist()}] = {x[s][bad[:5]].tolist()}, golden "
+                                f"{ref[s][bad[:5]].tolist()} ({len(bad)} of {cfg.dim} differ)")
+            if want is not None:
+                assert out == want, f"position {pos}: device token {out}, golden {want}"
+                outs.append(out)
+            exp = expected_cycles(cfg, lanes, pos, formats=formats, vlanes=plan.geo.vlanes,
+                                  kv_par=plan.geo.kv_par,
+                                  sampled=out if (inv_t and not prompt_pass) else None)
+            assert abs(cyc - exp) <= max(2, CYCLE_TOLERANCE * exp), \
+                f"position {pos}: {cyc} cycles measured, cycle model {exp}"
+            cycles.append(cyc)
+            assert dut.read("cycles") == cyc  # the hardware counter is what the testbench measured
+            tok = out if not prompt_pass else prompt[pos + 1]
+    return outs, cycles
 
 
 class Stalled(AssertionError):

@@ -507,16 +507,29 @@ class Softmax(Module):
 
 # ----------------------------------------------------------------------------- argmax
 class Argmax(Module):
-    """numerics.argmax over a stream of Q-wide beats of signed values (lowest index on ties)."""
+    """numerics.argmax over a stream of Q-wide beats of signed values (lowest index on ties).
 
-    def __init__(self, Q: int, width: int, n_max: int):
+    n_max: values streamed; n_valid (<= n_max): only indices below it can win (the rest are the
+    padding of a vocabulary to the tile: their lanes are forced to the most negative value, which
+    a real lane, lower in index, wins on a tie)."""
+
+    def __init__(self, Q: int, width: int, n_max: int, n_valid: int | None = None):
         self.sink = stream.Endpoint([("v", Q * width)])
         self.source = stream.Endpoint([("index", ubits(n_max))])
 
         # # #
 
         sink, source = self.sink, self.source
+        base = Signal(ubits(n_max))
         vs = lanes_of(self, sink.v, Q, width)
+        if n_valid is not None and n_valid < n_max:
+            lo = Constant(-(1 << (width - 1)), (width, True))
+            vm = []
+            for j, v in enumerate(vs):
+                m = Signal((width, True))
+                self.comb += m.eq(Mux(base + j < n_valid, v, lo))
+                vm.append(m)
+            vs = vm
         # reduce within the beat: (value, lane), the lower lane wins ties
         cand = [(v, Constant(j, ubits(Q))) for j, v in enumerate(vs)]
         while len(cand) > 1:
@@ -533,7 +546,6 @@ class Argmax(Module):
         bv, bi = cand[0]
         best = Signal((width, True))
         besti = Signal(len(source.index))
-        base = Signal(len(source.index))
         self.comb += sink.ready.eq(~source.valid)
         self.sync += [
             If(source.valid & source.ready, source.valid.eq(0)),
@@ -561,12 +573,13 @@ def xorshift32_next(m, x) -> Signal:
 class Sampler(Module):
     """numerics.sample(logit_q8, inv_temp_q8, rng, top_k=0) over `n` logits, one per cycle per pass.
 
-    Fill the Q8 logits through `fill` (Q values per beat, in order), then pulse `start`; `token` is
+    Fill the Q8 logits through `fill` (Q values per beat, in order; n_fill >= n values, the ones past
+    n - a vocabulary's padding - are stored but never read), then pulse `start`; `token` is
     valid with the `done` pulse. Passes: max of t = logit * inv_temp >> 8, sum of exp_neg(max - t),
     one draw, cumulative search. The PRNG is seeded from `seed` on `reseed` (XorShift32's seeding,
     32 shift-add cycles) and advances once per sample."""
 
-    def __init__(self, n: int, Q: int):
+    def __init__(self, n: int, Q: int, n_fill: int | None = None):
         self.fill = stream.Endpoint([("v", Q * 32)])
         self.inv_temp = Signal(16)
         self.start = Signal()
@@ -578,7 +591,7 @@ class Sampler(Module):
 
         # # #
 
-        nw = n // Q
+        nw = -(-(n_fill or n) // Q)
         mem = Memory(Q * 32, nw)
         wp = mem.get_port(write_capable=True)
         rp = mem.get_port()  # synchronous read: a block RAM, not distributed RAM

@@ -7,73 +7,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from bakedllama import numerics as nx
 from bakedllama.config import ModelConfig
-from bakedllama.golden import Golden, Trace
 
 from gateware import compiler
 from gateware.cycle_model import expected_cycles
-from gateware.testutil import SMALL, baked
+from gateware.testutil import SMALL, baked, run_and_compare
 
 pytestmark = [pytest.mark.sim,
               pytest.mark.skipif(shutil.which("verilator") is None, reason="verilator not installed")]
 
-CYCLE_TOLERANCE = 0.005  # measured cycles within 0.5% of the cycle model (it is exact today)
 PROMPTS = [[1, 5, 9, 2], [7, 7, 30, 12, 40, 3, 8], [60, 2, 33, 19, 21, 4, 50, 11, 9, 6, 1, 27]]
 N_GEN = 32
-
-
-def _slots(tr: Trace) -> np.ndarray:
-    return np.stack([tr.embedding[0]] + [v[0] for L in tr.layers for v in (L["x_att"], L["x_ffn"])])
-
-
-def _slot_name(s: int) -> str:
-    return "embedding" if s == 0 else f"layer {(s - 1) // 2} after {'attention' if s % 2 else 'FFN'}"
-
-
-def run_and_compare(sim, model, prompt, n_gen, lanes, temperature=0.0, seed=0):
-    """Feed the prompt, then the device's own outputs; compare every pass with the golden model."""
-    cfg = model.cfg
-    gold = Golden(model)
-    st = gold.new_state(1)
-    rng = nx.XorShift32(seed)
-    inv_t = nx.temperature_q8(temperature) if temperature > 0 else 0
-    outs, cycles = [], []
-    with sim.run() as dut:
-        dut.reset(seed=seed, temperature_q8=0)
-        tok = prompt[0]
-        for pos in range(len(prompt) + n_gen - 1):
-            prompt_pass = pos < len(prompt) - 1
-            dut.write("temperature", 0 if prompt_pass else inv_t)
-            tr = Trace()
-            lg = gold.forward(st, [tok], tr)
-            if prompt_pass:
-                want = None
-            elif inv_t:
-                want = nx.sample(lg.q8()[0], inv_t, rng)
-            else:
-                want = int(nx.argmax(lg.acc)[0])
-            out, cyc = dut.token(tok)
-            x = dut.trace()
-            ref = _slots(tr)
-            for s in range(len(ref)):
-                if not (x[s] == ref[s]).all():
-                    bad = np.nonzero(x[s] != ref[s])[0]
-                    pytest.fail(f"first divergence at position {pos}, {_slot_name(s)}: "
-                                f"x[{bad[:5].tolist()}] = {x[s][bad[:5]].tolist()}, golden "
-                                f"{ref[s][bad[:5]].tolist()} ({len(bad)} of {cfg.dim} differ)")
-            if want is not None:
-                assert out == want, f"position {pos}: device token {out}, golden {want}"
-                outs.append(out)
-            exp = expected_cycles(cfg, lanes, pos, sampled=out if (inv_t and not prompt_pass) else None)
-            assert abs(cyc - exp) <= max(2, CYCLE_TOLERANCE * exp), \
-                f"position {pos}: {cyc} cycles measured, cycle model {exp}"
-            cycles.append(cyc)
-            assert dut.read("cycles") == cyc  # the hardware counter is what the testbench measured
-            tok = out if not prompt_pass else prompt[pos + 1]
-    return outs, cycles
 
 
 @pytest.fixture(scope="module")
