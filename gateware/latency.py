@@ -12,6 +12,7 @@ ARGMAX = 1  # Argmax: the result register after the last beat
 SOFTMAX_EXP = 1 + EXPNEG  # Softmax: the d = max - s register, then ExpNeg
 NORM_LAT = 5  # RMSNorm: input beat -> output beat (products, u, u * g, xb, int8 registers)
 NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
-MV_LAT = 6  # MatVec: ROM read 2 (address, data), word/act regs 1, group sum, m x partial, row acc
+MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
+# m x partial, row accumulator
 # row post-processing after the requantization register, per matrix kind
 POST = {"qkv": ROPE, "wo": 0, "w13": SWIGLU, "w2": 0, "cls": ARGMAX}

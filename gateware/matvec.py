@@ -21,18 +21,30 @@ from gateware.hw import adder_tree, field, plane_dot, signed, ubits
 
 
 class WeightRom(Module):
-    """One bank's ROM (block RAM init contents), synchronous read."""
+    """One bank's ROM (block RAM init contents), synchronous read, always enabled.
 
-    def __init__(self, width: int, words: list):
+    The word is split into column slices of `slice_bits` (two DP16KD wide), each its own memory
+    with its own address register: `adr_next` is the address of the next cycle, and every slice
+    keeps a copy of it (kept apart in synthesis), so no single net drives the address pins of all
+    the block RAMs of the bank."""
+
+    def __init__(self, width: int, words: list, slice_bits: int = 72):
         depth = max(2, len(words))
-        self.adr = Signal(ubits(depth - 1))
-        self.re = Signal()
+        self.adr_next = Signal(ubits(depth - 1))
+        self.raw_adr = Signal(ubits(depth - 1))  # read now instead (raw_en), data next cycle
+        self.raw_en = Signal()
         self.dat_r = Signal(width)
         # # #
-        mem = Memory(width, depth, init=list(words) + [0] * (depth - len(words)))
-        port = mem.get_port(has_re=True)
-        self.specials += mem, port
-        self.comb += [port.adr.eq(self.adr), port.re.eq(self.re), self.dat_r.eq(port.dat_r)]
+        words = list(words) + [0] * (depth - len(words))
+        for lo in range(0, width, slice_bits):
+            w = min(slice_bits, width - lo)
+            mem = Memory(w, depth, init=[(v >> lo) & ((1 << w) - 1) for v in words])
+            port = mem.get_port()
+            adr = Signal(len(self.adr_next), attr={("keep", 1)})
+            self.specials += mem, port
+            self.sync += adr.eq(self.adr_next)
+            self.comb += [port.adr.eq(Mux(self.raw_en, self.raw_adr, adr)),
+                          self.dat_r[lo:lo + w].eq(port.dat_r)]
 
 
 def cmd_layout(banks, max_rows_beats: int, tag_bits: int):
@@ -94,32 +106,49 @@ class MatVec(Module):
         self.submodules.fifo = fifo
         pending = Signal(ubits(fifo_depth + 1))
 
-        # issue (stage 0)
+        # command registers: a command is taken at once and issued from these registers (the
+        # sequencer's command fields never reach the issue logic or the ROM addresses directly)
         cmd = self.cmd
+        busy = Signal()
+        base_r = Signal(len(cmd.base))
+        chunks_m1 = Signal(len(cmd.chunks))
+        rgs_m1 = Signal(len(cmd.rowgroups))
+        bank_r = Signal(len(cmd.bank))
+        tag_r = Signal(tag_bits)
+        cpg_m1 = Signal(ubits(max(b.chunks_per_group for b in banks)))
+        self.comb += cmd.ready.eq(~busy)
+        # issue (stage 0)
         offset = Signal(len(cmd.base))
         chunk = Signal(len(cmd.chunks))
         rg = Signal(len(cmd.rowgroups))
-        kidx = Signal(ubits(max(b.chunks_per_group for b in banks)))
-        cpg = Signal(len(kidx) + 1)
-        self.comb += cpg.eq(Array([b.chunks_per_group for b in banks])[cmd.bank])
+        kidx = Signal(len(cpg_m1))
         rlast0 = Signal()
         issue = Signal()
+        clast = Signal()
         self.comb += [
-            rlast0.eq(chunk == cmd.chunks - 1),
-            issue.eq(cmd.valid & (~rlast0 | (pending < fifo_depth))),
-            cmd.ready.eq(issue & rlast0 & (rg == cmd.rowgroups - 1)),
+            rlast0.eq(chunk == chunks_m1),
+            issue.eq(busy & (~rlast0 | (pending < fifo_depth))),
+            clast.eq(issue & rlast0 & (rg == rgs_m1)),
         ]
-        self.sync += If(issue,
-            If(cmd.ready, offset.eq(0), chunk.eq(0), rg.eq(0), kidx.eq(0)).Else(
-                offset.eq(offset + 1),
-                If(rlast0, chunk.eq(0), rg.eq(rg + 1), kidx.eq(0)).Else(
-                    chunk.eq(chunk + 1),
-                    If(kidx == cpg - 1, kidx.eq(0)).Else(kidx.eq(kidx + 1)))))
+        self.sync += If(cmd.valid & cmd.ready,
+            busy.eq(1), base_r.eq(cmd.base), chunks_m1.eq(cmd.chunks - 1),
+            rgs_m1.eq(cmd.rowgroups - 1), bank_r.eq(cmd.bank), tag_r.eq(cmd.tag),
+            cpg_m1.eq(Array([b.chunks_per_group - 1 for b in banks])[cmd.bank]),
+            offset.eq(0), chunk.eq(0), rg.eq(0), kidx.eq(0)
+        ).Elif(issue,
+            If(clast, busy.eq(0)),
+            offset.eq(offset + 1),
+            If(rlast0, chunk.eq(0), rg.eq(rg + 1), kidx.eq(0)).Else(
+                chunk.eq(chunk + 1),
+                If(kidx == cpg_m1, kidx.eq(0)).Else(kidx.eq(kidx + 1))))
+        # the address of the next cycle: the first word of a command taken now, the next word
+        # after an issue, or the current word (direct reads, raw_en, bypass it: the embedding)
+        adr_next = Signal(len(cmd.base))
+        self.comb += If(cmd.valid & cmd.ready, adr_next.eq(cmd.base)).Elif(issue,
+            adr_next.eq(base_r + offset + 1)).Else(adr_next.eq(base_r + offset))
         for rom in roms:
-            self.comb += [
-                rom.adr.eq(Mux(self.raw_en, self.raw_adr, cmd.base + offset)),
-                rom.re.eq(issue | self.raw_en),
-            ]
+            self.comb += [rom.adr_next.eq(adr_next), rom.raw_adr.eq(self.raw_adr),
+                          rom.raw_en.eq(self.raw_en)]
         # control that travels with the data
         ctrl_layout = [("v", 1), ("chunk", len(chunk)), ("gfirst", 1), ("glast", 1),
                        ("rfirst", 1), ("rlast", 1), ("kidx", len(kidx)), ("bank", len(cmd.bank)),
@@ -127,8 +156,8 @@ class MatVec(Module):
         c0 = Record(ctrl_layout)
         self.comb += [
             c0.v.eq(issue), c0.chunk.eq(chunk), c0.gfirst.eq(kidx == 0),
-            c0.glast.eq(kidx == cpg - 1), c0.rfirst.eq(chunk == 0), c0.rlast.eq(rlast0),
-            c0.kidx.eq(kidx), c0.bank.eq(cmd.bank), c0.tag.eq(cmd.tag), c0.clast.eq(cmd.ready),
+            c0.glast.eq(kidx == cpg_m1), c0.rfirst.eq(chunk == 0), c0.rlast.eq(rlast0),
+            c0.kidx.eq(kidx), c0.bank.eq(bank_r), c0.tag.eq(tag_r), c0.clast.eq(clast),
         ]
 
         def delay(rec, n=1):
@@ -272,7 +301,7 @@ class MatVec(Module):
             fifo.sink.last.eq(cC.clast),
         ]
         # c0 -> FIFO write: ROM (c1), word/act (c2), products + tree, group (cB), m* (cC), row acc
-        self.latency = 2 + 1 + tree_lat + 3
+        self.latency = 1 + 2 + 1 + tree_lat + 3  # (+1: the command registers)
         if self.latency != lat.MV_LAT + tree_lat:
             raise ValueError(f"MatVec pipeline is {self.latency} cycles, gateware.latency says "
                              f"{lat.MV_LAT} + the adder tree's {tree_lat}")
@@ -326,4 +355,4 @@ class MatVec(Module):
         # credits: one per row group in flight or queued
         inc = issue & rlast0
         self.sync += pending.eq(pending + inc - (fifo.source.valid & pop))
-        self.comb += self.idle.eq(~cmd.valid & (pending == 0))
+        self.comb += self.idle.eq(~cmd.valid & ~busy & (pending == 0))
