@@ -18,6 +18,7 @@ from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
 
+from gateware import latency as lat
 from gateware.hw import (absval, adder_tree, bit_length, clip, const_mul, max_tree, round_shift,
                          sbits, signed, ubits)
 from gateware.units import Softmax, lanes_of
@@ -131,12 +132,15 @@ class Attention(Module):
         tl = 0
         for hh in range(HP):
             dot, tl = adder_tree(self, prods[hh * hd:(hh + 1) * hd])
-            sc = const_mul(self, dot, scale)
+            sc = Signal((len(dot) + ubits(scale) + 1, True))
+            self.sync += sc.eq(const_mul(self, dot, scale))  # registered: the scale, then the shift
             s = round_shift(self, sc, shift, (sh_lo, sh_hi))
             sr = Signal((s_bits, True))
             self.sync += sr.eq(s)
             scores.append(sr)
-        lat_s = 1 + 1 + tl + 1  # address -> K data -> product -> (tree) -> registered score
+        # address -> K data -> product -> (tree) -> scaled -> registered score
+        lat_s = lat.ATT_SCORE + tl
+        assert lat_s == 1 + 1 + tl + 2
         vpipe = [issuing & ~phase]
         fpipe = [t == 0]
         lpipe = [t == lpos]
@@ -206,9 +210,18 @@ class Attention(Module):
         prod1 = [Signal((aw + len(recip[0]) + 1, True)) for _ in range(P)]
         ovalid1, ophase1, olast1, ofirst1 = Signal(), Signal(), Signal(), Signal()
         ophase = Signal()  # 0 max, 1 emit
-        self.sync += [prod1[j].eq(outs[j] * rl[j]) for j in range(P)]
-        self.sync += [ovalid1.eq(orun), ophase1.eq(ophase), olast1.eq(ob == D // P - 1),
-                      ofirst1.eq(ob == 0)]
+        # stage 0 (lat.ATT_OUT_REGS): the multiplier's inputs registered (the beat's reciprocal
+        # is a mux over the heads), then the wide product (several MULT18X18D and their adders)
+        outs0 = [Signal((aw, True)) for _ in range(P)]
+        rcur0 = Signal(len(rcur))
+        ovalid0, ophase0, olast0, ofirst0 = Signal(), Signal(), Signal(), Signal()
+        self.sync += [*[outs0[j].eq(outs[j]) for j in range(P)], rcur0.eq(rl[0]),
+                      ovalid0.eq(orun), ophase0.eq(ophase), olast0.eq(ob == D // P - 1),
+                      ofirst0.eq(ob == 0)]
+        assert lat.ATT_OUT_REGS == 1
+        self.sync += [prod1[j].eq(outs0[j] * rcur0) for j in range(P)]
+        self.sync += [ovalid1.eq(ovalid0), ophase1.eq(ophase0), olast1.eq(olast0),
+                      ofirst1.eq(ofirst0)]
         o2 = [Signal((obw, True)) for _ in range(P)]
         ovalid2, ophase2, olast2, ofirst2 = Signal(), Signal(), Signal(), Signal()
         self.sync += [o2[j].eq(round_shift(self, prod1[j], osh, (min(sho), max(sho))))
@@ -258,10 +271,10 @@ class Attention(Module):
         fsm.act("OMAX",
             If(ob == D // P - 1, NextValue(ob, 0), NextValue(orun, 0), NextState("KCALC")).Else(
                 NextValue(ob, ob + 1)))
-        kwait = Signal(2)
+        kwait = Signal(3)
         fsm.act("KCALC",  # wait for the last max update, then the shift
             NextValue(kwait, kwait + 1),
-            If(kwait == 2, NextValue(kwait, 0),
+            If(kwait == 2 + lat.ATT_OUT_REGS, NextValue(kwait, 0),
                NextValue(ko, Mux(blo > 7, blo - 7, 0)),
                NextValue(orun, 1), NextValue(ophase, 1), NextState("OEMIT")))
         fsm.act("OEMIT",

@@ -25,6 +25,7 @@ from litex.soc.interconnect.csr import CSRField, CSRStatus, CSRStorage
 from bakedllama import numerics as nx
 
 from gateware import compiler
+from gateware import latency as lat
 from gateware.attention import Attention
 from gateware.hw import mul_lut, round_shift, saturate, sbits, signed, ubits
 from gateware.matvec import MatVec
@@ -262,7 +263,6 @@ class Datapath(Module):
         # ---------------------------------------------------------------- RowPost
         src = mv.source
         self.comb += src.ready.eq(1)
-        accs = lanes_of(self, src.acc, Q, plan.acc_bits)
         r0 = Signal(ubits(max(V, 2 * H, D + 2 * KVD)))
         self.comb += r0.eq(src.beat * Q)
         # requantization constants C[kind][layer][seg]: shift = C - k_act
@@ -293,8 +293,17 @@ class Datapath(Module):
         self.comb += Case(kind, {kd: Case(layer, {l: Case(seg, sgs) for l, sgs in ls.items()})
                                  if kd != KIND_CLS else ls[0][0]
                                  for kd, ls in cases.items()})
+        # stage 0 (lat.ROWPOST_IN): the engine's beat and its shift registered, so the FIFO read,
+        # the shift selection and the barrel shifter are not one path
         rshift = Signal((sbits(c_lo - k_hi, c_hi) + 1, True))
-        self.comb += rshift.eq(csel - k_act)
+        acc0 = Signal(len(src.acc))
+        v0, last0, seg0 = Signal(), Signal(), Signal(2)
+        r00 = Signal(len(r0))
+        beat0 = Signal(len(src.beat))
+        self.sync += [rshift.eq(csel - k_act), acc0.eq(src.acc), v0.eq(src.valid), last0.eq(src.last),
+                      seg0.eq(seg), r00.eq(r0), beat0.eq(src.beat)]
+        assert lat.ROWPOST_IN == 1
+        accs = lanes_of(self, acc0, Q, plan.acc_bits)
         # stage 1: requantized values (wide) + control
         req = [round_shift(self, a, rshift, (c_lo - k_hi, c_hi)) for a in accs]
         rw = max(len(r) for r in req)
@@ -303,8 +312,8 @@ class Datapath(Module):
         v1, last1, seg1 = Signal(), Signal(), Signal(2)
         r01 = Signal(len(r0))
         beat1 = Signal(len(src.beat))
-        self.sync += [v1.eq(src.valid), last1.eq(src.last), seg1.eq(seg), r01.eq(r0),
-                      beat1.eq(src.beat), *[req1[j].eq(req[j]) for j in range(Q)],
+        self.sync += [v1.eq(v0), last1.eq(last0), seg1.eq(seg0), r01.eq(r00),
+                      beat1.eq(beat0), *[req1[j].eq(req[j]) for j in range(Q)],
                       *[acc1[j].eq(accs[j]) for j in range(Q)]]
         sat16 = [saturate(self, r, 16) for r in req1]
         sat8 = [saturate(self, r, 8) for r in req1]

@@ -49,23 +49,24 @@ def mv_cycles(words: int, rowgroups: int, beats_per_rg: int, cols: int, kind: st
     outruns the issue rate the FIFO credit throttles issuing to one row group per beats_per_rg
     cycles. Then the pipeline drains (MV_LAT, adder tree, post-processing)."""
     issue = max(words, rowgroups * beats_per_rg)
-    return issue + 2 + MV_LAT + tree_latency(cols) + (beats_per_rg - 1) + POST_LAT[kind]
+    return (issue + 2 + MV_LAT + tree_latency(cols) + (beats_per_rg - 1) + lat.ROWPOST_IN
+            + POST_LAT[kind])
 
 
 def norm_cycles(dim: int, vlanes: int) -> int:
     """RMSNorm: sum of squares, wait for 1/sqrt, scale and quantize (three passes of dim/vlanes)."""
-    return 3 * (dim // vlanes) + NORM_WAIT + NORM_LAT + 1
+    return 3 * (dim // vlanes) + NORM_WAIT + lat.NORM_GAP + NORM_LAT + 1
 
 
 def attn_cycles(pos: int, n_groups: int, head_dim: int, dim: int, vlanes: int) -> int:
     """Attention at position `pos` over n_groups passes (KV groups handled one after another)."""
     q_bits = nx.ATT_RECIP_BITS - int(math.log2(nx.EXP_ONE)) + 1
     q_iters = (q_bits + 1) // 2  # the divider makes two quotient bits per cycle
-    lat_s = 3 + tree_latency(head_dim)
+    lat_s = lat.ATT_SCORE + tree_latency(head_dim)
     # per KV group: pass 1 (pos+1 issues) + drain into the score buffer (lat_s) + pass 2 (pos+1) +
     # buffer read, exp, divider; then two passes over the output vector
     group = 1 + 2 * (pos + 1) + lat_s + 1 + EXP_LAT + 1 + q_iters + 2
-    return n_groups + 8 + n_groups * group + 2 * (dim // vlanes)
+    return n_groups + 8 + 2 * lat.ATT_OUT_REGS + n_groups * group + 2 * (dim // vlanes)
 
 
 def embed_cycles(chunks: int, dim: int, vlanes: int, head_dim: int) -> int:

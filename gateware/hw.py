@@ -116,11 +116,21 @@ def absval(m, x) -> Signal:
 def bit_length(m, v) -> Signal:
     """numerics.bit_length of an unsigned value (leading-one detect): 0 for 0."""
     out = Signal(ubits(len(v)))
-    stmts = [out.eq(0)]
-    for i in range(len(v)):
-        stmts.append(If(v[i], out.eq(i + 1)))
-    m.comb += stmts
+    m.comb += out.eq(_bit_length_tree(m, v, 0, len(v)))
     return out
+
+
+def _bit_length_tree(m, v, lo: int, n: int):
+    """bit_length of v[lo:lo+n] as a balanced tree: if the upper half has a one, its bit length
+    plus the lower half's width, else the lower half's (log depth, not a chain of n muxes)."""
+    if n == 1:
+        return v[lo]
+    nl = n // 2
+    low = _bit_length_tree(m, v, lo, nl)
+    high = _bit_length_tree(m, v, lo + nl, n - nl)
+    r = Signal(ubits(n), name="bl")
+    m.comb += If(v[lo + nl:lo + n] != 0, r.eq(high + nl)).Else(r.eq(low))
+    return r
 
 
 def max_tree(m, values: list) -> Signal:

@@ -11,8 +11,13 @@ EXPNEG = 3  # ExpNeg: EXP_HI block-RAM read, hi * lo product, rounded result
 ARGMAX = 1  # Argmax: the result register after the last beat
 SOFTMAX_EXP = 1 + EXPNEG  # Softmax: the d = max - s register, then ExpNeg
 NORM_LAT = 5  # RMSNorm: input beat -> output beat (products, u, u * g, xb, int8 registers)
+NORM_GAP = 1  # RMSNorm: between the max pass and the output pass (the quantization shift register)
 NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
+ATT_SCORE = 4  # Attention: K address -> K data, q x k products, the scaled dot, the score (+ tree)
+ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
+# wait and the drain one cycle)
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
 # m x partial, row accumulator
+ROWPOST_IN = 1  # row post-processing: the engine's beat and its requantization shift registered
 # row post-processing after the requantization register, per matrix kind
 POST = {"qkv": ROPE, "wo": 0, "w13": SWIGLU, "w2": 0, "cls": ARGMAX}

@@ -27,7 +27,6 @@ def baked(cfg: ModelConfig, scheme: str = "w4e8", seed: int = 0):
     return random_baked(d / "m.bkl", cfg, scheme=scheme, seed=seed)
 
 
-CYCLE_TOLERANCE = 0.005  # measured cycles within 0.5% of the cycle model (it is exact today)
 
 
 def _slots(tr) -> np.ndarray:
@@ -82,8 +81,7 @@ def run_and_compare(sim, model, prompt, n_gen, lanes, temperature=0.0, seed=0):
             exp = expected_cycles(cfg, lanes, pos, formats=formats, vlanes=plan.geo.vlanes,
                                   kv_par=plan.geo.kv_par,
                                   sampled=out if (inv_t and not prompt_pass) else None)
-            assert abs(cyc - exp) <= max(2, CYCLE_TOLERANCE * exp), \
-                f"position {pos}: {cyc} cycles measured, cycle model {exp}"
+            assert cyc == exp, f"position {pos}: {cyc} cycles measured, cycle model {exp}"
             cycles.append(cyc)
             assert dut.read("cycles") == cyc  # the hardware counter is what the testbench measured
             tok = out if not prompt_pass else prompt[pos + 1]

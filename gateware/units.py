@@ -163,7 +163,8 @@ class RMSNorm(Module):
         beat_max = max_tree(self, [absval(self, xb4[j]) for j in range(P)])
         self.sync += If(ce & v4 & (ph4 == 1), If(beat_max > mx, mx.eq(beat_max)))
         blm = bit_length(self, mx)
-        self.comb += ka.eq(Mux(blm > 7, blm - 7, 0))
+        # registered: the first pass-2 beat comes lat.NORM_GAP cycles after the last pass-1 beat
+        self.sync += ka.eq(Mux(blm > 7, blm - 7, 0))
         aq = [clip(self, round_shift(self, xb4[j], ka, (0, xbw)), nx.ACT_MAX) for j in range(P)]
         v5, last5 = Signal(), Signal()
         a5 = Signal(P * 8)
@@ -191,8 +192,9 @@ class RMSNorm(Module):
         self.sync += [
             If(take & sink.last,
                 cnt.eq(0),
-                If(phase == 0, phase.eq(1), wait.eq(1)).Elif(phase == 1, phase.eq(2)).Else(
+                If(phase == 0, phase.eq(1), wait.eq(1)).Elif(phase == 1, phase.eq(2), wait.eq(1)).Else(
                     phase.eq(0), wait.eq(1))),  # after pass 2: wait for the pipeline to drain
+            If(wait & (phase == 2), wait.eq(0)),  # the gap before pass 2 (ka's register)
             If(wait & ce & (phase == 1),
                 cnt.eq(cnt + 1),
                 If(cnt == drain, wait.eq(0), r.eq(rdat), krs.eq(kk_d))),
@@ -201,6 +203,7 @@ class RMSNorm(Module):
         ]
         self.comb += self.busy.eq((phase != 0) | wait | v1 | v2 | v3 | v4 | v5)
         self.wait_cycles = drain + 1
+        assert lat.NORM_GAP == 1  # one wait cycle before pass 2, as the control above makes
         self.latency = len((v1, v2, v3, v4, v5))  # the stages above, input beat -> output beat
         if self.latency != lat.NORM_LAT:
             raise ValueError(f"RMSNorm has {self.latency} stages, gateware.latency says {lat.NORM_LAT}")
