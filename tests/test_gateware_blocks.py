@@ -47,6 +47,31 @@ def test_round_shift_runtime_amount(lo, hi):
     assert got == want
 
 
+@pytest.mark.parametrize("width", [1, 2, 7, 16, 23, 34])
+def test_bit_length_tree(width):
+    """hw.bit_length (a balanced leading-one tree) against numerics.bit_length, every bit set alone
+    and random values."""
+    from migen import Module, Signal
+
+    from gateware.hw import bit_length
+    m = Module()
+    v = Signal(width)
+    y = bit_length(m, v)
+    rng = np.random.default_rng(width)
+    vals = [0, (1 << width) - 1] + [1 << i for i in range(width)]
+    vals += [int(rng.integers(0, 1 << width)) for _ in range(100)]
+    got = []
+
+    def gen():
+        for x in vals:
+            yield v.eq(x)
+            yield
+            got.append((yield y))
+
+    run_simulation(m, gen())
+    assert got == [int(nx.bit_length(np.array([x]))[0]) for x in vals]
+
+
 # ----------------------------------------------------------------------------- matvec
 @pytest.mark.parametrize("lanes", [16, 64])
 def test_matvec(lanes):
