@@ -128,9 +128,11 @@ def pnr_unit(unit, freq: float = 75.0, timeout: int = 7200) -> dict:
     for name, content in conv.data_files.items():
         (d / name).write_text(content)
     (d / "synth.ys").write_text("read_verilog unit.v\nsynth_ecp5 -top top -json unit.json\n")
+    # the clock on the ULX3S's 25 MHz oscillator pin (a pin that reaches the global network)
+    (d / "unit.lpf").write_text('LOCATE COMP "sys_clk" SITE "G2";\nIOBUF PORT "sys_clk" IO_TYPE=LVCMOS33;\n')
     _run([tool("yosys"), "-q", "-l", "yosys.log", "synth.ys"], d, d / "yosys.out", timeout)
     _run([tool("nextpnr-ecp5"), "--85k", "--package", "CABGA381", "--speed", "6", "--json", "unit.json",
-          "--freq", str(freq), "--report", "report.json", "--timing-allow-fail", "--seed", "1",
+          "--freq", str(freq), "--lpf", "unit.lpf", "--lpf-allow-unconstrained", "--report", "report.json", "--timing-allow-fail", "--seed", "1",
           "--threads", "1", *NEXTPNR_PLACE_ROUTE], d, d / "nextpnr.log", timeout)
     rep = json.loads((d / "report.json").read_text())
     fm = rep.get("fmax", {})

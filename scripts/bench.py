@@ -2,7 +2,8 @@
 
   1. golden model tokens/s (host numpy reference; no bound, for scale)
   2. 8B integer kernel: packed GEMV read rate vs this machine's measured read bandwidth (goal 1.5x)
-  3. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
+  3. the Verilator SoC: a 16-token prompt + 128 generated, tokens/s of chip time
+  4. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
 """
 
 from __future__ import annotations
@@ -49,6 +50,36 @@ def bench_kernel() -> None:
               f"bandwidth {bw / 1e9:.2f} GB/s; time / bound = {best / (nbytes / bw):.2f} (goal <= 1.5)")
 
 
+def bench_soc(prompt_len: int = 16, gen: int = 128) -> None:
+    """The issue's figure: a 16-token prompt then 128 generated on the Verilator SoC (firmware +
+    accelerator); generated tokens per second of chip time (all passes' hardware counter at the
+    system clock), next to the same cycles at the ULX3S build's clock and routed Fmax."""
+    import json
+
+    from bakedllama.device import generate_on_device
+    from bakedllama.model import load_baked
+
+    m = load_baked()
+    ids = [(7 * i + 3) % m.cfg.vocab_size for i in range(prompt_len)]
+    t = time.perf_counter()
+    r = generate_on_device(None, m, ids, gen, log=lambda s: print("  " + s, flush=True))
+    wall = time.perf_counter() - t
+    n, cyc = len(r["tokens"]), r["chip_cycles"]
+    passes = prompt_len + n - 1
+    print(f"SoC (Verilator): {prompt_len}-token prompt + {n} generated, {passes} passes, {cyc:,} "
+          f"hardware-counter cycles ({cyc / passes:,.0f} per pass); {wall:.0f} s of simulation")
+    clocks = [("system clock", r["sys_clk_freq"])]
+    rep = REPO / "build" / "soc" / "ulx3s" / "report.json"
+    if rep.exists():
+        fmax = json.loads(rep.read_text()).get("fmax_mhz")
+        if fmax:
+            clocks.append(("ULX3S routed Fmax", fmax * 1e6))
+    for name, f in clocks:
+        tps = n * f / cyc
+        print(f"    at the {name} {f / 1e6:.2f} MHz: {tps:,.0f} generated tokens/s of chip time "
+              f"(goal 17,000: ratio {tps / 17000:.2f})")
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -58,6 +89,7 @@ def _timed(f) -> float:
 def main() -> None:
     bench_golden()
     bench_kernel()
+    bench_soc()
     from gateware import bench as gw_bench
 
     gw_bench.main([])

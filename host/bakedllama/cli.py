@@ -67,7 +67,7 @@ def cmd_generate(args) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-    cycles = None
+    cycles = chip = None
     t0 = time.perf_counter()
     if device == "golden":
         for t in generate(Golden(model), ids, args.max_tokens, args.temperature, args.seed, args.top_k):
@@ -86,11 +86,15 @@ def cmd_generate(args) -> int:
         except DeviceError as e:
             raise UserError(str(e)) from None
         device, cycles, tps = r["device"], r["cycles_per_token"], r["tokens_per_s"]
+        chip = dict(chip_cycles=r["chip_cycles"], chip_tokens_per_s=r["chip_tokens_per_s"],
+                    sys_clk_freq=r["sys_clk_freq"])
     n = len(stream.ids)
     result = dict(prompt=args.prompt, device=device, prompt_tokens=ids, tokens=stream.ids,
                   text=stream.text(), tokens_per_s=tps,
                   cycles_per_token=cycles, temperature=args.temperature, seed=args.seed,
                   model_sha256=model.sha256)
+    if chip:
+        result.update(chip)
     if args.json:
         print(json.dumps(result))
     else:

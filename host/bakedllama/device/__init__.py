@@ -51,7 +51,8 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
 
     Refuses a device whose model identity differs from `model`'s. on_token(id) is called as each
     token arrives. Returns tokens, cycles_per_token (hardware counter, mean over the forward
-    passes), tokens_per_s (end to end: request to last token, including the prompt), and more."""
+    passes), chip_tokens_per_s (generated tokens / the hardware counter's cycles of all passes at
+    the system clock), tokens_per_s (end to end: request to last token, including the prompt)."""
     from bakedllama.device.sim import SIM_STEP_TIMEOUT, SIM_TIMEOUT
 
     stack, dev = _connect(url, log)
@@ -66,9 +67,14 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
             if on_token is not None:
                 on_token(t)
         cpt = g.cycles_per_token
+        d = g.done
+        chip = (d.prefill_cycles + d.decode_cycles) if d else 0
         return dict(
             tokens=list(g.tokens),
             cycles_per_token=round(cpt, 1) if cpt else None,
+            # the accelerator's own time: every forward pass's hardware counter, at the SoC clock
+            chip_cycles=chip or None,
+            chip_tokens_per_s=round(len(g.tokens) * info.sys_clk_freq / chip, 1) if chip else None,
             tokens_per_s=round(g.tokens_per_s, 3) if g.tokens_per_s else None,
             projected_tokens_per_s=round(info.sys_clk_freq / cpt, 1) if cpt else None,
             sys_clk_freq=info.sys_clk_freq,
