@@ -84,9 +84,9 @@ def hemit_cycles(hidden_dim: int, vlanes: int) -> int:
 
 def sample_cycles(vocab_size: int, sampled: int | None) -> int:
     """Greedy: the argmax result is already there; sampling: a max pass and a sum pass over the
-    vocabulary (V issues + 4 to drain each: RAM word, t, w), then the search up to the token
-    (+ 33: the draw)."""
-    return 1 if sampled is None else 2 * vocab_size + 47 + sampled
+    vocabulary (V issues each, then the lat.SAMPLER stages drain), the draw (33), then the search
+    up to the token (its stages once more)."""
+    return 1 if sampled is None else 2 * vocab_size + 38 + 3 * lat.SAMPLER + sampled
 
 
 OUT_CYCLES = 2  # out: its state + the first cycle of the output (counted by `cycles`)

@@ -19,5 +19,6 @@ ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each 
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
 # m x partial, row accumulator
 ROWPOST_IN = 1  # row post-processing: the engine's beat and its requantization shift registered
+SAMPLER = 6  # Sampler: RAM word, logit, t, d, exp tables, w (each pass drains them, the search too)
 # row post-processing after the requantization register, per matrix kind
 POST = {"qkv": ROPE, "wo": 0, "w13": SWIGLU, "w2": 0, "cls": ARGMAX}

@@ -623,8 +623,9 @@ class Sampler(Module):
         ]
         draw = xorshift32_next(self, state)
 
-        # one element per cycle: address i -> stage R (the RAM word) -> stage A (t)
-        # -> stage B (w = exp_neg(tmax - t))
+        # one element per cycle: address i -> R (the RAM word) -> L (the logit) -> A (t) ->
+        # D (d = tmax - t, clipped) -> E (the exp tables) -> B (w = exp_neg(d)); lat.SAMPLER
+        # stages, each a register so no path holds two of the wide steps
         lq = max(1, ubits(Q - 1)) if Q > 1 else 0
         i = Signal(ubits(n))
         self.comb += rp.adr.eq(i[lq:] if Q > 1 else i)
@@ -632,8 +633,10 @@ class Sampler(Module):
         lsel = Signal((32, True))
         self.comb += lsel.eq(Array([rp.dat_r[32 * j:32 * j + 32] for j in range(Q)])[iR[:lq]]
                              if Q > 1 else rp.dat_r)
+        lL = Signal((32, True))
+        vL, iL = Signal(), Signal(ubits(n))
         tw = 32 + 17
-        prod = signed(self, lsel * self.inv_temp, tw)
+        prod = signed(self, lL * self.inv_temp, tw)
         t = round_shift(self, prod, 8, (8, 8))
         tA = Signal((tw, True))
         vA, iA = Signal(), Signal(ubits(n))
@@ -641,9 +644,20 @@ class Sampler(Module):
         d = signed(self, tmax - tA, tw + 1)
         dcl = Signal(13)
         self.comb += If(d > nx.EXP_IN_MAX, dcl.eq(nx.EXP_IN_MAX + 1)).Else(dcl.eq(d))
-        w = exp_neg_comb(self, dcl)
+        dD = Signal(13)
+        vD, iD = Signal(), Signal(ubits(n))
+        [(ha, hd)] = rom(self, nx.EXP_HI, 16)
+        [(la, ld)] = rom(self, nx.EXP_LO, 16)
+        self.comb += [ha.eq(dD[4:12]), la.eq(dD[0:4])]
+        hE, lE, overE = Signal(16), Signal(16), Signal()
+        vE, iE = Signal(), Signal(ubits(n))
+        pE = Signal(32)
+        self.comb += pE.eq(hE * lE)
+        w = Signal(17)
+        self.comb += w.eq(Mux(overE, 0, (pE + (1 << 14)) >> 15))  # numerics.exp_neg
         wB = Signal(17)
         vB, iB = Signal(), Signal(ubits(n))
+        assert lat.SAMPLER == len((vR, vL, vA, vD, vE, vB))
         total = Signal(ubits(n * nx.EXP_ONE))
         csum = Signal(len(total))
         target = Signal(len(total))
@@ -652,10 +666,15 @@ class Sampler(Module):
         running = Signal()
         self.sync += [
             vR.eq(issuing), iR.eq(i),
-            tA.eq(t), vA.eq(vR), iA.eq(iR),
-            wB.eq(w), vB.eq(vA), iB.eq(iA),
+            lL.eq(lsel), vL.eq(vR), iL.eq(iR),
+            tA.eq(t), vA.eq(vL), iA.eq(iL),
+            dD.eq(dcl), vD.eq(vA), iD.eq(iA),
+            hE.eq(hd), lE.eq(ld), overE.eq(dD > nx.EXP_IN_MAX), vE.eq(vD), iE.eq(iD),
+            wB.eq(w), vB.eq(vE), iB.eq(iE),
             self.done.eq(0),
         ]
+        drained = Signal()
+        self.comb += drained.eq(~issuing & ~vR & ~vL & ~vA & ~vD & ~vE & ~vB)
         drawing = Signal()
         dr_r = Signal(32)
         dr_acc = Signal(32 + len(total))
@@ -668,10 +687,10 @@ class Sampler(Module):
                 If(issuing, If(i == n - 1, issuing.eq(0), i.eq(0)).Else(i.eq(i + 1))),
                 If(phase == 0,
                     If(vA & (tA > tmax), tmax.eq(tA)),
-                    If(~issuing & ~vR & ~vA & ~vB, phase.eq(1), issuing.eq(1))
+                    If(drained, phase.eq(1), issuing.eq(1))
                 ).Elif(phase == 1,
                     If(vB, total.eq(total + wB)),
-                    If(~issuing & ~vR & ~vA & ~vB & ~drawing,
+                    If(drained & ~drawing,
                         drawing.eq(1), state.eq(draw), dr_r.eq(draw), dr_acc.eq(0), dr_n.eq(32)),
                     If(drawing,  # target = (r * total) >> 32, one bit of r per cycle
                         If(dr_n == 0,
@@ -685,15 +704,3 @@ class Sampler(Module):
                         If(csum + wB > target,
                             running.eq(0), issuing.eq(0), self.done.eq(1), self.token.eq(iB))))),
         ]
-
-
-def exp_neg_comb(m, d) -> Signal:
-    """numerics.exp_neg as combinational logic (d clipped to EXP_IN_MAX + 1 by the caller)."""
-    [(ha, hd)] = rom(m, nx.EXP_HI, 16)
-    [(la, ld)] = rom(m, nx.EXP_LO, 16)
-    m.comb += [ha.eq(d[4:12]), la.eq(d[0:4])]
-    p = Signal(32)
-    m.comb += p.eq(hd * ld)
-    e = Signal(17)
-    m.comb += e.eq(Mux(d > nx.EXP_IN_MAX, 0, (p + (1 << 14)) >> 15))
-    return e
