@@ -74,12 +74,14 @@ def embed_cycles(chunks: int, dim: int, vlanes: int, head_dim: int) -> int:
 
 
 def qemit_cycles(dim: int, vlanes: int) -> int:
+    """q is quantized while the k, v rows are still computed: its emission pipeline (ActQuant's
+    lat.ACTQ_EMIT) is full by the time the attention takes it, one beat per cycle."""
     return dim // vlanes
 
 
 def hemit_cycles(hidden_dim: int, vlanes: int) -> int:
     """ActQuant of the FFN hidden vector: 1 cycle for the shift, 1 to load its output register."""
-    return hidden_dim // vlanes + 2
+    return hidden_dim // vlanes + 2 + lat.ACTQ_EMIT
 
 
 def sample_cycles(vocab_size: int, sampled: int | None) -> int:

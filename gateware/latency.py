@@ -11,7 +11,7 @@ EXPNEG = 3  # ExpNeg: EXP_HI block-RAM read, hi * lo product, rounded result
 ARGMAX = 1  # Argmax: the result register after the last beat
 SOFTMAX_EXP = 1 + EXPNEG  # Softmax: the d = max - s register, then ExpNeg
 NORM_LAT = 5  # RMSNorm: input beat -> output beat (products, u, u * g, xb, int8 registers)
-NORM_GAP = 1  # RMSNorm: between the max pass and the output pass (the quantization shift register)
+NORM_GAP = 2  # RMSNorm: between the max pass and the output pass (beat max, quantization shift)
 NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
 ATT_SCORE = 4  # Attention: K address -> K data, q x k products, the scaled dot, the score (+ tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
@@ -19,6 +19,7 @@ ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each 
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
 # m x partial, row accumulator
 ROWPOST_IN = 1  # row post-processing: the engine's beat and its requantization shift registered
+ACTQ_EMIT = 1  # ActQuant: its buffer word registered before the quantizer (qemit, hemit)
 SAMPLER = 6  # Sampler: RAM word, logit, t, d, exp tables, w (each pass drains them, the search too)
 # row post-processing after the requantization register, per matrix kind
 POST = {"qkv": ROPE, "wo": 0, "w13": SWIGLU, "w2": 0, "cls": ARGMAX}

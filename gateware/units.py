@@ -161,7 +161,9 @@ class RMSNorm(Module):
         mx = Signal(xbw)
         ka = Signal(len(source.k))
         beat_max = max_tree(self, [absval(self, xb4[j]) for j in range(P)])
-        self.sync += If(ce & v4 & (ph4 == 1), If(beat_max > mx, mx.eq(beat_max)))
+        bm5, vm5 = Signal(xbw), Signal()  # the beat's max registered, then the running max
+        self.sync += If(ce, bm5.eq(beat_max), vm5.eq(v4 & (ph4 == 1)))
+        self.sync += If(ce & vm5, If(bm5 > mx, mx.eq(bm5)))
         blm = bit_length(self, mx)
         # registered: the first pass-2 beat comes lat.NORM_GAP cycles after the last pass-1 beat
         self.sync += ka.eq(Mux(blm > 7, blm - 7, 0))
@@ -194,7 +196,8 @@ class RMSNorm(Module):
                 cnt.eq(0),
                 If(phase == 0, phase.eq(1), wait.eq(1)).Elif(phase == 1, phase.eq(2), wait.eq(1)).Else(
                     phase.eq(0), wait.eq(1))),  # after pass 2: wait for the pipeline to drain
-            If(wait & (phase == 2), wait.eq(0)),  # the gap before pass 2 (ka's register)
+            If(wait & (phase == 2),  # the gap before pass 2 (the beat max and ka registers)
+                cnt.eq(cnt + 1), If(cnt == lat.NORM_GAP - 1, wait.eq(0))),
             If(wait & ce & (phase == 1),
                 cnt.eq(cnt + 1),
                 If(cnt == drain, wait.eq(0), r.eq(rdat), krs.eq(kk_d))),
@@ -203,7 +206,7 @@ class RMSNorm(Module):
         ]
         self.comb += self.busy.eq((phase != 0) | wait | v1 | v2 | v3 | v4 | v5)
         self.wait_cycles = drain + 1
-        assert lat.NORM_GAP == 1  # one wait cycle before pass 2, as the control above makes
+        assert lat.NORM_GAP >= 2  # bm5, mx, ka: the last pass-1 beat's max is in ka by then
         self.latency = len((v1, v2, v3, v4, v5))  # the stages above, input beat -> output beat
         if self.latency != lat.NORM_LAT:
             raise ValueError(f"RMSNorm has {self.latency} stages, gateware.latency says {lat.NORM_LAT}")
@@ -254,16 +257,21 @@ class ActQuant(Module):
         # emit: P values per beat, output register
         cur = Signal(P * width)
         self.comb += cur.eq(Cat(*reads))
+        # emit: the buffer word registered (lat.ACTQ_EMIT), then quantized into the output register
+        cur1 = Signal(P * width)
+        v1, first1, last1 = Signal(), Signal(), Signal()
         aq = [clip(self, round_shift(self, v, k, (0, width)), nx.ACT_MAX)
-              for v in lanes_of(self, cur, P, width)]
+              for v in lanes_of(self, cur1, P, width)]
         ce = Signal()
         self.comb += ce.eq(~source.valid | source.ready)
         last_rd = Signal()
         self.comb += last_rd.eq((rd + 1) * P >= n)
+        assert lat.ACTQ_EMIT == 1
         self.sync += If(ce,
-                        source.valid.eq(emitting),
-                        source.first.eq(rd == 0),
-                        source.last.eq(last_rd),
+                        cur1.eq(cur), v1.eq(emitting), first1.eq(rd == 0), last1.eq(last_rd),
+                        source.valid.eq(v1),
+                        source.first.eq(first1),
+                        source.last.eq(last1),
                         source.a.eq(Cat(*[a[:8] for a in aq])),
                         source.k.eq(k),
                         If(emitting, rd.eq(rd + 1), If(last_rd, emitting.eq(0))))
