@@ -123,8 +123,12 @@ class Attention(Module):
             kk = hh // c.kv_mul
             e_s = signed(self, es[hh], 18)
             for d in range(hd):
-                a_in = signed(self, Mux(av_mode, e_s, qs[hh * hd + d]), 18)
-                b_in = signed(self, Mux(av_mode, vs[kk * hd + d], ks[kk * hd + d]), 8)
+                # operands registered at the KV cache's output (its clock-to-out is ~6 ns), then
+                # the product: the block RAM, the mux and the multiplier are three paths
+                a_in = Signal((18, True))
+                b_in = Signal((8, True))
+                self.sync += [a_in.eq(Mux(av_mode, e_s, qs[hh * hd + d])),
+                              b_in.eq(Mux(av_mode, vs[kk * hd + d], ks[kk * hd + d]))]
                 p = Signal((26, True))
                 self.sync += p.eq(a_in * b_in)
                 prods.append(p)
@@ -138,9 +142,9 @@ class Attention(Module):
             sr = Signal((s_bits, True))
             self.sync += sr.eq(s)
             scores.append(sr)
-        # address -> K data -> product -> (tree) -> scaled -> registered score
+        # address -> K data -> operands -> product -> (tree) -> scaled -> registered score
         lat_s = lat.ATT_SCORE + tl
-        assert lat_s == 1 + 1 + tl + 2
+        assert lat_s == 1 + 1 + 1 + tl + 2
         vpipe = [issuing & ~phase]
         fpipe = [t == 0]
         lpipe = [t == lpos]
@@ -174,7 +178,8 @@ class Attention(Module):
         consume_d = Signal()
         self.comb += [consume.eq(sm.source_e.valid),
                       vr.adr.eq(base + (vt + consume) * NG + g), vr.re.eq(1)]
-        self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume)]
+        consume_dd = Signal()  # e[t] and V[t]: operand registers, then the product
+        self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume), consume_dd.eq(consume_d)]
         acc_max = S * nx.EXP_ONE * 128
         aw = sbits(acc_max)
         # one group's accumulators (HP * hd); when the group's reciprocals arrive they are copied
@@ -185,7 +190,7 @@ class Attention(Module):
         acc = [Signal((aw, True), name=f"att_acc{k}") for k in range(GW)]
         clear = Signal()
         for k in range(GW):
-            self.sync += If(clear, acc[k].eq(0)).Elif(consume_d, acc[k].eq(acc[k] + prods[k]))
+            self.sync += If(clear, acc[k].eq(0)).Elif(consume_dd, acc[k].eq(acc[k] + prods[k]))
         out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
         orun = Signal()
         self.sync += If(orun, [out[i].eq(out[(i + P) % D]) for i in range(D)]).Else(

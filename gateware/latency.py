@@ -13,7 +13,8 @@ SOFTMAX_EXP = 1 + EXPNEG  # Softmax: the d = max - s register, then ExpNeg
 NORM_LAT = 5  # RMSNorm: input beat -> output beat (products, u, u * g, xb, int8 registers)
 NORM_GAP = 2  # RMSNorm: between the max pass and the output pass (beat max, quantization shift)
 NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
-ATT_SCORE = 4  # Attention: K address -> K data, q x k products, the scaled dot, the score (+ tree)
+ATT_SCORE = 5  # Attention: K address -> K data, operands, q x k products, the scaled dot, the score
+# (+ the adder tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
 # wait and the drain one cycle)
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
