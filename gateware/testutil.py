@@ -148,3 +148,53 @@ def unpack(word, n, width, signed=True):
             v -= 1 << width
         out.append(v)
     return np.array(out, dtype=np.int64)
+
+
+def drive_sampler(dut, seed: int, passes, n_fill: int, Q: int, got: list):
+    """Seed a units.Sampler, then for each (logits, inv_temp) fill the n_fill logits Q per beat,
+    start it and append the drawn token to `got` (bounded wait: fails with a message)."""
+    yield dut.seed.eq(seed)
+    yield dut.reseed.eq(1)
+    yield
+    yield dut.reseed.eq(0)
+    yield
+    while (yield dut.seeding):
+        yield
+    for logits, inv_t in passes:
+        for i in range(0, n_fill, Q):
+            yield dut.fill.v.eq(pack(logits[i:i + Q], 32))
+            yield dut.fill.valid.eq(1)
+            yield dut.fill.last.eq(i + Q == n_fill)
+            yield
+        yield dut.fill.valid.eq(0)
+        yield dut.inv_temp.eq(inv_t)
+        yield dut.start.eq(1)
+        yield
+        yield dut.start.eq(0)
+        for _ in range(10 * n_fill + 100):
+            yield
+            if (yield dut.done):
+                got.append((yield dut.token))
+                break
+        else:
+            raise Stalled(f"sampler: no token after {10 * n_fill + 100} cycles")
+
+
+def argmax_indices(dut, cases, Q: int, width: int, rng) -> list:
+    """units.Argmax over each vector of `cases` (Q values per beat, random gaps and back-pressure):
+    the index it returns for each."""
+    from migen import run_simulation
+
+    n = len(cases[0])
+    out = []
+
+    def driver():
+        for v in cases:
+            yield from send(dut.sink, [dict(v=pack(v[i:i + Q], width), first=i == 0, last=i + Q == n)
+                                       for i in range(0, n, Q)], rng)
+
+    def receiver():
+        yield from recv(dut.source, len(cases), out, ["index"], rng)
+
+    run_simulation(dut, [driver(), receiver()])
+    return [b["index"] for b in out]

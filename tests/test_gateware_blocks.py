@@ -13,7 +13,7 @@ from migen import run_simulation
 
 from gateware import compiler, units
 from gateware.matvec import MatVec
-from gateware.testutil import TINY, baked, pack, recv, send, unpack
+from gateware.testutil import TINY, argmax_indices, baked, drive_sampler, pack, recv, send, unpack
 
 
 # ----------------------------------------------------------------------------- round_shift
@@ -295,18 +295,7 @@ def test_argmax():
     cases = [nrng.integers(-(1 << 23), 1 << 23, n), nrng.integers(-3, 3, n), np.zeros(n, np.int64),
              np.full(n, -(1 << 23))]
     cases[1][[7, 40]] = 5  # a tie: the lower index wins
-    out = []
-
-    def driver():
-        for v in cases:
-            yield from send(dut.sink, [dict(v=pack(v[i:i + Q], w), first=i == 0, last=i + Q == n)
-                                       for i in range(0, n, Q)], rng)
-
-    def receiver():
-        yield from recv(dut.source, len(cases), out, ["index"], rng)
-
-    run_simulation(dut, [driver(), receiver()])
-    assert [b["index"] for b in out] == [int(nx.argmax(v)) for v in cases]
+    assert argmax_indices(dut, cases, Q, w, rng) == [int(nx.argmax(v)) for v in cases]
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -320,34 +309,7 @@ def test_sampler():
              (nrng.integers(-(1 << 20), 1 << 20, n), 3)]
     got = []
 
-    def gen():
-        yield dut.seed.eq(seed)
-        yield dut.reseed.eq(1)
-        yield
-        yield dut.reseed.eq(0)
-        yield
-        while (yield dut.seeding):
-            yield
-        for logits, inv_t in cases:
-            for i in range(0, n, Q):
-                yield dut.fill.v.eq(pack(logits[i:i + Q], 32))
-                yield dut.fill.valid.eq(1)
-                yield dut.fill.last.eq(i + Q == n)
-                yield
-            yield dut.fill.valid.eq(0)
-            yield dut.inv_temp.eq(inv_t)
-            yield dut.start.eq(1)
-            yield
-            yield dut.start.eq(0)
-            for _ in range(10 * n + 100):
-                yield
-                if (yield dut.done):
-                    got.append((yield dut.token))
-                    break
-            else:
-                raise AssertionError("sampler: no result")
-
-    run_simulation(dut, gen())
+    run_simulation(dut, drive_sampler(dut, seed, cases, n, Q, got))
     want = [nx.sample(lg, t, rng_ref) for lg, t in cases]
     assert got == want
 

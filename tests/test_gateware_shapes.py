@@ -16,7 +16,7 @@ from migen import run_simulation
 from test_gateware_compiler import decode_bank
 
 from gateware import compiler, cycle_model, units
-from gateware.testutil import baked, pack, recv, run_and_compare, send
+from gateware.testutil import argmax_indices, baked, drive_sampler, run_and_compare
 
 # (config, scheme, compile_model keyword arguments): each pads hidden_dim and/or vocab_size
 # kv_mul = 1, seq_len 48; vlanes 8 pads hidden 100 -> 104 and vocab 100 -> 104
@@ -134,18 +134,7 @@ def test_argmax_never_picks_a_pad():
     for v in cases:
         v[nv:] = (1 << 23) - 1  # the pad would win everything
     cases[3][[2, 20]] = 9  # a tie at the last real index: the lower one wins
-    out = []
-
-    def driver():
-        for v in cases:
-            yield from send(dut.sink, [dict(v=pack(v[i:i + Q], w), first=i == 0, last=i + Q == n)
-                                       for i in range(0, n, Q)], rng)
-
-    def receiver():
-        yield from recv(dut.source, len(cases), out, ["index"], rng)
-
-    run_simulation(dut, [driver(), receiver()])
-    assert [b["index"] for b in out] == [int(nx.argmax(v[:nv])) for v in cases]
+    assert argmax_indices(dut, cases, Q, w, rng) == [int(nx.argmax(v[:nv])) for v in cases]
 
 
 def test_sampler_draws_from_the_real_vocabulary():
@@ -160,35 +149,8 @@ def test_sampler_draws_from_the_real_vocabulary():
         lg[n:] = 1 << 20  # pads that would take all the mass
     got = []
 
-    def gen():
-        yield dut.seed.eq(seed)
-        yield dut.reseed.eq(1)
-        yield
-        yield dut.reseed.eq(0)
-        yield
-        while (yield dut.seeding):
-            yield
-        for logits, inv_t in cases:
-            for _ in range(8):  # the draws of several passes over the same logits
-                for i in range(0, n_fill, Q):
-                    yield dut.fill.v.eq(pack(logits[i:i + Q], 32))
-                    yield dut.fill.valid.eq(1)
-                    yield dut.fill.last.eq(i + Q == n_fill)
-                    yield
-                yield dut.fill.valid.eq(0)
-                yield dut.inv_temp.eq(inv_t)
-                yield dut.start.eq(1)
-                yield
-                yield dut.start.eq(0)
-                for _ in range(10 * n + 100):
-                    yield
-                    if (yield dut.done):
-                        got.append((yield dut.token))
-                        break
-                else:
-                    raise AssertionError("sampler: no result")
-
-    run_simulation(dut, gen())
+    passes = [c for c in cases for _ in range(8)]  # the draws of several passes over the same logits
+    run_simulation(dut, drive_sampler(dut, seed, passes, n_fill, Q, got))
     want = [nx.sample(lg[:n], t, rng_ref) for lg, t in cases for _ in range(8)]
     assert got == want and max(got) < n
 
