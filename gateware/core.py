@@ -192,14 +192,20 @@ class Datapath(Module):
         ewm = Signal(P * nx.M_BITS)
         self.comb += ewm.eq(Array([Cat(*[emb_m[(b * P + j) // be.group] for j in range(P)])
                                    for b in range(D // P)])[e_b])
-        for j, (qv, mvv) in enumerate(zip(lanes_of(self, ewq, P, be.bits),
-                                          lanes_of(self, ewm, P, nx.M_BITS, False))):
+        # the beat's weights and multipliers registered after the D/P-way mux (lat.EMBED_MUX),
+        # then the products and the shift into x's write register
+        ewq1, ewm1 = Signal(len(ewq)), Signal(len(ewm))
+        e_emit1, e_b1 = Signal(), Signal(len(e_b))
+        self.sync += [ewq1.eq(ewq), ewm1.eq(ewm), e_emit1.eq(e_emit), e_b1.eq(e_b)]
+        assert lat.EMBED_MUX == 1
+        for j, (qv, mvv) in enumerate(zip(lanes_of(self, ewq1, P, be.bits),
+                                          lanes_of(self, ewm1, P, nx.M_BITS, False))):
             prod = mul_lut(self, qv, signed(self, mvv, nx.M_BITS + 1))  # LUT logic, no DSP
             evals.append(saturate(self, round_shift(self, prod, e_sh, (e_sh, e_sh)), 16))
         e_wr = Signal()
         e_wb = Signal(len(e_b))
         e_vals = [Signal((16, True)) for _ in range(P)]
-        self.sync += [e_wr.eq(e_emit), e_wb.eq(e_b), *[e_vals[j].eq(evals[j]) for j in range(P)],
+        self.sync += [e_wr.eq(e_emit1), e_wb.eq(e_b1), *[e_vals[j].eq(evals[j]) for j in range(P)],
                       If(e_emit, e_b.eq(e_b + 1), If(e_b == D // P - 1, e_emit.eq(0))),
                       If(e_rd_d & (e_ch_d == pe.chunks - 1), e_emit.eq(1), e_b.eq(0))]
         self.comb += emb_done.eq(e_wr & (e_wb == D // P - 1))
