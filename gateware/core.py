@@ -153,16 +153,21 @@ class Datapath(Module):
         emb_ms = [Signal(be.m_share, name=f"ems{i}") for i in range(pe.chunks)]
         e_ch = Signal(ubits(pe.chunks + 1))
         e_rd = Signal()
-        e_rd_d = Signal()
-        e_ch_d = Signal(len(e_ch))
+        # the word of chunk e_ch is at the ROM output 1 + lat.EMBED_RAW cycles after e_rd
+        e_rd_p = [e_rd]
+        e_ch_p = [e_ch]
+        for _ in range(1 + lat.EMBED_RAW):
+            e_rd_p.append(Signal())
+            e_ch_p.append(Signal(len(e_ch)))
+            self.sync += [e_rd_p[-1].eq(e_rd_p[-2]), e_ch_p[-1].eq(e_ch_p[-2])]
+        e_rd_d, e_ch_d = e_rd_p[-1], e_ch_p[-1]
         Rw = be.rows_per_word
         slot = Signal(ubits(max(1, Rw - 1)))
         rowgroup = Signal(16)
         self.comb += [slot.eq(token & (Rw - 1)) if Rw > 1 else slot.eq(0),
                       rowgroup.eq(token >> ubits(Rw - 1) if Rw > 1 else token),
                       mv.raw_adr.eq(pe.base + rowgroup * pe.chunks + e_ch), mv.raw_en.eq(e_rd)]
-        self.sync += [e_rd_d.eq(e_rd), e_ch_d.eq(e_ch),
-                      If(emb_start, e_ch.eq(0), e_rd.eq(1)).Elif(e_rd,
+        self.sync += [If(emb_start, e_ch.eq(0), e_rd.eq(1)).Elif(e_rd,
                           If(e_ch == pe.chunks - 1, e_rd.eq(0)), e_ch.eq(e_ch + 1))]
         sw, sp, lb = be.slot_width, be.split, be.lane_bits
         eword = Signal(sw * sp)  # the row's slot(s): low part (+ multiplier share), high part

@@ -20,6 +20,7 @@ ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each 
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
 # m x partial, row accumulator
 ROWPOST_IN = 1  # row post-processing: the engine's beat and its requantization shift registered
+EMBED_RAW = 1  # embedding: its ROM address registered with the engine's (no mux at the RAM pins)
 EMBED_MUX = 1  # embedding: the beat of dequantized weights registered after its D/P-way mux
 ACTQ_EMIT = 1  # ActQuant: its buffer word registered before the quantizer (qemit, hemit)
 SAMPLER = 6  # Sampler: RAM word, logit, t, d, exp tables, w (each pass drains them, the search too)

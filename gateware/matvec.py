@@ -26,13 +26,12 @@ class WeightRom(Module):
     The word is split into column slices of `slice_bits` (two DP16KD wide), each its own memory
     with its own address register: `adr_next` is the address of the next cycle, and every slice
     keeps a copy of it (kept apart in synthesis), so no single net drives the address pins of all
-    the block RAMs of the bank."""
+    the block RAMs of the bank. Direct reads (the embedding) go through the same registers: the
+    engine puts their address on `adr_next` (lat.EMBED_RAW)."""
 
     def __init__(self, width: int, words: list, slice_bits: int = 72):
         depth = max(2, len(words))
         self.adr_next = Signal(ubits(depth - 1))
-        self.raw_adr = Signal(ubits(depth - 1))  # read now instead (raw_en), data next cycle
-        self.raw_en = Signal()
         self.dat_r = Signal(width)
         # # #
         words = list(words) + [0] * (depth - len(words))
@@ -43,7 +42,7 @@ class WeightRom(Module):
             adr = Signal(len(self.adr_next), attr={("keep", 1)})
             self.specials += mem, port
             self.sync += adr.eq(self.adr_next)
-            self.comb += [port.adr.eq(Mux(self.raw_en, self.raw_adr, adr)),
+            self.comb += [port.adr.eq(adr),
                           self.dat_r[lo:lo + w].eq(port.dat_r)]
 
 
@@ -61,7 +60,9 @@ class MatVec(Module):
     cmd       (bank, base word, chunks per row group, row groups, tag): one matrix
     source    Q-wide beats of row accumulators in row order, `beat` index, `tag`; last on the
               final beat of a command
-    raw_*     direct ROM reads (the embedding lookup) while the engine is idle
+    raw_*     direct ROM reads (the embedding lookup) while the engine is idle: the address
+              is registered with the engine's own (lat.EMBED_RAW), the word is at `roms[b].dat_r`
+              two cycles after raw_en
     """
 
     def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
@@ -141,14 +142,15 @@ class MatVec(Module):
             If(rlast0, chunk.eq(0), rg.eq(rg + 1), kidx.eq(0)).Else(
                 chunk.eq(chunk + 1),
                 If(kidx == cpg_m1, kidx.eq(0)).Else(kidx.eq(kidx + 1))))
-        # the address of the next cycle: the first word of a command taken now, the next word
-        # after an issue, or the current word (direct reads, raw_en, bypass it: the embedding)
+        # the address of the next cycle: a direct read (the embedding, while the engine is idle),
+        # the first word of a command taken now, the next word after an issue, or the current word
         adr_next = Signal(len(cmd.base))
-        self.comb += If(cmd.valid & cmd.ready, adr_next.eq(cmd.base)).Elif(issue,
+        assert lat.EMBED_RAW == 1
+        self.comb += If(self.raw_en, adr_next.eq(self.raw_adr)).Elif(cmd.valid & cmd.ready,
+            adr_next.eq(cmd.base)).Elif(issue,
             adr_next.eq(base_r + offset + 1)).Else(adr_next.eq(base_r + offset))
         for rom in roms:
-            self.comb += [rom.adr_next.eq(adr_next), rom.raw_adr.eq(self.raw_adr),
-                          rom.raw_en.eq(self.raw_en)]
+            self.comb += rom.adr_next.eq(adr_next)
         # control that travels with the data
         ctrl_layout = [("v", 1), ("chunk", len(chunk)), ("gfirst", 1), ("glast", 1),
                        ("rfirst", 1), ("rlast", 1), ("kidx", len(kidx)), ("bank", len(cmd.bank)),
