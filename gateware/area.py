@@ -188,14 +188,17 @@ def synth_text(text: str, inits: dict, timeout: int = 3600) -> dict:
     return res
 
 
-def unit_areas(plan, jobs: int = 2, log=print) -> dict:
-    """name -> cell counts for every unit of the plan, plus 'core' (the whole BakedLlamaCore)."""
+def unit_areas(plan, jobs: int = 2, log=print, only: list | None = None) -> dict:
+    """name -> cell counts for every unit of the plan (or those in `only`), plus 'core' (the whole
+    BakedLlamaCore) when all are asked for."""
     from gateware.core import make_units
     from gateware.sim import generate
 
-    texts = {name: unit_verilog(u) for name, u in make_units(plan).items()}
-    core_text, _, core_inits = generate(plan, False, BUILD / "stage")
-    texts["core"] = (core_text, core_inits)
+    texts = {name: unit_verilog(u) for name, u in make_units(plan).items()
+             if only is None or name in only}
+    if only is None:
+        core_text, _, core_inits = generate(plan, False, BUILD / "stage")
+        texts["core"] = (core_text, core_inits)
     log(f"area: yosys on {len(texts)} designs ({jobs} at a time; cached runs are instant)")
     with ThreadPoolExecutor(jobs) as ex:
         futs = {name: ex.submit(synth_text, t, i) for name, (t, i) in texts.items()}
@@ -231,12 +234,16 @@ def main(argv=None) -> int:
     ap.add_argument("--lanes", type=int, default=compiler.DEFAULT_LANES)
     ap.add_argument("--vlanes", type=int)
     ap.add_argument("--kv-par", type=int)
+    ap.add_argument("--dsp-pairs", type=int, help="matrix row-slot pairs on packed MULT18X18D "
+                    "(default: compiler.MATVEC_DSP's worth)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--pnr", nargs="+", metavar="UNIT", help="place and route these units alone "
                     "(between registers) and print their Fmax and critical path")
     ap.add_argument("--freq", type=float, default=75.0, help="nextpnr target for --pnr (MHz)")
+    ap.add_argument("--only", nargs="+", metavar="UNIT", help="synthesize these units only")
     args = ap.parse_args(argv)
-    plan = compiler.compile_model(load_model(args), args.lanes, args.vlanes, args.kv_par)
+    plan = compiler.compile_model(load_model(args), args.lanes, args.vlanes, args.kv_par,
+                                  dsp_pairs=args.dsp_pairs)
     if args.pnr:
         from gateware.core import make_units
 
@@ -246,8 +253,9 @@ def main(argv=None) -> int:
             for ln in r["critical"]:
                 print("    " + ln)
         return 0
-    areas = unit_areas(plan, args.jobs)
-    print(f"per-unit area, lanes {plan.geo.lanes}, vlanes {plan.geo.vlanes}, kv_par {plan.geo.kv_par} "
+    areas = unit_areas(plan, args.jobs, only=args.only)
+    print(f"per-unit area, lanes {plan.geo.lanes}, vlanes {plan.geo.vlanes}, kv_par {plan.geo.kv_par}, "
+          f"dsp_pairs {plan.geo.dsp_pairs} "
           f"(yosys synth_ecp5, each unit alone):")
     for r in table(areas):
         print("  " + r)

@@ -65,7 +65,7 @@ def bench_lanes(model, lanes: int, positions: int, jobs: int = 2) -> dict:
             want = int(nx.argmax(gold.forward(st, [tok], tr).acc)[0])
             out, cyc = dut.token(tok)
             exp = cycle_model.expected_cycles(cfg, lanes, pos, formats=formats,
-                                              vlanes=plan.geo.vlanes, kv_par=plan.geo.kv_par)
+                                              vlanes=plan.geo.vlanes, kv_par=plan.geo.kv_par, dsp_pairs=plan.geo.dsp_pairs)
             res["cycle_mismatch"] += cyc != exp
             if out != want:
                 res["token_mismatch"] += 1

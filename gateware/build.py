@@ -120,10 +120,15 @@ def _yosys(out: Path, timeout: int) -> dict:
     return res
 
 
-def projected(cfg, lanes, fmax_mhz, prompt: int = 16, gen: int = 128) -> dict:
+def geo_kwargs(geo) -> dict:
+    """The geometry choices cycle_model needs besides lanes (so that it prices the built engine)."""
+    return dict(vlanes=geo.vlanes, kv_par=geo.kv_par, dsp_pairs=geo.dsp_pairs)
+
+
+def projected(cfg, lanes, fmax_mhz, prompt: int = 16, gen: int = 128, **geo) -> dict:
     """Tokens/s for a prompt of `prompt` tokens then `gen` generated (positions 0 .. prompt+gen-2)."""
     n = prompt + gen - 1
-    cyc = [cycle_model.expected_cycles(cfg, lanes, p) for p in range(n)]
+    cyc = [cycle_model.expected_cycles(cfg, lanes, p, **geo) for p in range(n)]
     total = sum(cyc)
     return dict(passes=n, total_cycles=total, mean_cycles=total / n,
                 tokens_per_s=(gen * fmax_mhz * 1e6 / total) if fmax_mhz else None,
@@ -138,25 +143,30 @@ def main(argv=None):
     ap.add_argument("--lanes", type=int, default=compiler.DEFAULT_LANES)
     ap.add_argument("--vlanes", type=int)
     ap.add_argument("--kv-par", type=int)
+    ap.add_argument("--dsp-pairs", type=int, help="matrix row-slot pairs on packed MULT18X18D "
+                    "(default: compiler.MATVEC_DSP's worth)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--synth", action="store_true", help="run yosys + nextpnr-ecp5 (LFE5U-85F)")
     ap.add_argument("--freq", type=float, default=70.0, help="nextpnr target (MHz)")
     ap.add_argument("--pnr-only", action="store_true", help="reuse <out>/accel.json from yosys")
     args = ap.parse_args(argv)
     model = load_model(args)
-    plan = compiler.compile_model(model, args.lanes, args.vlanes, args.kv_par)
+    plan = compiler.compile_model(model, args.lanes, args.vlanes, args.kv_par,
+                                  dsp_pairs=args.dsp_pairs)
     out = args.out or REPO / "build" / "gateware" / f"accel-l{args.lanes}"
     info = dict(model_id=f"{plan.identity:08x}", config=plan.cfg.to_dict(), geometry=str(plan.geo),
                 banks=[dict(bits=b.bits, group=b.group, slots=b.slots, width=b.width, depth=b.depth)
                        for b in plan.banks])
     info.update(write_verilog(plan, out))
     c = plan.cfg
-    info["cycles"] = {p: cycle_model.expected_cycles(c, args.lanes, p) for p in (16, 128, 255)}
+    info["cycles"] = {p: cycle_model.expected_cycles(c, args.lanes, p, **geo_kwargs(plan.geo))
+                      for p in (16, 128, 255)}
     info["bounds"] = cycle_model.device_bounds(c)
     print(json.dumps(info, indent=1))
     if args.synth:
         info["synth"] = synthesize(out, args.freq, pnr_only=args.pnr_only)
-        info["projection"] = projected(c, args.lanes, info["synth"]["fmax_mhz"])
+        info["projection"] = projected(c, args.lanes, info["synth"]["fmax_mhz"],
+                                       **geo_kwargs(plan.geo))
         print(json.dumps({k: info[k] for k in ("synth", "projection")}, indent=1))
     (out / "build.json").write_text(json.dumps(info, indent=1))
     return 0

@@ -34,6 +34,9 @@ M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
 BRAM_BITS = 18432  # bits of one DP16KD
 BRAMS = 208  # DP16KD blocks of the LFE5U-85F (the ULX3S default)
+# MULT18X18D given to the matrix-vector engine by default (packed pairs of products, C per slot
+# pair); the attention unit takes most of the other 156 - 32
+MATVEC_DSP = 32
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -49,6 +52,7 @@ class Geometry:
     lane_bits: int = 8  # weight bits per lane multiplier; wider weights take two row slots
     hidden: int = 0  # FFN width as laid out: hidden_dim padded with zero rows of w1/w3, columns of w2
     vocab: int = 0  # classifier / embedding rows as laid out: vocab_size padded with zero rows
+    dsp_pairs: int = 0  # row-slot pairs whose products run as packed pairs in MULT18X18D (C each)
 
 
 def _pow2(n: int) -> bool:
@@ -108,7 +112,7 @@ def padded_formats(cfg: ModelConfig, formats: dict, hidden: int) -> dict:
 
 
 def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | None = None,
-                  kv_par: int | None = None) -> Geometry:
+                  kv_par: int | None = None, dsp_pairs: int | None = None) -> Geometry:
     """Choose the engine tile for `lanes` and pad the config to it (ValueError where it cannot).
 
     Padding is exact: w1/w3 get zero rows (h1 = h3 = 0, SwiGLU(0, 0) = 0, and max |hb| is
@@ -165,12 +169,17 @@ def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | Non
         Hp, Vp = Hn, Vn
     else:  # pragma: no cover - the rows per word only grow, up to R
         raise ValueError("hidden_dim / vocab_size padding did not converge")
+    if dsp_pairs is None:  # as many slot pairs as MATVEC_DSP multipliers allow (4-bit lanes only)
+        dsp_pairs = min(R // 2, MATVEC_DSP // C) if lane_bits <= 4 else 0
+    if dsp_pairs < 0 or 2 * dsp_pairs > R or (dsp_pairs and lane_bits > 4):
+        raise ValueError(f"dsp_pairs {dsp_pairs}: needs 0 <= 2 * dsp_pairs <= rows per cycle ({R}) "
+                         f"and lanes of <= 4 weight bits (here {lane_bits})")
     for key2, r, _, f in mats:
         if r % rpw[f]:
             raise ValueError(f"matrix {key2} has {r} rows, not a multiple of the {rpw[f]} rows per "
                              f"cycle of lanes = {lanes} (dim and kv_dim are not padded: choose other "
                              f"lanes)")
-    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits, Hp, Vp)
+    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits, Hp, Vp, dsp_pairs)
 
 
 def _bank_rows(mats: list, formats: dict, R: int, C: int) -> tuple[int, list, dict]:
@@ -403,14 +412,14 @@ def split_key(key: str) -> tuple[str, int]:
 
 def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
                   kv_par: int | None = None, with_sampling: bool = True,
-                  brams: int | None = BRAMS) -> Plan:
+                  brams: int | None = BRAMS, dsp_pairs: int | None = None) -> Plan:
     """BakedModel -> Plan (geometry, bank images, tables, schedule).
 
     brams: block RAMs of the device (None: no check); a model whose padded weight ROMs and KV cache
     hold more bits than all of them is refused (ValueError) before any image is built."""
     c, f = model.cfg, model.fmt
     formats = matrix_formats(c, f["weights"])
-    geo = make_geometry(c, lanes, formats, vlanes, kv_par)
+    geo = make_geometry(c, lanes, formats, vlanes, kv_par, dsp_pairs)
     if brams is not None:
         check_bram_budget(c, geo, formats, brams)
     banks, place = build_banks(c, geo, formats, model.weights)

@@ -42,7 +42,8 @@ def make_units(plan: compiler.Plan) -> dict:
     D, H, V, P, Q = c.dim, g.hidden, g.vocab, g.vlanes, g.post  # hidden, vocab: padded
     kmax = max(D, H)
     return dict(
-        mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q),
+        mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q,
+                  dsp_pairs=g.dsp_pairs),
         rms=RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"]),
         aq=ActQuant(kmax, Q, P),
         att=Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q),
@@ -503,11 +504,12 @@ class BakedLlamaCore(LiteXModule):
     """The baked model as a next-token machine (gateware/INTERFACE.md)."""
 
     def __init__(self, model=None, lanes: int = compiler.DEFAULT_LANES, with_trace: bool = False,
-                 vlanes: int | None = None, kv_par: int | None = None, plan=None):
+                 vlanes: int | None = None, kv_par: int | None = None, plan=None,
+                 dsp_pairs: int | None = None):
         if plan is None:
             if model is None:
                 raise ValueError("BakedLlamaCore needs a BakedModel (or a compiled plan)")
-            plan = compiler.compile_model(model, lanes, vlanes, kv_par)
+            plan = compiler.compile_model(model, lanes, vlanes, kv_par, dsp_pairs=dsp_pairs)
         c = plan.cfg
         self.plan = plan
         self.sink = stream.Endpoint([("token", 16)])

@@ -27,15 +27,12 @@ POST_LAT = lat.POST
 EXP_LAT = lat.SOFTMAX_EXP
 
 
-def tree_latency(n: int, regs_every: int = 2) -> int:
-    """Registers in hw.adder_tree over n inputs."""
-    levels = math.ceil(math.log2(n)) if n > 1 else 0
-    return levels // regs_every
+tree_latency = lat.tree_latency
 
 
-def _geometry(cfg, lanes, scheme, vlanes, kv_par, formats):
+def _geometry(cfg, lanes, scheme, vlanes, kv_par, formats, dsp_pairs=None):
     formats = formats or compiler.matrix_formats(cfg, None, scheme)
-    geo = compiler.make_geometry(cfg, lanes, formats, vlanes, kv_par)
+    geo = compiler.make_geometry(cfg, lanes, formats, vlanes, kv_par, dsp_pairs)
     banks, place = compiler.build_banks(cfg, geo, formats, None)
     return formats, geo, banks, place
 
@@ -43,14 +40,16 @@ def _geometry(cfg, lanes, scheme, vlanes, kv_par, formats):
 # One formula per step of the schedule. They take plain numbers (no geometry objects) so that the
 # 8B projection (bakedllama.llama8b.projection) prices its partitions with the same formulas.
 
-def mv_cycles(words: int, rowgroups: int, beats_per_rg: int, cols: int, kind: str) -> int:
+def mv_cycles(words: int, rowgroups: int, beats_per_rg: int, cols: int, kind: str,
+              dsp_pairs: int = 0) -> int:
     """A matrix-vector pass: `words` ROM words issued over `rowgroups` row groups of `cols`
     columns per cycle. The output repacker emits beats_per_rg beats per row group; if that
     outruns the issue rate the FIFO credit throttles issuing to one row group per beats_per_rg
-    cycles. Then the pipeline drains (MV_LAT, adder tree, post-processing)."""
+    cycles. Then the pipeline drains (MV_LAT, adder tree, the DSP product register if any slots
+    use packed DSP pairs, post-processing)."""
     issue = max(words, rowgroups * beats_per_rg)
-    return (issue + 2 + MV_LAT + tree_latency(cols) + (beats_per_rg - 1) + lat.ROWPOST_IN
-            + POST_LAT[kind])
+    return (issue + 2 + MV_LAT + tree_latency(cols) + (lat.MV_DSP if dsp_pairs else 0)
+            + (beats_per_rg - 1) + lat.ROWPOST_IN + POST_LAT[kind])
 
 
 def norm_cycles(dim: int, vlanes: int) -> int:
@@ -96,12 +95,13 @@ OUT_CYCLES = 2  # out: its state + the first cycle of the output (counted by `cy
 
 def breakdown(cfg: ModelConfig, lanes: int, pos: int, scheme: str = "w4e8",
               vlanes: int | None = None, kv_par: int | None = None, formats: dict | None = None,
-              with_sampling: bool = True, sampled: int | None = None) -> dict:
+              with_sampling: bool = True, sampled: int | None = None,
+              dsp_pairs: int | None = None) -> dict:
     """Cycles per step of the forward pass at position `pos` (0-based).
 
     sampled: the token drawn when the pass samples (temperature != 0); None for greedy."""
     c = cfg
-    formats, geo, banks, place = _geometry(c, lanes, scheme, vlanes, kv_par, formats)
+    formats, geo, banks, place = _geometry(c, lanes, scheme, vlanes, kv_par, formats, dsp_pairs)
     D, H, P, Q = c.dim, geo.hidden, geo.vlanes, geo.post  # hidden as padded to the tile
     out = {}
 
@@ -109,7 +109,8 @@ def breakdown(cfg: ModelConfig, lanes: int, pos: int, scheme: str = "w4e8",
         p = place[key]
         b = banks[p.bank]
         kind, _ = compiler.split_key(key)
-        return mv_cycles(p.chunks * p.rowgroups, p.rowgroups, max(1, b.rows_per_word // Q), geo.cols, kind)
+        return mv_cycles(p.chunks * p.rowgroups, p.rowgroups, max(1, b.rows_per_word // Q), geo.cols, kind,
+                         geo.dsp_pairs)
 
     for step in compiler.make_schedule(c, with_sampling):
         k = step.kind

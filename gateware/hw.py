@@ -249,3 +249,45 @@ def plane_dot(m, weights: list, acts: list, top_neg, regs_every: int = 2) -> tup
     out = Signal((pw, True))
     m.sync += out.eq(acc)
     return out, lat + 1
+
+
+def packed_pair_dot(m, w0s: list, neg0, w1s: list, neg1, acts: list,
+                    regs_every: int = 2) -> tuple[Signal, Signal, int]:
+    """sum_i w0_i * a_i and sum_i w1_i * a_i with ONE 18 x 18 signed multiply per i (MULT18X18D).
+
+    Two weights of lw <= 4 bits (raw fields; neg0 / neg1: the field is two's complement, else
+    unsigned) share the activation a_i (int8): b_i = w1_i * 2^k + w0_i with k = lw + 8, written as
+    bits: the low k bits are w0_i sign-extended, the high lw + 2 bits w1_i - [w0_i < 0] (the
+    borrow), so b_i stays inside 18 signed bits for the extreme weights. p_i = a_i * b_i =
+    (a_i w1_i) 2^k + a_i w0_i, and |a_i w0_i| < 2^(k-1), so the low product is p_i's low k bits read
+    as signed and the high one is p_i >> k plus the low product's sign bit (its borrow back).
+    Product register, two adder trees, result registers. Returns (dot0, dot1, latency)."""
+    lw = len(w0s[0])
+    if lw > 4:
+        raise ValueError(f"two {lw}-bit x int8 products do not fit one 18 x 18 multiply")
+    k = lw + 8
+    lo_vals, hi_vals = [], []
+    for w0, w1, a in zip(w0s, w1s, acts):
+        v0, v1 = Signal((lw + 1, True)), Signal((lw + 1, True))
+        m.comb += [v0.eq(Mux(neg0, w0 - ((w0 >> (lw - 1)) << lw), w0)),
+                   v1.eq(Mux(neg1, w1 - ((w1 >> (lw - 1)) << lw), w1))]
+        # single bits as 2-bit signed values: a Verilog expression mixing a signed operand with an
+        # unsigned bit is evaluated unsigned (the signed operand would be zero-extended)
+        borrow, carry = Signal((2, True)), Signal((2, True))
+        bhi = Signal((lw + 2, True))
+        m.comb += [borrow.eq(v0[lw]), bhi.eq(v1 - borrow)]
+        b = Signal((k + lw + 2, True))
+        m.comb += b.eq(Cat(v0, *([v0[lw]] * (k - lw - 1)), bhi))
+        p = Signal((len(b) + len(a), True))
+        m.sync += p.eq(b * a)
+        lo = Signal((k, True))
+        ph = Signal((len(p) - k, True))
+        hi = Signal((k, True))
+        m.comb += [lo.eq(p[:k]), ph.eq(p[k:]), carry.eq(p[k - 1]), hi.eq(ph + carry)]
+        lo_vals.append(lo)
+        hi_vals.append(hi)
+    d0, lat = adder_tree(m, lo_vals, regs_every=regs_every)
+    d1, _ = adder_tree(m, hi_vals, regs_every=regs_every)
+    o0, o1 = Signal((len(d0), True)), Signal((len(d1), True))
+    m.sync += [o0.eq(d0), o1.eq(d1)]
+    return o0, o1, lat + 2

@@ -17,6 +17,9 @@ ATT_SCORE = 5  # Attention: K address -> K data, operands, q x k products, the s
 # (+ the adder tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
 # wait and the drain one cycle)
+MV_PRODUCTS = 1  # MatVec: the register after the bit-plane combination (or the lane products)
+MV_DSP = 1  # MatVec with packed DSP pairs: their product register, before the adder trees (every
+# slot then waits for it)
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
 # m x partial, row accumulator
 ROWPOST_IN = 1  # row post-processing: the engine's beat and its requantization shift registered
@@ -26,3 +29,9 @@ ACTQ_EMIT = 1  # ActQuant: its buffer word registered before the quantizer (qemi
 SAMPLER = 6  # Sampler: RAM word, logit, t, d, exp tables, w (each pass drains them, the search too)
 # row post-processing after the requantization register, per matrix kind
 POST = {"qkv": ROPE, "wo": 0, "w13": SWIGLU, "w2": 0, "cls": ARGMAX}
+
+
+def tree_latency(n: int, regs_every: int = 2) -> int:
+    """Registers in hw.adder_tree over n inputs."""
+    levels = (n - 1).bit_length() if n > 1 else 0
+    return levels // regs_every

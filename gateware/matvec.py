@@ -17,7 +17,8 @@ from litex.soc.interconnect import stream
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import adder_tree, field, plane_dot, signed, ubits
+from gateware.hw import adder_tree, field, packed_pair_dot, plane_dot, signed, ubits
+from gateware.latency import tree_latency
 
 
 class WeightRom(Module):
@@ -66,7 +67,7 @@ class MatVec(Module):
     """
 
     def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
-                 out_lanes: int = 2, tag_bits: int = 8, mult: str = "lut"):
+                 out_lanes: int = 2, tag_bits: int = 8, mult: str = "lut", dsp_pairs: int = 0):
         C, R, P = cols, rows, vlanes
         self.banks = banks
         nb = len(banks)
@@ -181,11 +182,15 @@ class MatVec(Module):
         a2 = [field(self, aslice, 8 * i, 8) for i in range(C)]
 
         # stage 3: products. Each lane multiplies a lane_bits field: signed (sign-extended for
-        # narrower banks), or unsigned in the low slot of a split bank (a positive top bit)
+        # narrower banks), or unsigned in the low slot of a split bank (a positive top bit).
+        # Slots 0 .. 2*dsp_pairs-1 go in pairs through packed MULT18X18D (hw.packed_pair_dot),
+        # the rest through LUT bit-plane trees (hw.plane_dot) or per-lane multipliers
         lw = max(b.lane_bits for b in banks)
         m_share_max = max(b.m_share for b in banks)
-        dots, mshares = [], []
-        tree_lat = 0
+        if dsp_pairs and (2 * dsp_pairs > R or lw > 4):
+            raise ValueError(f"dsp_pairs {dsp_pairs}: needs 2 * dsp_pairs <= rows ({R}) and "
+                             f"weights of <= 4 bits per lane (lane_bits {lw})")
+        wsl, negs, mshares = [], [], []
         for j in range(R):
             top_neg = Signal()
             self.comb += top_neg.eq(Array([int(not (b.split == 2 and j % 2 == 0)) for b in banks])[c2.bank]
@@ -208,19 +213,8 @@ class MatVec(Module):
                             opts.append(Constant(0, (b.lane_bits, True)))
                     self.comb += wj.eq(Array(opts)[c2.bank] if nb > 1 else opts[0])
                 ws.append(wj)
-            if mult == "lut":
-                dot, tree_lat = plane_dot(self, ws, a2, top_neg)
-                tree_lat -= 1  # counted below with the products register
-            else:
-                prods = []
-                for i in range(C):
-                    wsg = Signal((lw + 1, True))
-                    self.comb += wsg.eq(Mux(top_neg, ws[i] - ((ws[i] >> (lw - 1)) << lw), ws[i]))
-                    p = Signal((lw + 9, True))
-                    self.sync += p.eq(wsg * a2[i])
-                    prods.append(p)
-                dot, tree_lat = adder_tree(self, prods)
-            dots.append(dot)
+            wsl.append(ws)
+            negs.append(top_neg)
             ms = Signal(m_share_max)
             if same and all(b.m_share == banks[0].m_share for b in banks):
                 self.comb += ms.eq(word[j * banks[0].slot_width + C * lw:][:banks[0].m_share])
@@ -234,6 +228,42 @@ class MatVec(Module):
                         mopts.append(Constant(0, b.m_share))
                 self.comb += ms.eq(Array(mopts)[c2.bank] if nb > 1 else mopts[0])
             mshares.append(ms)
+        dots, lats = [], []
+        for j in range(0, 2 * dsp_pairs, 2):
+            d0, d1, la = packed_pair_dot(self, wsl[j], negs[j], wsl[j + 1], negs[j + 1], a2)
+            dots += [d0, d1]
+            lats += [la, la]
+        for j in range(2 * dsp_pairs, R):
+            if mult == "lut":
+                dot, la = plane_dot(self, wsl[j], a2, negs[j])
+            else:
+                prods = []
+                for i in range(C):
+                    wsg = Signal((lw + 1, True))
+                    self.comb += wsg.eq(Mux(negs[j], wsl[j][i] - ((wsl[j][i] >> (lw - 1)) << lw),
+                                            wsl[j][i]))
+                    p = Signal((lw + 9, True))
+                    self.sync += p.eq(wsg * a2[i])
+                    prods.append(p)
+                dot, la = adder_tree(self, prods)
+                la += 1
+            dots.append(dot)
+            lats.append(la)
+        # every slot's dot product arrives after the same latency (the shorter paths delayed), all
+        # of one width
+        dlat = max(lats)
+        dw = max(len(d) for d in dots)
+        for j in range(R):
+            d = dots[j]
+            for _ in range(dlat - lats[j]):
+                r = Signal((len(d), True))
+                self.sync += r.eq(d)
+                d = r
+            dots[j] = signed(self, d, dw)
+        tree_lat = dlat - 1  # counted below with the products register
+        if dlat != lat.MV_PRODUCTS + (lat.MV_DSP if dsp_pairs else 0) + tree_latency(C):
+            raise ValueError(f"MatVec products take {dlat} cycles, gateware.latency says "
+                             f"{lat.MV_PRODUCTS} (+ {lat.MV_DSP} with DSP pairs) + the tree's")
         # the m shares travel along the product + tree latency
         ms_d = [Cat(*mshares)]
         for _ in range(1 + tree_lat):
@@ -304,7 +334,7 @@ class MatVec(Module):
         ]
         # c0 -> FIFO write: ROM (c1), word/act (c2), products + tree, group (cB), m* (cC), row acc
         self.latency = 1 + 2 + 1 + tree_lat + 3  # (+1: the command registers)
-        if self.latency != lat.MV_LAT + tree_lat:
+        if self.latency != lat.MV_LAT + tree_latency(C) + (lat.MV_DSP if dsp_pairs else 0):
             raise ValueError(f"MatVec pipeline is {self.latency} cycles, gateware.latency says "
                              f"{lat.MV_LAT} + the adder tree's {tree_lat}")
 

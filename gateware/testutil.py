@@ -79,7 +79,7 @@ def run_and_compare(sim, model, prompt, n_gen, lanes, temperature=0.0, seed=0):
                 assert out == want, f"position {pos}: device token {out}, golden {want}"
                 outs.append(out)
             exp = expected_cycles(cfg, lanes, pos, formats=formats, vlanes=plan.geo.vlanes,
-                                  kv_par=plan.geo.kv_par,
+                                  kv_par=plan.geo.kv_par, dsp_pairs=plan.geo.dsp_pairs,
                                   sampled=out if (inv_t and not prompt_pass) else None)
             assert cyc == exp, f"position {pos}: {cyc} cycles measured, cycle model {exp}"
             cycles.append(cyc)

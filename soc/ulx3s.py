@@ -102,7 +102,7 @@ def expected_cycles_per_token(core, n_tokens=64):
     formats = compiler.matrix_formats(plan.cfg, plan.fmt.get("weights"))
     n = min(n_tokens, plan.cfg.seq_len)
     total = sum(cycle_model.expected_cycles(plan.cfg, plan.geo.lanes, pos, formats=formats,
-        vlanes=plan.geo.vlanes, kv_par=plan.geo.kv_par) for pos in range(n))
+        vlanes=plan.geo.vlanes, kv_par=plan.geo.kv_par, dsp_pairs=plan.geo.dsp_pairs) for pos in range(n))
     return round(total / n)
 
 def build(output_dir=DEFAULT_OUTPUT_DIR, core_kind="real", model_path=None, lanes=None,
