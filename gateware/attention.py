@@ -1,12 +1,16 @@
 """Attention over the on-chip KV cache (numerics.attention_head for every head, bit-exact).
 
-For each group of kv_par KV heads (HP = kv_par * kv_mul query heads):
-  pass 1  t = 0..pos: K row -> HP dot products -> Q8 scores -> Softmax (running max)
-  pass 2  t = 0..pos: the same scores -> e = exp_neg(max - s) -> out[h] += e * V row; sums
-  then    recip[h] = floor(2^40 / sum) (Softmax's dividers); the group's HP * head_dim
-          accumulators are copied into the output vector
-Then over the whole vector (rotated one beat of P per cycle, so no wide read multiplexer): o = round_shift(out * recip, 40 + e_v - 12), one pass for max |o|,
-one pass emitting quantize_act(o) (P int8 per beat) to the matrix-vector engine.
+For each group of kv_par KV heads (HP = kv_par * kv_mul query heads), two stages:
+  score   t = 0..pos: K row -> HP dot products (LUT bit planes) -> Q8 scores -> Softmax (running
+          max) and the score buffer
+  value   t = 0..pos: the buffered scores -> e = exp_neg(max - s) -> out[h] += e * V row (DSP
+          blocks); sums; then recip[h] = floor(2^40 / sum) (Softmax's dividers) and the group's
+          HP * head_dim accumulators are copied into the output vector
+The stages overlap: the NG groups run in NG + 1 phases of pos + 1 issues, the score stage on group
+k while the value stage is on group k - 1 (the score buffer holds two groups, the Softmax freezes a
+group's max for its value stage). Then over the whole vector (rotated one beat of P per cycle, so
+no wide read multiplexer): o = round_shift(out * recip, 40 + e_v - 12), one pass for max |o|, one
+pass emitting quantize_act(o) (P int8 per beat) to the matrix-vector engine.
 
 The KV cache is two block RAMs (keys, values): word = kv_par heads x head_dim int8, address
 ((layer * seq_len + t) * groups + group). The current position's K/V rows are collected from the
@@ -19,7 +23,7 @@ from litex.soc.interconnect import stream
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import (absval, adder_tree, bit_length, clip, const_mul, max_tree, round_shift,
+from gateware.hw import (absval, bit_length, clip, const_mul, max_tree, plane_dot, round_shift,
                          sbits, signed, ubits)
 from gateware.units import Softmax, lanes_of
 
@@ -77,13 +81,16 @@ class Attention(Module):
         self.specials += kmem, vmem, kw, vw, kr, vr
         self.kmem, self.vmem = kmem, vmem
 
-        # control
-        g = Signal(ubits(max(1, NG - 1)))
+        # control: the passes run in NG + 1 phases over one issue counter t; in phase k the score
+        # stage takes group k (if k < NG) while the value stage takes group k - 1 (if k >= 1)
         t = Signal(ubits(S))
         wcnt = Signal(ubits(NG))
         base = Signal(ubits(depth))
         self.comb += base.eq(self.layer * (S * NG))
-        phase = Signal()  # 0: max pass, 1: exp pass
+        kph = Signal(ubits(NG))  # phase 0 .. NG
+        gs = Signal(ubits(max(1, NG - 1)))  # the score stage's group
+        gv = Signal(ubits(max(1, NG - 1)))  # the value stage's group
+        sc_on, va_on = Signal(), Signal()
         issuing = Signal()
         self.submodules.fsm = fsm = FSM(reset_state="IDLE")
         lpos = Signal(ubits(S))  # positions 0 .. pos
@@ -95,11 +102,12 @@ class Attention(Module):
             vw.dat_w.eq(Array([Cat(*vrow[i * W:(i + 1) * W]) for i in range(NG)])[wcnt]),
         ]
 
-        # score pipeline: K address at cycle 0 -> K data at 1 -> products at 2 -> tree -> score
-        self.comb += [kr.adr.eq(base + t * NG + g), kr.re.eq(1)]
+        # score stage: K address at cycle 0 -> K data at 1 -> operands at 2 -> q x k by bit planes
+        # of q (LUT logic: the DSP blocks do e x v meanwhile) -> scaled dot -> score
+        self.comb += [kr.adr.eq(base + t * NG + gs), kr.re.eq(1)]
         qg = Signal(HP * hd * 8)
-        self.comb += qg.eq(Array([Cat(*q8[i * HP * hd:(i + 1) * HP * hd]) for i in range(NG)])[g])
-        qs = lanes_of(self, qg, HP * hd, 8)
+        self.comb += qg.eq(Array([Cat(*q8[i * HP * hd:(i + 1) * HP * hd]) for i in range(NG)])[gs])
+        qs = lanes_of(self, qg, HP * hd, 8, False)  # raw bits: plane_dot slices them
         ks = lanes_of(self, kr.dat_r, W, 8)
         scale = nx.score_scale(hd)
         sh_lo = f_qk - q_k_max + min(e_k) + 15 - nx.SCORE_FRAC
@@ -111,41 +119,28 @@ class Attention(Module):
         self.comb += ek.eq(Array([Constant(v, (len(ek), True)) for v in e_k])[self.layer])
         shift = Signal((sbits(sh_lo, sh_hi) + 1, True))
         self.comb += shift.eq(f_qk + 15 - nx.SCORE_FRAC + ek - kq)
-        # Shared multipliers (one MULT18X18D per product, kv_mul * head_dim of them):
-        #   pass 1: q * k -> per-head dot -> Q8 score -> Softmax (max) and the score buffer
-        #   pass 2: the score buffer -> Softmax -> e;  e * v -> out accumulators
-        av_mode = Signal()  # products are e * v (pass 2)
         self.submodules.softmax = sm = Softmax(HP, s_bits, S)
-        es = lanes_of(self, sm.source_e.e, HP, 17, False)
-        vs = lanes_of(self, vr.dat_r, W, 8)
-        prods = []
-        for hh in range(HP):
-            kk = hh // c.kv_mul
-            e_s = signed(self, es[hh], 18)
-            for d in range(hd):
-                # operands registered at the KV cache's output (its clock-to-out is ~6 ns), then
-                # the product: the block RAM, the mux and the multiplier are three paths
-                a_in = Signal((18, True))
-                b_in = Signal((8, True))
-                self.sync += [a_in.eq(Mux(av_mode, e_s, qs[hh * hd + d])),
-                              b_in.eq(Mux(av_mode, vs[kk * hd + d], ks[kk * hd + d]))]
-                p = Signal((26, True))
-                self.sync += p.eq(a_in * b_in)
-                prods.append(p)
+        # operands registered at the KV cache's output (its clock-to-out is ~6 ns)
+        q_in = [Signal(8) for _ in range(HP * hd)]
+        k_in = [Signal((8, True)) for _ in range(W)]
+        self.sync += [*[q_in[i].eq(qs[i]) for i in range(HP * hd)],
+                      *[k_in[i].eq(ks[i]) for i in range(W)]]
         scores = []
         tl = 0
         for hh in range(HP):
-            dot, tl = adder_tree(self, prods[hh * hd:(hh + 1) * hd])
+            kk = hh // c.kv_mul
+            dot, pl = plane_dot(self, q_in[hh * hd:(hh + 1) * hd], k_in[kk * hd:(kk + 1) * hd], 1)
+            tl = pl - 1
             sc = Signal((len(dot) + ubits(scale) + 1, True))
             self.sync += sc.eq(const_mul(self, dot, scale))  # registered: the scale, then the shift
-            s = round_shift(self, sc, shift, (sh_lo, sh_hi))
+            s_ = round_shift(self, sc, shift, (sh_lo, sh_hi))
             sr = Signal((s_bits, True))
-            self.sync += sr.eq(s)
+            self.sync += sr.eq(s_)
             scores.append(sr)
-        # address -> K data -> operands -> product -> (tree) -> scaled -> registered score
+        # address -> K data -> operands -> bit-plane dot (tree + its register) -> scaled -> score
         lat_s = lat.ATT_SCORE + tl
-        assert lat_s == 1 + 1 + 1 + tl + 2
-        vpipe = [issuing & ~phase]
+        assert lat_s == 1 + 1 + (tl + 1) + 2
+        vpipe = [issuing & sc_on]
         fpipe = [t == 0]
         lpipe = [t == lpos]
         tpipe = [t]
@@ -156,30 +151,49 @@ class Attention(Module):
             fpipe.append(nf)
             lpipe.append(nl)
             tpipe.append(nt)
-        # score buffer: one word of HP scores per position
-        sbuf = Memory(HP * s_bits, S)
+        # score buffer: one word of HP scores per position, two groups (by parity): the score stage
+        # writes group gs while the value stage reads group gv
+        nbuf = 2 if NG > 1 else 1
+        sbuf = Memory(HP * s_bits, nbuf * S)
         sbw = sbuf.get_port(write_capable=True)
         sbr = sbuf.get_port(has_re=True)
         self.specials += sbuf, sbw, sbr
-        self.comb += [sbw.adr.eq(tpipe[-1]), sbw.dat_w.eq(Cat(*scores)), sbw.we.eq(vpipe[-1]),
-                      sbr.adr.eq(t), sbr.re.eq(1)]
+        if nbuf == 2:
+            self.comb += [sbw.adr.eq(Cat(tpipe[-1], gs[0])), sbr.adr.eq(Cat(t, gv[0]))]
+        else:
+            self.comb += [sbw.adr.eq(tpipe[-1]), sbr.adr.eq(t)]
+        self.comb += [sbw.dat_w.eq(Cat(*scores)), sbw.we.eq(vpipe[-1]), sbr.re.eq(1)]
+        self.comb += [sm.sink_max.valid.eq(vpipe[-1]), sm.sink_max.first.eq(fpipe[-1]),
+                      sm.sink_max.last.eq(lpipe[-1]), sm.sink_max.s.eq(Cat(*scores))]
+        # value stage: the buffer's scores (read at t, there a cycle later) -> Softmax -> e
         rv, rf, rl_ = Signal(), Signal(), Signal()
-        self.sync += [rv.eq(issuing & phase), rf.eq(t == 0), rl_.eq(t == lpos)]
+        self.sync += [rv.eq(issuing & va_on), rf.eq(t == 0), rl_.eq(t == lpos)]
         self.comb += [
-            sm.sink.valid.eq(vpipe[-1] | rv),
-            sm.sink.first.eq(Mux(rv, rf, fpipe[-1])), sm.sink.last.eq(Mux(rv, rl_, lpipe[-1])),
-            sm.sink.phase.eq(rv), sm.sink.s.eq(Mux(rv, sbr.dat_r, Cat(*scores))),
+            sm.sink.valid.eq(rv), sm.sink.first.eq(rf), sm.sink.last.eq(rl_), sm.sink.s.eq(sbr.dat_r),
             sm.source_e.ready.eq(1), sm.source_recip.ready.eq(1),
         ]
-
-        # AV: V row prefetched so V[t] is at the RAM output when e[t] arrives; product a cycle later
+        es = lanes_of(self, sm.source_e.e, HP, 17, False)
+        vs = lanes_of(self, vr.dat_r, W, 8)
+        # AV: V row prefetched so V[t] is at the RAM output when e[t] arrives; operand registers,
+        # then the product (one MULT18X18D each, kv_mul * head_dim of them per KV head)
         vt = Signal(ubits(S))
         consume = Signal()
         consume_d = Signal()
         self.comb += [consume.eq(sm.source_e.valid),
-                      vr.adr.eq(base + (vt + consume) * NG + g), vr.re.eq(1)]
-        consume_dd = Signal()  # e[t] and V[t]: operand registers, then the product
+                      vr.adr.eq(base + (vt + consume) * NG + gv), vr.re.eq(1)]
+        consume_dd = Signal()
         self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume), consume_dd.eq(consume_d)]
+        prods = []
+        for hh in range(HP):
+            kk = hh // c.kv_mul
+            e_s = signed(self, es[hh], 18)
+            for d in range(hd):
+                a_in = Signal((18, True))
+                b_in = Signal((8, True))
+                self.sync += [a_in.eq(e_s), b_in.eq(vs[kk * hd + d])]
+                p = Signal((26, True))
+                self.sync += p.eq(a_in * b_in)
+                prods.append(p)
         acc_max = S * nx.EXP_ONE * 128
         aw = sbits(acc_max)
         # one group's accumulators (HP * hd); when the group's reciprocals arrive they are copied
@@ -194,12 +208,12 @@ class Attention(Module):
         out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
         orun = Signal()
         self.sync += If(orun, [out[i].eq(out[(i + P) % D]) for i in range(D)]).Else(
-            [If(sm.source_recip.valid & (g == grp),
+            [If(sm.source_recip.valid & (gv == grp),
                 [out[grp * GW + k].eq(acc[k]) for k in range(GW)]) for grp in range(NG)])
         recip = [Signal(len(sm.source_recip.recip) // HP, name=f"recip{h}") for h in range(c.n_heads)]
         rs = lanes_of(self, sm.source_recip.recip, HP, len(recip[0]), False)
         for h in range(c.n_heads):
-            self.sync += If(sm.source_recip.valid & (g == h // HP), recip[h].eq(rs[h % HP]))
+            self.sync += If(sm.source_recip.valid & (gv == h // HP), recip[h].eq(rs[h % HP]))
 
         # output passes over the vector: o = round_shift(out * recip, 40 + e_v - 12); a beat of P
         # lies within one head (P divides head_dim), so one reciprocal serves the beat
@@ -246,33 +260,38 @@ class Attention(Module):
         # the consumer (matrix-vector activations) is always ready
 
         self.comb += self.busy.eq(~fsm.ongoing("IDLE"))
-        pass_start = Signal()
+        phase_start = Signal()
         fsm.act("IDLE",
             If(self.start, NextValue(wcnt, 0), NextValue(lpos, self.pos), NextState("WRITE")))
         fsm.act("WRITE",
             kw.we.eq(1), vw.we.eq(1),
             NextValue(wcnt, wcnt + 1),
-            If(wcnt == NG - 1, NextValue(g, 0), NextState("PASS")))
-        fsm.act("PASS",  # phase 0 then phase 1 for group g
-            pass_start.eq(1),
-            NextValue(t, 0), NextValue(issuing, 1), NextValue(phase, 0), NextValue(av_mode, 0),
-            NextState("ISSUE0"))
+            If(wcnt == NG - 1, NextValue(kph, 0), NextValue(gs, 0), NextValue(sc_on, 1),
+               NextValue(va_on, 0), NextState("PHASE")))
+        fsm.act("PHASE",
+            phase_start.eq(1),
+            NextValue(t, 0), NextValue(issuing, 1), NextState("ISSUE"))
         wcnt2 = Signal(ubits(lat_s + 1))
-        fsm.act("ISSUE0",
-            If(t == lpos, NextValue(t, 0), NextValue(issuing, 0), NextValue(wcnt2, 0),
-               NextState("WAIT1")).Else(NextValue(t, t + 1)))
-        fsm.act("WAIT1",  # the last score reaches the buffer and the softmax max
-            NextValue(wcnt2, wcnt2 + 1),
-            If(wcnt2 == lat_s - 1, NextValue(phase, 1), NextValue(issuing, 1), NextValue(av_mode, 1),
-               NextState("ISSUE1")))
-        fsm.act("ISSUE1",
-            If(t == lpos, NextValue(issuing, 0), NextState("RECIP")).Else(NextValue(t, t + 1)))
-        fsm.act("RECIP",
-            If(sm.source_recip.valid,
-                If(g == NG - 1, NextValue(ob, 0), NextValue(orun, 1), NextValue(ophase, 0),
-                   NextState("OMAX")).Else(NextValue(g, g + 1), NextState("PASS"))))
-        self.comb += clear.eq(pass_start)
-        self.sync += If(pass_start, vt.eq(0))
+        fsm.act("ISSUE",
+            If(t == lpos, NextValue(issuing, 0), NextValue(wcnt2, 0), NextState("WAIT")).Else(
+                NextValue(t, t + 1)))
+        # the score stage's last score reaches the buffer and the max (lat_s), the value stage's
+        # reciprocals arrive (rdone: they are valid for one cycle)
+        rdone = Signal()
+        self.sync += If(phase_start, rdone.eq(0)).Elif(sm.source_recip.valid, rdone.eq(1))
+        s_ok = Signal()
+        self.comb += s_ok.eq(~sc_on | (wcnt2 >= lat_s - 1))
+        v_ok = Signal()
+        self.comb += v_ok.eq(~va_on | rdone | sm.source_recip.valid)
+        fsm.act("WAIT",
+            If(wcnt2 < lat_s - 1, NextValue(wcnt2, wcnt2 + 1)),
+            If(s_ok & v_ok,
+                If(kph == NG, NextValue(ob, 0), NextValue(orun, 1), NextValue(ophase, 0),
+                   NextState("OMAX")).Else(
+                    NextValue(kph, kph + 1), NextValue(gv, gs), NextValue(gs, gs + 1),
+                    NextValue(va_on, 1), NextValue(sc_on, kph + 1 < NG), NextState("PHASE"))))
+        self.comb += clear.eq(phase_start & va_on)
+        self.sync += If(phase_start, vt.eq(0))
         fsm.act("OMAX",
             If(ob == D // P - 1, NextValue(ob, 0), NextValue(orun, 0), NextState("KCALC")).Else(
                 NextValue(ob, ob + 1)))

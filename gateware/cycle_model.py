@@ -58,14 +58,18 @@ def norm_cycles(dim: int, vlanes: int) -> int:
 
 
 def attn_cycles(pos: int, n_groups: int, head_dim: int, dim: int, vlanes: int) -> int:
-    """Attention at position `pos` over n_groups passes (KV groups handled one after another)."""
+    """Attention at position `pos`: n_groups KV groups in n_groups + 1 overlapped phases."""
     q_bits = nx.ATT_RECIP_BITS - int(math.log2(nx.EXP_ONE)) + 1
     q_iters = (q_bits + 1) // 2  # the divider makes two quotient bits per cycle
     lat_s = lat.ATT_SCORE + tree_latency(head_dim)
-    # per KV group: pass 1 (pos+1 issues) + drain into the score buffer (lat_s) + pass 2 (pos+1) +
-    # buffer read, exp, divider; then two passes over the output vector
-    group = 1 + 2 * (pos + 1) + lat_s + 1 + EXP_LAT + 1 + q_iters + 2
-    return n_groups + 8 + 2 * lat.ATT_OUT_REGS + n_groups * group + 2 * (dim // vlanes)
+    # after a phase's pos + 1 issues: the score stage drains into the buffer and the max (lat_s);
+    # the value stage's reciprocals come after the buffer read, exp, the sums and the divider
+    recip_wait = 1 + EXP_LAT + 1 + q_iters + 2
+    phases = 0
+    for k in range(n_groups + 1):
+        wait = max(lat_s if k < n_groups else 0, recip_wait if k > 0 else 0)
+        phases += 1 + (pos + 1) + wait
+    return n_groups + 8 + 2 * lat.ATT_OUT_REGS + phases + 2 * (dim // vlanes)
 
 
 def embed_cycles(chunks: int, dim: int, vlanes: int, head_dim: int) -> int:

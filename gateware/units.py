@@ -447,12 +447,14 @@ class RecipDivider(Module):
 class Softmax(Module):
     """Attention's softmax normalizer for H heads at once (numerics.attention_head).
 
-    sink phase 0: scores s (Q8), first..last -> running max per head.
-    sink phase 1: the same scores again -> source_e: e = exp_neg(max - s) (Q15) per beat, and the
-                  sums; after `last`, source_recip: floor(2^ATT_RECIP_BITS / sum) per head."""
+    sink_max: scores s (Q8), first..last -> running max per head (always ready); on `last` the max
+              is frozen for the exp stream, so the next group's scores may stream in meanwhile.
+    sink:     the same scores again -> source_e: e = exp_neg(max - s) (Q15) per beat, and the
+              sums; after `last`, source_recip: floor(2^ATT_RECIP_BITS / sum) per head."""
 
     def __init__(self, H: int, s_bits: int, max_len: int):
-        self.sink = stream.Endpoint([("s", H * s_bits), ("phase", 1)])
+        self.sink_max = stream.Endpoint([("s", H * s_bits)])
+        self.sink = stream.Endpoint([("s", H * s_bits)])
         self.source_e = stream.Endpoint([("e", H * 17)])
         tot_max = max_len * nx.EXP_ONE
         self.div_cycles = 0
@@ -466,20 +468,24 @@ class Softmax(Module):
         ce = Signal()
         pending = Signal()  # a normalizer is being computed or waits to be taken
         self.comb += [ce.eq(~self.source_e.valid | self.source_e.ready),
-                      sink.ready.eq(ce & ~pending)]
+                      sink.ready.eq(ce & ~pending), self.sink_max.ready.eq(1)]
+        ms = lanes_of(self, self.sink_max.s, H, s_bits)
         ss = lanes_of(self, sink.s, H, s_bits)
-        mx = [Signal((s_bits, True)) for _ in range(H)]
+        mx = [Signal((s_bits, True)) for _ in range(H)]  # running max
+        mxv = [Signal((s_bits, True)) for _ in range(H)]  # the max the exp stream uses
         take = Signal()
         self.comb += take.eq(sink.valid & sink.ready)
-        # stage 1: max (phase 0) or d = max - s (phase 1)
+        # stage 1: d = max - s (the exp stream)
         d_bits = s_bits + 1
         d1 = [Signal(d_bits) for _ in range(H)]
         v1, l1, f1 = Signal(), Signal(), Signal()
         for j in range(H):
-            self.sync += If(take & ~sink.phase,
-                            If(sink.first | (ss[j] > mx[j]), mx[j].eq(ss[j])))
-            self.sync += If(ce, d1[j].eq(mx[j] - ss[j]))
-        self.sync += If(ce, v1.eq(take & sink.phase), l1.eq(sink.last), f1.eq(sink.first))
+            mnew = Signal((s_bits, True))
+            self.comb += mnew.eq(Mux(self.sink_max.first | (ms[j] > mx[j]), ms[j], mx[j]))
+            self.sync += If(self.sink_max.valid, mx[j].eq(mnew),
+                            If(self.sink_max.last, mxv[j].eq(mnew)))
+            self.sync += If(ce, d1[j].eq(mxv[j] - ss[j]))
+        self.sync += If(ce, v1.eq(take), l1.eq(sink.last), f1.eq(sink.first))
         self.submodules.exp = ex = ExpNeg(H, d_bits, ce)
         self.comb += [ex.d[j].eq(d1[j]) for j in range(H)]
         vv, ll, ff = [v1], [l1], [f1]
@@ -508,7 +514,7 @@ class Softmax(Module):
         for j, dv in enumerate(divs):
             self.comb += [dv.start.eq(start), dv.den.eq(tot[j])]
         self.sync += [
-            If(take & sink.phase & sink.last, pending.eq(1)),
+            If(take & sink.last, pending.eq(1)),
             If(divs[0].done, have.eq(1)),
             If(self.source_recip.valid & self.source_recip.ready, have.eq(0), pending.eq(0)),
         ]
