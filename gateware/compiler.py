@@ -27,9 +27,9 @@ from bakedllama import numerics as nx
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 
-# 64: the widest engine that places and routes on the LFE5U-85F, alone and inside the ULX3S SoC
-# (lanes 128 packs into 65 % of the LUTs but did not route here); see the README
-DEFAULT_LANES = 64
+# 128: 4 rows x 32 columns per cycle, 2 rows on packed MULT18X18D pairs and 2 on LUT bit planes
+# (the LUT-only lanes 128 of the last round packed into 65 % of the LUTs but did not route)
+DEFAULT_LANES = 128
 M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
 BRAM_BITS = 18432  # bits of one DP16KD
@@ -37,6 +37,7 @@ BRAMS = 208  # DP16KD blocks of the LFE5U-85F (the ULX3S default)
 # MULT18X18D given to the matrix-vector engine by default (packed pairs of products, C per slot
 # pair); the attention unit takes most of the other 156 - 32
 MATVEC_DSP = 32
+MULTS = 156  # MULT18X18D of the LFE5U-85F
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -133,6 +134,7 @@ def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | Non
     while C > 1 and any(g % C for g in groups):
         C //= 2
     R = lanes // C
+    vlanes_auto = vlanes is None
     if vlanes is None:
         vlanes = max(2, min(16, lanes // 16, c.head_dim))
     P = vlanes
@@ -169,8 +171,18 @@ def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | Non
         Hp, Vp = Hn, Vn
     else:  # pragma: no cover - the rows per word only grow, up to R
         raise ValueError("hidden_dim / vocab_size padding did not converge")
+    auto_p, auto_d = vlanes_auto, dsp_pairs is None
     if dsp_pairs is None:  # as many slot pairs as MATVEC_DSP multipliers allow (4-bit lanes only)
         dsp_pairs = min(R // 2, MATVEC_DSP // C) if lane_bits <= 4 else 0
+    # within the device's multipliers: narrower vector lanes first (each vector lane costs ~8 of
+    # them), then fewer DSP slot pairs, where those were left to the compiler
+    while sum(multipliers(c, R, C, P, Q, kv_par, dsp_pairs).values()) > MULTS:
+        if auto_p and P > 4 and P // 2 >= Q:
+            P //= 2
+        elif auto_d and dsp_pairs > 0:
+            dsp_pairs -= 1
+        else:
+            break
     if dsp_pairs < 0 or 2 * dsp_pairs > R or (dsp_pairs and lane_bits > 4):
         raise ValueError(f"dsp_pairs {dsp_pairs}: needs 0 <= 2 * dsp_pairs <= rows per cycle ({R}) "
                          f"and lanes of <= 4 weight bits (here {lane_bits})")
@@ -455,6 +467,21 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
         assert all(0 <= w < (1 << b.width) for w in b.words)
     return Plan(c, geo, model.identity(), f, banks, place, shifts, acc_bits, tables,
                 make_schedule(c, with_sampling))
+
+
+def multipliers(cfg: ModelConfig, R: int, C: int, P: int, Q: int, kv_par: int,
+                dsp_pairs: int) -> dict:
+    """MULT18X18D per unit, as yosys maps the units' products (checked against `gateware.area`):
+    a product of operands wider than 18 bits takes one block per 18 x 18 piece."""
+    def pieces(bits: int) -> int:  # signed operand: 18 bits, then 17 more per block
+        return 1 if bits <= 18 else 1 + -(-(bits - 18) // 17)
+    aw = (cfg.seq_len * nx.EXP_ONE * 128).bit_length() + 1  # attention accumulator
+    rbits = ((1 << nx.ATT_RECIP_BITS) // nx.EXP_ONE).bit_length() + 1  # reciprocal, signed
+    HP = kv_par * cfg.kv_mul
+    return dict(matvec=dsp_pairs * C + R,  # packed pairs + the group multipliers m x partial
+                attention=HP * cfg.head_dim + P * pieces(aw) * pieces(rbits) + HP,  # e x v,
+                # out x recip, Softmax's exp (hi x lo)
+                rmsnorm=2 * P, rope=2 * Q, swiglu=2 * Q, sampler=3)
 
 
 def check_bram_budget(cfg: ModelConfig, geo: Geometry, formats: dict, brams: int = BRAMS):
