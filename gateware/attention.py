@@ -154,7 +154,7 @@ class Attention(Module):
         # score buffer: one word of HP scores per position, two groups (by parity): the score stage
         # writes group gs while the value stage reads group gv
         nbuf = 2 if NG > 1 else 1
-        sbuf = Memory(HP * s_bits, nbuf * S)
+        sbuf = Memory(HP * s_bits, nbuf << len(t))  # the parity is the address's top bit
         sbw = sbuf.get_port(write_capable=True)
         sbr = sbuf.get_port(has_re=True)
         self.specials += sbuf, sbw, sbr
