@@ -355,7 +355,8 @@ def test_projection_prices_passes_with_the_gateware_cycle_model():
 
     spec = projection.ULX3S
     geo = compiler.make_geometry(cfg, LANES or compiler.DEFAULT_LANES, formats)
-    assert (spec.lanes, spec.vlanes, spec.post, spec.kv_par) == (geo.lanes, geo.vlanes, geo.post, geo.kv_par)
+    assert ((spec.lanes, spec.vlanes, spec.post, spec.kv_par, spec.dsp_pairs)
+            == (geo.lanes, geo.vlanes, geo.post, geo.kv_par, geo.dsp_pairs))
     for ctx in (17, 129, cfg.seq_len):
         proj = sum(projection.pass_cycles(cfg, fmt, p, projection.ULX3S, ctx) for p in parts)
         gw = cycle_model.expected_cycles(cfg, geo.lanes, ctx - 1, formats=formats)

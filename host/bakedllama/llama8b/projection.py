@@ -60,14 +60,16 @@ class ChipSpec:
     link_latency_s: float
     load_bytes_per_s: float  # weights into a chip (the reloaded mode)
     notes: str
+    dsp_pairs: int = 0  # matrix row-slot pairs on packed DSP multipliers (the gateware's `dsp_pairs`)
 
 
 ULX3S = ChipSpec(
-    "ULX3S 85F", ULX3S_85F_BYTES, 64, 4, 2, 1, 25e6, 50e6, 2e-6, 3e6 / 10,
+    "ULX3S 85F", ULX3S_85F_BYTES, 128, 4, 2, 1, 50e6, 50e6, 2e-6, 3e6 / 10,
     "fact: LFE5U-85F, 208 DP16KD; the engine is the ULX3S build of gateware/ (soc/common.py: "
-    "lanes 64, vlanes 4, post 2, kv_par 1) at the SoC's 25 MHz system clock (nextpnr Fmax: "
-    "README); assumptions: all BRAM for weights, 50 MB/s board-to-board link (8 GPIO pins at "
-    "~50 MHz), reload through the FT231X UART at 3 Mbaud (0.3 MB/s)")
+    "lanes 128 with one packed-DSP slot pair, vlanes 4, post 2, kv_par 1) at the SoC's 50 MHz "
+    "system clock (nextpnr Fmax: README); assumptions: all BRAM for weights, 50 MB/s "
+    "board-to-board link (8 GPIO pins at ~50 MHz), reload through the FT231X UART at 3 Mbaud "
+    "(0.3 MB/s)", 1)
 HC1 = ChipSpec(
     "HC1-like", HC1_BYTES, 1 << 17, 256, 128, 8, 1e9, 64e9, 1e-6, 100e9,
     "assumptions (not Taalas data): on-chip weight storage sized to hold the 3/6-bit 8B with its "
@@ -138,7 +140,7 @@ def pass_cycles(cfg: ModelConfig, fmt: dict, part: Partition, chip: ChipSpec, co
         rows_per_word = max(1, R // (2 if wide else 1))
         rowgroups = math.ceil(pc.rows / rows_per_word)
         cyc += cm.mv_cycles(rowgroups * math.ceil(cols / C), rowgroups,
-                            max(1, rows_per_word // chip.post), C, _KIND[n])
+                            max(1, rows_per_word // chip.post), C, _KIND[n], chip.dsp_pairs)
         if n == "wcls" and pc.r1 == cfg.vocab_size:
             cyc += cm.sample_cycles(cfg.vocab_size, None) + cm.OUT_CYCLES
     return cyc
