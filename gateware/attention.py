@@ -4,12 +4,12 @@ For each group of kv_par KV heads (HP = kv_par * kv_mul query heads), two stages
   score   t = 0..pos: K row -> HP dot products (LUT bit planes) -> Q8 scores -> Softmax (running
           max) and the score buffer
   value   t = 0..pos: the buffered scores -> e = exp_neg(max - s) -> out[h] += e * V row (DSP
-          blocks); sums; then recip[h] = floor(2^40 / sum) (Softmax's dividers) and the group's
+          blocks); sums; then recip[h] = floor(2^ATT_RECIP_BITS / sum) (Softmax's dividers) and the group's
           HP * head_dim accumulators are copied into the output vector
 The stages overlap: the NG groups run in NG + 1 phases of pos + 1 issues, the score stage on group
 k while the value stage is on group k - 1 (the score buffer holds two groups, the Softmax freezes a
 group's max for its value stage). Then over the whole vector (rotated one beat of P per cycle, so
-no wide read multiplexer): o = round_shift(out * recip, 40 + e_v - 12), one pass for max |o|, one
+no wide read multiplexer): o = round_shift(out * recip, ATT_RECIP_BITS + e_v - 12), one pass for max |o|, one
 pass emitting quantize_act(o) (P int8 per beat) to the matrix-vector engine.
 
 The KV cache is two block RAMs (keys, values): word = kv_par heads x head_dim int8, address

@@ -5,7 +5,7 @@
     Rope       numerics.rope on interleaved pairs  fixed latency
     SwiGLU     numerics.swiglu                     fixed latency
     ExpNeg     numerics.exp_neg                    fixed latency
-    Softmax    max, exp(max - s), sum, floor(2^40 / sum) per head (attention's normalizer)
+    Softmax    max, exp(max - s), sum, floor(2^ATT_RECIP_BITS / sum) per head (attention's normalizer)
     Argmax     numerics.argmax (lowest index on ties)
     Sampler    numerics.sample (top_k = 0) with XorShift32
 
@@ -519,7 +519,8 @@ class Softmax(Module):
             If(self.source_recip.valid & self.source_recip.ready, have.eq(0), pending.eq(0)),
         ]
         self.comb += [self.source_recip.valid.eq(have), self.source_recip.last.eq(1),
-                      self.source_recip.recip.eq(Cat(*[dv.q for dv in divs]))]
+                      self.source_recip.recip.eq(Cat(*[dv.q[:q_bits] for dv in divs]))]
+        # (a divider makes whole steps of two bits: its q may be one bit wider than the value)
 
 
 # ----------------------------------------------------------------------------- argmax

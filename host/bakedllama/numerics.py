@@ -34,7 +34,10 @@ ROPE_FRAC = 14  # cos/sin in Q14
 RSQRT_FRAC = 22  # rsqrt table: 1/sqrt(mant) in Q22 for mant in [2^14, 2^16)
 RSQRT_ENTRIES = 768  # indexed by (mant >> 6) - 256
 U_FRAC = 15  # RMSNorm's unit-normalized value x/sqrt(sum x^2) in Q15
-ATT_RECIP_BITS = 40  # softmax normalizer: floor(2^40 / sum(exp))
+# softmax normalizer: floor(2^31 / sum(exp)). The sum is >= EXP_ONE (the max contributes 1.0), so
+# the reciprocal has at most 17 bits and out x recip takes 2 MULT18X18D per vector lane instead of
+# 4 (2^40 took 26 bits); the baked model's validation loss moved by +0.0004 nats (48 windows)
+ATT_RECIP_BITS = 31
 NORM_OUT_FRAC = 12  # RMSNorm output (before int8 quantization)
 ATT_OUT_FRAC = 12  # attention output (before int8 quantization)
 
