@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", default=DEFAULT_SCHEME, choices=sorted(SCHEMES))
     ap.add_argument("--corpus", help="the text the model was trained on (default: Austen)")
     ap.add_argument("--compare", action="store_true", help="also evaluate every other scheme")
+    ap.add_argument("--eval-only", action="store_true", help="re-measure eval.json with today's "
+                    "numerics and keep the baked model-q.bkl (its meta keeps the bake-time losses)")
     args = ap.parse_args(argv)
     d = Path(args.dir)
     try:
@@ -65,11 +67,13 @@ def main(argv=None) -> int:
         print(f"{scheme:6s} val loss float {ev['val_loss_float']:.4f}  golden {ev['val_loss_golden']:.4f}  "
               f"(+{ev['val_loss_golden'] - ev['val_loss_float']:.4f})  top-1 agreement "
               f"{ev['top1_agreement']:.4f}  KL {ev['kl_float_golden']:.4f}  ({ev['tokens']:,} tokens)")
-        if scheme == args.scheme:
+        if scheme == args.scheme and not args.eval_only:
             meta.update(val_loss_float=ev["val_loss_float"], val_loss_golden=ev["val_loss_golden"],
                         top1_agreement=ev["top1_agreement"])
             digest = write_baked(d / "model-q.bkl", meta, tensors)
             print(f"wrote {d / 'model-q.bkl'} sha256 {digest}")
+    if args.eval_only and not args.compare and (d / "eval.json").exists():  # keep the other rows
+        results = {**json.loads((d / "eval.json").read_text()), **results}
     fileformat.atomic_write_bytes(d / "eval.json", [json.dumps(results, indent=1).encode()])
     return 0
 

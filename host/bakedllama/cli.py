@@ -144,7 +144,7 @@ def cmd_info(args) -> int:
               + (f", rel. RMS error {err:.4f}" if err is not None else ""))
     for k in ("val_loss_float", "val_loss_golden"):
         if k in model.meta:
-            print(f"{k:<16} {model.meta[k]:.4f} nats/token")
+            print(f"{k:<16} {model.meta[k]:.4f} nats/token (at bake time; today's: eval.json)")
     print("\nblock RAM budget (ULX3S 85F):")
     print(format_budget(model))
     return 0
