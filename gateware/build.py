@@ -35,10 +35,11 @@ REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192,
                    seq_len=256, tied_embeddings=True)
 
 
-# The electrostatic placer spreads the design over the whole die; HeAP packed it into ~3/4 of it
-# and router2 then met 5 % more overuse at iteration 1, 20 % more at iteration 3 (measured on the
-# lanes-64 core before the attention change, see README).
-NEXTPNR_PLACE_ROUTE = ["--placer", "static", "--router", "router2"]
+# HeAP (nextpnr's analytical placer). The electrostatic placer spread the lanes-64 core over the
+# whole die where HeAP packed it into ~3/4 (router2 then met 5-20 % more overuse), but on the
+# lanes-128 SoC (59-63 % of the LUTs, 193-198 of 208 block RAMs) it stalled with 15-22 % of the block
+# RAMs overlapping after 2,800 iterations (40 min), while HeAP placed it in ~6 min.
+NEXTPNR_PLACE_ROUTE = ["--placer", "heap", "--router", "router2"]
 
 
 def tool(name: str) -> str:

@@ -30,7 +30,7 @@ BOARD_ULX3S = 2
 # CPU and memories: the soft CPU stays small so block RAM goes to weights and the KV cache.
 # VexRiscv "lite" (RV32IM, 2 KiB instruction cache, bypassing): measured in the simulation it
 # sends a token's STEP frame in ~2,600 cycles, "minimal" (no cache, no bypass) in ~4,600, which
-# is about half a forward pass at lanes=64 (~11,500). The firmware runs from ROM, data and stack in
+# is most of a forward pass at lanes=128 (6,184-9,052). The firmware runs from ROM, data and stack in
 # SRAM.
 CPU_TYPE    = "vexriscv"
 CPU_VARIANT = "lite"
@@ -38,14 +38,13 @@ ROM_SIZE    = 0x4000  # upper bound; the ROM is shrunk to the firmware's size
 SRAM_SIZE   = 0x2000  # 8 KiB: frame buffers (2 x 1 KiB), prompt (2 KiB), stack
 
 # System clock of the ULX3S target, from the ECP5 PLL (25 MHz oscillator in); the simulation
-# reports the same nominal frequency. 40 MHz: the SoC routed at 47.87 MHz built for 40 and at
-# 44.68 MHz built for 45 (failing it: the embedding's direct ROM read, e_ch -> raw address ->
-# 19 ns of routing to a weight block RAM); `make build` checks the routed Fmax against it.
-SYS_CLK_FREQ = int(40e6)
+# reports the same nominal frequency. 50 MHz: built for 50 the SoC routed at FMAX_PLACEHOLDER MHz
+# (lanes 128; the lanes-64 SoC routed at 51.82 with its critical path in VexRiscv); `make build`
+# checks the routed Fmax against it.
+SYS_CLK_FREQ = int(50e6)
 
 # Accelerator lanes for both targets, so that the simulation counts the cycles of the bitstream's
-# accelerator: the compiler's default (64). At 128 the SoC packs into the 85F (57,796 / 83,640
-# LUT4, 192 DP16KD) but nextpnr's router had not converged after an hour here. See the README.
+# accelerator: the compiler's default (128: 53,263 LUT4 of the 83,640 in the SoC). See the README.
 LANES = DEFAULT_LANES
 
 # LlamaPort ----------------------------------------------------------------------------------------
