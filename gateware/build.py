@@ -35,11 +35,12 @@ REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192,
                    seq_len=256, tied_embeddings=True)
 
 
-# HeAP (nextpnr's analytical placer). The electrostatic placer spread the lanes-64 core over the
-# whole die where HeAP packed it into ~3/4 (router2 then met 5-20 % more overuse), but on the
-# lanes-128 SoC (59-63 % of the LUTs, 193-198 of 208 block RAMs) it stalled with 15-22 % of the block
-# RAMs overlapping after 2,800 iterations (40 min), while HeAP placed it in ~6 min.
-NEXTPNR_PLACE_ROUTE = ["--placer", "heap", "--router", "router2"]
+# The electrostatic placer spreads the lanes-64 design over the whole die; HeAP packed it into ~3/4
+# of it and router2 then met 5-20 % more overuse. On the lanes-128 SoC (63 % of the LUTs, 198 of
+# 208 block RAMs) the electrostatic placer stalls with 15-22 % of the block RAMs overlapping after
+# 2,800 iterations (40 min); HeAP places it (~25 min with its annealing) and router2 then needs
+# well over 20 min: use `--placer heap` there.
+NEXTPNR_PLACE_ROUTE = ["--placer", "static", "--router", "router2"]
 
 
 def tool(name: str) -> str:

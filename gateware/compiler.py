@@ -27,9 +27,10 @@ from bakedllama import numerics as nx
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 
-# 128: 4 rows x 32 columns per cycle, 2 rows on packed MULT18X18D pairs and 2 on LUT bit planes
-# (the LUT-only lanes 128 of the last round packed into 65 % of the LUTs but did not route)
-DEFAULT_LANES = 128
+# 64: 2 rows x 32 columns per cycle, on packed MULT18X18D pairs. Lanes 128 (2 more rows on LUT bit
+# planes) is exact in Verilator but its SoC (63 % of the LUTs) takes over an hour to place and
+# route here and had not closed 50 MHz (see the README)
+DEFAULT_LANES = 64
 M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
 BRAM_BITS = 18432  # bits of one DP16KD

@@ -43,9 +43,11 @@ SRAM_SIZE   = 0x2000  # 8 KiB: frame buffers (2 x 1 KiB), prompt (2 KiB), stack
 # checks the routed Fmax against it.
 SYS_CLK_FREQ = int(50e6)
 
-# Accelerator lanes for both targets, so that the simulation counts the cycles of the bitstream's
-# accelerator: the compiler's default (128: 53,263 LUT4 of the 83,640 in the SoC). See the README.
+# Accelerator lanes and vector lanes for both targets, so that the simulation counts the cycles of
+# the bitstream's accelerator: the compiler's default lanes (64) with vlanes 8 (145 of the 156
+# MULT18X18D; the compiler would pick 4 at lanes 64). See the README.
 LANES = DEFAULT_LANES
+VLANES = 8
 
 # LlamaPort ----------------------------------------------------------------------------------------
 
@@ -147,5 +149,4 @@ def make_core(kind, model_path=None, lanes=None, seq_len=None, latency=None):
         raise SystemExit(f"no baked model at {path} (make weights, or pass --model)")
     model = load_baked(path)
     lanes = LANES if lanes is None else lanes
-    kwargs = {} if lanes is None else dict(lanes=lanes)
-    return BakedLlamaCore(model, **kwargs), False
+    return BakedLlamaCore(model, lanes=lanes, vlanes=VLANES if lanes == LANES else None), False

@@ -351,15 +351,15 @@ def test_projection_prices_passes_with_the_gateware_cycle_model():
     fmt = dict(m.fmt, weights=dict(m.fmt["weights"], wcls=m.fmt["weights"]["tok_embeddings"]))
     parts = partition.plan(cfg, fmt, None)
     formats = compiler.matrix_formats(cfg, m.fmt["weights"])
-    from soc.common import LANES
+    from soc.common import LANES, VLANES
 
     spec = projection.ULX3S
-    geo = compiler.make_geometry(cfg, LANES or compiler.DEFAULT_LANES, formats)
+    geo = compiler.make_geometry(cfg, LANES or compiler.DEFAULT_LANES, formats, VLANES)
     assert ((spec.lanes, spec.vlanes, spec.post, spec.kv_par, spec.dsp_pairs)
             == (geo.lanes, geo.vlanes, geo.post, geo.kv_par, geo.dsp_pairs))
     for ctx in (17, 129, cfg.seq_len):
         proj = sum(projection.pass_cycles(cfg, fmt, p, projection.ULX3S, ctx) for p in parts)
-        gw = cycle_model.expected_cycles(cfg, geo.lanes, ctx - 1, formats=formats)
+        gw = cycle_model.expected_cycles(cfg, geo.lanes, ctx - 1, formats=formats, vlanes=geo.vlanes)
         assert abs(proj - gw) / gw < 0.1, (ctx, proj, gw)
 
 

@@ -64,6 +64,9 @@ def build_key(core: str, model_path: Path | None) -> str:
     h.update(os.environ.get("BAKEDLLAMA_SIM_TRACE", "0").encode())  # waveforms: opt-in
     h.update(_tool_version(["verilator", "--version"]).encode())
     dirs = [REPO / "soc", REPO / "firmware"] + ([REPO / "gateware"] if core == "real" else [])
+    if core == "real":  # the gateware derives its widths and tables from the numerics
+        p = REPO / "host" / "bakedllama" / "numerics.py"
+        h.update(p.read_bytes())
     for d in dirs:
         for p in sorted(d.rglob("*")):
             if p.is_file() and "__pycache__" not in p.parts and (p.suffix in SOURCE_SUFFIXES
