@@ -269,8 +269,9 @@ def packed_pair_dot(m, w0s: list, neg0, w1s: list, neg1, acts: list,
     lo_vals, hi_vals = [], []
     for w0, w1, a in zip(w0s, w1s, acts):
         v0, v1 = Signal((lw + 1, True)), Signal((lw + 1, True))
-        m.comb += [v0.eq(Mux(neg0, w0 - ((w0 >> (lw - 1)) << lw), w0)),
-                   v1.eq(Mux(neg1, w1 - ((w1 >> (lw - 1)) << lw), w1))]
+        # the raw field as two's complement (neg) or unsigned, in lw + 1 signed bits
+        m.comb += [v0.eq(Mux(neg0, w0 - (w0[lw - 1] << lw), w0)),
+                   v1.eq(Mux(neg1, w1 - (w1[lw - 1] << lw), w1))]
         # single bits as 2-bit signed values: a Verilog expression mixing a signed operand with an
         # unsigned bit is evaluated unsigned (the signed operand would be zero-extended)
         borrow, carry = Signal((2, True)), Signal((2, True))

@@ -17,7 +17,7 @@ ATT_SCORE = 5  # Attention: K address -> K data, operands, q x k products, the s
 # (+ the adder tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
 # wait and the drain one cycle)
-MV_PRODUCTS = 1  # MatVec: the register after the bit-plane combination (or the lane products)
+MV_PRODUCTS = 1  # MatVec: the register after the bit-plane combination
 MV_DSP = 1  # MatVec with packed DSP pairs: their product register, before the adder trees (every
 # slot then waits for it)
 MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,

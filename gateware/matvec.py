@@ -17,7 +17,7 @@ from litex.soc.interconnect import stream
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import adder_tree, field, packed_pair_dot, plane_dot, signed, ubits
+from gateware.hw import field, packed_pair_dot, plane_dot, signed, ubits
 from gateware.latency import tree_latency
 
 
@@ -67,7 +67,7 @@ class MatVec(Module):
     """
 
     def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
-                 out_lanes: int = 2, tag_bits: int = 8, mult: str = "lut", dsp_pairs: int = 0):
+                 out_lanes: int = 2, tag_bits: int = 8, dsp_pairs: int = 0):
         C, R, P = cols, rows, vlanes
         self.banks = banks
         nb = len(banks)
@@ -184,7 +184,7 @@ class MatVec(Module):
         # stage 3: products. Each lane multiplies a lane_bits field: signed (sign-extended for
         # narrower banks), or unsigned in the low slot of a split bank (a positive top bit).
         # Slots 0 .. 2*dsp_pairs-1 go in pairs through packed MULT18X18D (hw.packed_pair_dot),
-        # the rest through LUT bit-plane trees (hw.plane_dot) or per-lane multipliers
+        # the rest through LUT bit-plane trees (hw.plane_dot)
         lw = max(b.lane_bits for b in banks)
         m_share_max = max(b.m_share for b in banks)
         if dsp_pairs and (2 * dsp_pairs > R or lw > 4):
@@ -234,19 +234,7 @@ class MatVec(Module):
             dots += [d0, d1]
             lats += [la, la]
         for j in range(2 * dsp_pairs, R):
-            if mult == "lut":
-                dot, la = plane_dot(self, wsl[j], a2, negs[j])
-            else:
-                prods = []
-                for i in range(C):
-                    wsg = Signal((lw + 1, True))
-                    self.comb += wsg.eq(Mux(negs[j], wsl[j][i] - ((wsl[j][i] >> (lw - 1)) << lw),
-                                            wsl[j][i]))
-                    p = Signal((lw + 9, True))
-                    self.sync += p.eq(wsg * a2[i])
-                    prods.append(p)
-                dot, la = adder_tree(self, prods)
-                la += 1
+            dot, la = plane_dot(self, wsl[j], a2, negs[j])
             dots.append(dot)
             lats.append(la)
         # every slot's dot product arrives after the same latency (the shorter paths delayed), all
