@@ -246,15 +246,27 @@ class Attention(Module):
         self.sync += [o2[j].eq(round_shift(self, prod1[j], osh, (min(sho), max(sho))))
                       for j in range(P)]
         self.sync += [ovalid2.eq(ovalid1), ophase2.eq(ophase1), olast2.eq(olast1), ofirst2.eq(ofirst1)]
+        # max pass (lat.ATT_MAX_REGS): |o| registered, the beat's max tree registered, then the
+        # running max; the emit pass (lat.ATT_EMIT_REGS): o >> ko registered, then the clip
+        assert lat.ATT_MAX_REGS == 2 and lat.ATT_EMIT_REGS == 1
         omax = Signal(obw)
-        bm = max_tree(self, [absval(self, o) for o in o2])
-        self.sync += If(ovalid2 & ~ophase2, If(ofirst2, omax.eq(bm)).Elif(bm > omax, omax.eq(bm)))
+        ab3 = [Signal(obw) for _ in range(P)]
+        self.sync += [ab3[j].eq(absval(self, o2[j])) for j in range(P)]
+        bm4 = Signal(obw)
+        mv3, mf3, mv4, mf4 = Signal(), Signal(), Signal(), Signal()
+        self.sync += [bm4.eq(max_tree(self, ab3)), mv3.eq(ovalid2 & ~ophase2), mf3.eq(ofirst2),
+                      mv4.eq(mv3), mf4.eq(mf3)]
+        self.sync += If(mv4, If(mf4, omax.eq(bm4)).Elif(bm4 > omax, omax.eq(bm4)))
         ko = Signal(len(self.source.k))
         blo = bit_length(self, omax)
-        aq = [clip(self, round_shift(self, o, ko, (0, obw)), nx.ACT_MAX) for o in o2]
+        sh3 = [Signal((obw + 1, True)) for _ in range(P)]
+        self.sync += [sh3[j].eq(round_shift(self, o2[j], ko, (0, obw))) for j in range(P)]
+        ev3, el3, ef3 = Signal(), Signal(), Signal()
+        self.sync += [ev3.eq(ovalid2 & ophase2), el3.eq(olast2), ef3.eq(ofirst2)]
+        aq = [clip(self, v, nx.ACT_MAX) for v in sh3]
         src = self.source
         self.sync += [
-            src.valid.eq(ovalid2 & ophase2), src.first.eq(ofirst2), src.last.eq(olast2),
+            src.valid.eq(ev3), src.first.eq(ef3), src.last.eq(el3),
             src.a.eq(Cat(*[a[:8] for a in aq])), src.k.eq(ko),
         ]
         # the consumer (matrix-vector activations) is always ready
@@ -295,10 +307,10 @@ class Attention(Module):
         fsm.act("OMAX",
             If(ob == D // P - 1, NextValue(ob, 0), NextValue(orun, 0), NextState("KCALC")).Else(
                 NextValue(ob, ob + 1)))
-        kwait = Signal(3)
+        kwait = Signal(ubits(2 + lat.ATT_OUT_REGS + lat.ATT_MAX_REGS))
         fsm.act("KCALC",  # wait for the last max update, then the shift
             NextValue(kwait, kwait + 1),
-            If(kwait == 2 + lat.ATT_OUT_REGS, NextValue(kwait, 0),
+            If(kwait == 2 + lat.ATT_OUT_REGS + lat.ATT_MAX_REGS, NextValue(kwait, 0),
                NextValue(ko, Mux(blo > 7, blo - 7, 0)),
                NextValue(orun, 1), NextValue(ophase, 1), NextState("OEMIT")))
         fsm.act("OEMIT",

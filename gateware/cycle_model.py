@@ -69,7 +69,8 @@ def attn_cycles(pos: int, n_groups: int, head_dim: int, dim: int, vlanes: int) -
     for k in range(n_groups + 1):
         wait = max(lat_s if k < n_groups else 0, recip_wait if k > 0 else 0)
         phases += 1 + (pos + 1) + wait
-    return n_groups + 8 + 2 * lat.ATT_OUT_REGS + phases + 2 * (dim // vlanes)
+    return (n_groups + 8 + 2 * lat.ATT_OUT_REGS + lat.ATT_MAX_REGS + lat.ATT_EMIT_REGS + phases
+            + 2 * (dim // vlanes))
 
 
 def embed_cycles(chunks: int, dim: int, vlanes: int, head_dim: int) -> int:

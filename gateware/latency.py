@@ -17,6 +17,9 @@ ATT_SCORE = 5  # Attention: K address -> K data, operands, q x k products, the s
 # (+ the adder tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
 # wait and the drain one cycle)
+ATT_MAX_REGS = 2  # Attention max pass: |o| registered, the beat's max tree registered (the wait
+# for the last max grows by them)
+ATT_EMIT_REGS = 1  # Attention emit pass: o >> ko registered before the clip (the drain grows)
 MV_PRODUCTS = 1  # MatVec: the register after the bit-plane combination
 MV_DSP = 1  # MatVec with packed DSP pairs: their product register, before the adder trees (every
 # slot then waits for it)
