@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vlanes", type=int)
     ap.add_argument("--kv-par", type=int)
     ap.add_argument("--dsp-pairs", type=int, help="matrix row-slot pairs on packed MULT18X18D "
-                    "(default: compiler.MATVEC_DSP's worth)")
+                    "(default: every pair, as the multipliers allow)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--pnr", nargs="+", metavar="UNIT", help="place and route these units alone "
                     "(between registers) and print their Fmax and critical path")

@@ -23,14 +23,17 @@ from litex.soc.interconnect import stream
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import (absval, bit_length, clip, const_mul, max_tree, plane_dot, round_shift,
-                         sbits, signed, ubits)
+from gateware.hw import (SHARED_A, SHARED_B, SHARED_P, absval, bit_length, clip, const_mul, field,
+                         max_tree, plane_dot, round_shift, sbits, signed, ubits)
 from gateware.units import Softmax, lanes_of
 
 
 class Attention(Module):
     def __init__(self, cfg, e_k: list, e_v: list, f_qk: int, kv_par: int, P: int, Q: int,
-                 q_k_max: int = 9):
+                 q_k_max: int = 9, mul_ext: int = 0):
+        """mul_ext: the first mul_ext e x v products are made outside (MatVec's lent packed-pair
+        multipliers): their operands go out on mul_a / mul_b, the registered product comes back
+        on mul_p, with the latency of the unit's own product register."""
         c = cfg
         D, hd, S, NL = c.dim, c.head_dim, c.seq_len, c.n_layers
         KVD = c.kv_dim
@@ -48,6 +51,13 @@ class Attention(Module):
         self.k_max = max(0, obw - 7)
         self.source = stream.Endpoint([("a", P * 8), ("k", ubits(16))])
         self.busy = Signal()
+        if not 0 <= mul_ext <= HP * hd:
+            raise ValueError(f"mul_ext {mul_ext}: the unit makes {HP * hd} e x v products")
+        self.mul_ext = mul_ext
+        if mul_ext:
+            self.mul_a = Signal(mul_ext * SHARED_A)
+            self.mul_b = Signal(mul_ext * SHARED_B)
+            self.mul_p = Signal(mul_ext * SHARED_P)
 
         # # #
 
@@ -188,11 +198,17 @@ class Attention(Module):
             kk = hh // c.kv_mul
             e_s = signed(self, es[hh], 18)
             for d in range(hd):
-                a_in = Signal((18, True))
-                b_in = Signal((8, True))
+                a_in = Signal((SHARED_A, True))
+                b_in = Signal((SHARED_B, True))
                 self.sync += [a_in.eq(e_s), b_in.eq(vs[kk * hd + d])]
-                p = Signal((26, True))
-                self.sync += p.eq(a_in * b_in)
+                n = len(prods)
+                if n < mul_ext:
+                    self.comb += [self.mul_a[SHARED_A * n:SHARED_A * (n + 1)].eq(a_in),
+                                  self.mul_b[SHARED_B * n:SHARED_B * (n + 1)].eq(b_in)]
+                    p = field(self, self.mul_p, SHARED_P * n, SHARED_P)
+                else:
+                    p = Signal((SHARED_P, True))
+                    self.sync += p.eq(a_in * b_in)
                 prods.append(p)
         acc_max = S * nx.EXP_ONE * 128
         aw = sbits(acc_max)

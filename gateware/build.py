@@ -146,7 +146,7 @@ def main(argv=None):
     ap.add_argument("--vlanes", type=int)
     ap.add_argument("--kv-par", type=int)
     ap.add_argument("--dsp-pairs", type=int, help="matrix row-slot pairs on packed MULT18X18D "
-                    "(default: compiler.MATVEC_DSP's worth)")
+                    "(default: every pair, as the multipliers allow)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--synth", action="store_true", help="run yosys + nextpnr-ecp5 (LFE5U-85F)")
     ap.add_argument("--freq", type=float, default=70.0, help="nextpnr target (MHz)")

@@ -35,9 +35,6 @@ M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
 BRAM_BITS = 18432  # bits of one DP16KD
 BRAMS = 208  # DP16KD blocks of the LFE5U-85F (the ULX3S default)
-# MULT18X18D given to the matrix-vector engine by default (packed pairs of products, C per slot
-# pair); the attention unit takes most of the other 156 - 32
-MATVEC_DSP = 32
 MULTS = 156  # MULT18X18D of the LFE5U-85F
 
 
@@ -55,6 +52,8 @@ class Geometry:
     hidden: int = 0  # FFN width as laid out: hidden_dim padded with zero rows of w1/w3, columns of w2
     vocab: int = 0  # classifier / embedding rows as laid out: vocab_size padded with zero rows
     dsp_pairs: int = 0  # row-slot pairs whose products run as packed pairs in MULT18X18D (C each)
+    share: int = 0  # of those multipliers, how many the attention borrows for its e x v products
+    # (the two units never run at once; a multiplexer in front of each shared block)
 
 
 def _pow2(n: int) -> bool:
@@ -114,7 +113,8 @@ def padded_formats(cfg: ModelConfig, formats: dict, hidden: int) -> dict:
 
 
 def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | None = None,
-                  kv_par: int | None = None, dsp_pairs: int | None = None) -> Geometry:
+                  kv_par: int | None = None, dsp_pairs: int | None = None,
+                  share: int | None = None) -> Geometry:
     """Choose the engine tile for `lanes` and pad the config to it (ValueError where it cannot).
 
     Padding is exact: w1/w3 get zero rows (h1 = h3 = 0, SwiGLU(0, 0) = 0, and max |hb| is
@@ -172,27 +172,39 @@ def make_geometry(cfg: ModelConfig, lanes: int, formats: dict, vlanes: int | Non
         Hp, Vp = Hn, Vn
     else:  # pragma: no cover - the rows per word only grow, up to R
         raise ValueError("hidden_dim / vocab_size padding did not converge")
-    auto_p, auto_d = vlanes_auto, dsp_pairs is None
-    if dsp_pairs is None:  # as many slot pairs as MATVEC_DSP multipliers allow (4-bit lanes only)
-        dsp_pairs = min(R // 2, MATVEC_DSP // C) if lane_bits <= 4 else 0
-    # within the device's multipliers: narrower vector lanes first (each vector lane costs ~8 of
-    # them), then fewer DSP slot pairs, where those were left to the compiler
-    while sum(multipliers(c, R, C, P, Q, kv_par, dsp_pairs).values()) > MULTS:
-        if auto_p and P > 4 and P // 2 >= Q:
-            P //= 2
-        elif auto_d and dsp_pairs > 0:
-            dsp_pairs -= 1
-        else:
-            break
+    auto_p, auto_d, auto_s = vlanes_auto, dsp_pairs is None, share is None
+    if dsp_pairs is None:  # every slot pair on packed DSP multipliers (4-bit lanes only) ...
+        dsp_pairs = R // 2 if lane_bits <= 4 else 0
     if dsp_pairs < 0 or 2 * dsp_pairs > R or (dsp_pairs and lane_bits > 4):
         raise ValueError(f"dsp_pairs {dsp_pairs}: needs 0 <= 2 * dsp_pairs <= rows per cycle ({R}) "
                          f"and lanes of <= 4 weight bits (here {lane_bits})")
+    HPd = kv_par * c.kv_mul * c.head_dim  # the attention's e x v products
+    share = 0 if share is None else share
+    if not 0 <= share <= min(HPd, dsp_pairs * C):
+        raise ValueError(f"share {share}: at most min(e x v products {HPd}, packed-pair "
+                         f"multipliers {dsp_pairs * C})")
+    # ... within the device's multipliers: first the attention borrows the engine's (no cost in
+    # cycles: the two never run at once), then narrower vector lanes (each costs ~8 of them), then
+    # fewer DSP slot pairs, where those were left to the compiler
+    while True:
+        over = sum(multipliers(c, R, C, P, Q, kv_par, dsp_pairs, share).values()) - MULTS
+        if over <= 0:
+            break
+        if auto_s and share < min(HPd, dsp_pairs * C):
+            share = min(HPd, dsp_pairs * C, share + over)
+        elif auto_p and P > 4 and P // 2 >= Q:
+            P //= 2
+        elif auto_d and dsp_pairs > 0:
+            dsp_pairs -= 1
+            share = min(share, dsp_pairs * C)
+        else:
+            break
     for key2, r, _, f in mats:
         if r % rpw[f]:
             raise ValueError(f"matrix {key2} has {r} rows, not a multiple of the {rpw[f]} rows per "
                              f"cycle of lanes = {lanes} (dim and kv_dim are not padded: choose other "
                              f"lanes)")
-    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits, Hp, Vp, dsp_pairs)
+    return Geometry(lanes, C, R, P, Q, kv_par, tuple(bank_rows), lane_bits, Hp, Vp, dsp_pairs, share)
 
 
 def _bank_rows(mats: list, formats: dict, R: int, C: int) -> tuple[int, list, dict]:
@@ -425,14 +437,15 @@ def split_key(key: str) -> tuple[str, int]:
 
 def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
                   kv_par: int | None = None, with_sampling: bool = True,
-                  brams: int | None = BRAMS, dsp_pairs: int | None = None) -> Plan:
+                  brams: int | None = BRAMS, dsp_pairs: int | None = None,
+                  share: int | None = None) -> Plan:
     """BakedModel -> Plan (geometry, bank images, tables, schedule).
 
     brams: block RAMs of the device (None: no check); a model whose padded weight ROMs and KV cache
     hold more bits than all of them is refused (ValueError) before any image is built."""
     c, f = model.cfg, model.fmt
     formats = matrix_formats(c, f["weights"])
-    geo = make_geometry(c, lanes, formats, vlanes, kv_par, dsp_pairs)
+    geo = make_geometry(c, lanes, formats, vlanes, kv_par, dsp_pairs, share)
     if brams is not None:
         check_bram_budget(c, geo, formats, brams)
     banks, place = build_banks(c, geo, formats, model.weights)
@@ -471,16 +484,17 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
 
 
 def multipliers(cfg: ModelConfig, R: int, C: int, P: int, Q: int, kv_par: int,
-                dsp_pairs: int) -> dict:
+                dsp_pairs: int, share: int = 0) -> dict:
     """MULT18X18D per unit, as yosys maps the units' products (checked against `gateware.area`):
-    a product of operands wider than 18 bits takes one block per 18 x 18 piece."""
+    a product of operands wider than 18 bits takes one block per 18 x 18 piece. `share` e x v
+    products run on the engine's packed-pair blocks (counted there)."""
     def pieces(bits: int) -> int:  # signed operand: 18 bits, then 17 more per block
         return 1 if bits <= 18 else 1 + -(-(bits - 18) // 17)
     aw = (cfg.seq_len * nx.EXP_ONE * 128).bit_length() + 1  # attention accumulator
     rbits = ((1 << nx.ATT_RECIP_BITS) // nx.EXP_ONE).bit_length() + 1  # reciprocal, signed
     HP = kv_par * cfg.kv_mul
     return dict(matvec=dsp_pairs * C + R,  # packed pairs + the group multipliers m x partial
-                attention=HP * cfg.head_dim + P * pieces(aw) * pieces(rbits) + HP,  # e x v,
+                attention=HP * cfg.head_dim - share + P * pieces(aw) * pieces(rbits) + HP,  # e x v,
                 # out x recip, Softmax's exp (hi x lo)
                 rmsnorm=2 * P, rope=2 * Q, swiglu=2 * Q, sampler=3)
 

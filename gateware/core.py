@@ -43,10 +43,10 @@ def make_units(plan: compiler.Plan) -> dict:
     kmax = max(D, H)
     return dict(
         mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q,
-                  dsp_pairs=g.dsp_pairs),
+                  dsp_pairs=g.dsp_pairs, share=g.share),
         rms=RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"]),
         aq=ActQuant(kmax, Q, P),
-        att=Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q),
+        att=Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q, mul_ext=g.share),
         rope=Rope(Q),
         swiglu=SwiGLU(Q, f["f_h"]),
         argmax=Argmax(Q, plan.acc_bits, V, n_valid=c.vocab_size),  # never a pad row
@@ -84,6 +84,10 @@ class Datapath(Module):
             setattr(self.submodules, name, u)
         mv, rms, aq, att = units["mv"], units["rms"], units["aq"], units["att"]
         rope, swiglu, amax, smp = units["rope"], units["swiglu"], units["argmax"], units["sampler"]
+        if g.share:  # the attention's e x v on the engine's multipliers (the sequencer runs the
+            # attention only while the engine is idle)
+            self.comb += [mv.mul_sel.eq(att.busy), mv.mul_a.eq(att.mul_a), mv.mul_b.eq(att.mul_b),
+                          att.mul_p.eq(mv.mul_p)]
 
         # ---------------------------------------------------------------- residual x
         # P/Q banks of distributed RAM; bank b, word a = x[a*P + b*Q + (0 .. Q-1)]. Written P-wide

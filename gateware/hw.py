@@ -251,8 +251,14 @@ def plane_dot(m, weights: list, acts: list, top_neg, regs_every: int = 2) -> tup
     return out, lat + 1
 
 
+# A multiplier shared between two units that never need it at the same time (MatVec's packed
+# pairs, Attention's e x v): 18-bit signed x int8, product registered where it is placed.
+SHARED_A, SHARED_B = 18, 8
+SHARED_P = SHARED_A + SHARED_B
+
+
 def packed_pair_dot(m, w0s: list, neg0, w1s: list, neg1, acts: list,
-                    regs_every: int = 2) -> tuple[Signal, Signal, int]:
+                    regs_every: int = 2, mul=None) -> tuple[Signal, Signal, int]:
     """sum_i w0_i * a_i and sum_i w1_i * a_i with ONE 18 x 18 signed multiply per i (MULT18X18D).
 
     Two weights of lw <= 4 bits (raw fields; neg0 / neg1: the field is two's complement, else
@@ -261,7 +267,10 @@ def packed_pair_dot(m, w0s: list, neg0, w1s: list, neg1, acts: list,
     borrow), so b_i stays inside 18 signed bits for the extreme weights. p_i = a_i * b_i =
     (a_i w1_i) 2^k + a_i w0_i, and |a_i w0_i| < 2^(k-1), so the low product is p_i's low k bits read
     as signed and the high one is p_i >> k plus the low product's sign bit (its borrow back).
-    Product register, two adder trees, result registers. Returns (dot0, dot1, latency)."""
+    Product register, two adder trees, result registers. Returns (dot0, dot1, latency).
+
+    mul(i, b, a) -> the registered product b * a of column i, where the caller places it (a
+    multiplier shared with another unit); default: a register here."""
     lw = len(w0s[0])
     if lw > 4:
         raise ValueError(f"two {lw}-bit x int8 products do not fit one 18 x 18 multiply")
@@ -279,8 +288,11 @@ def packed_pair_dot(m, w0s: list, neg0, w1s: list, neg1, acts: list,
         m.comb += [borrow.eq(v0[lw]), bhi.eq(v1 - borrow)]
         b = Signal((k + lw + 2, True))
         m.comb += b.eq(Cat(v0, *([v0[lw]] * (k - lw - 1)), bhi))
-        p = Signal((len(b) + len(a), True))
-        m.sync += p.eq(b * a)
+        if mul is None:
+            p = Signal((len(b) + len(a), True))
+            m.sync += p.eq(b * a)
+        else:
+            p = mul(len(lo_vals), b, a)
         lo = Signal((k, True))
         ph = Signal((len(p) - k, True))
         hi = Signal((k, True))

@@ -17,7 +17,8 @@ from litex.soc.interconnect import stream
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import field, packed_pair_dot, plane_dot, signed, ubits
+from gateware.hw import (SHARED_A, SHARED_B, SHARED_P, field, packed_pair_dot, plane_dot,
+                         signed, ubits)
 from gateware.latency import tree_latency
 
 
@@ -64,11 +65,23 @@ class MatVec(Module):
     raw_*     direct ROM reads (the embedding lookup) while the engine is idle: the address
               is registered with the engine's own (lat.EMBED_RAW), the word is at `roms[b].dat_r`
               two cycles after raw_en
+    mul_*     `share` of the packed-pair multipliers lent to another unit (Attention's e x v):
+              while mul_sel is high (it is registered here) multiplier n takes the operands
+              mul_a[n], mul_b[n] (hw.SHARED_A / SHARED_B bits, signed) and mul_p[n] is their product
+              a cycle later. The engine must be idle then: the sequencer never overlaps the two.
     """
 
     def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
-                 out_lanes: int = 2, tag_bits: int = 8, dsp_pairs: int = 0):
+                 out_lanes: int = 2, tag_bits: int = 8, dsp_pairs: int = 0, share: int = 0):
         C, R, P = cols, rows, vlanes
+        if not 0 <= share <= dsp_pairs * C:
+            raise ValueError(f"share {share}: the engine has {dsp_pairs * C} packed-pair multipliers")
+        self.share = share
+        self.mul_sel = Signal()
+        if share:
+            self.mul_a = Signal(share * SHARED_A)
+            self.mul_b = Signal(share * SHARED_B)
+            self.mul_p = Signal(share * SHARED_P)
         self.banks = banks
         nb = len(banks)
         max_rows = max(b.depth * b.rows_per_word for b in banks)
@@ -228,9 +241,32 @@ class MatVec(Module):
                         mopts.append(Constant(0, b.m_share))
                 self.comb += ms.eq(Array(mopts)[c2.bank] if nb > 1 else mopts[0])
             mshares.append(ms)
+        # the shared multipliers: the select registered, one copy per 8 of them (fan-out)
+        sel_r = []
+        for n in range(0, share, 8):
+            r = Signal(attr={("keep", 1)})
+            self.sync += r.eq(self.mul_sel)
+            sel_r.append(r)
+
+        def mul(base):
+            def f(i, b, a):
+                n = base + i
+                p = Signal((SHARED_P, True))
+                if n >= share:
+                    self.sync += p.eq(b * a)
+                    return p
+                ea, eb = field(self, self.mul_a, SHARED_A * n, SHARED_A), field(self, self.mul_b, SHARED_B * n, SHARED_B)
+                oa, ob = Signal((SHARED_A, True)), Signal((SHARED_B, True))
+                self.comb += [oa.eq(Mux(sel_r[n // 8], ea, b)), ob.eq(Mux(sel_r[n // 8], eb, a))]
+                self.sync += p.eq(oa * ob)
+                self.comb += self.mul_p[SHARED_P * n:SHARED_P * (n + 1)].eq(p)
+                return p
+            return f
+
         dots, lats = [], []
         for j in range(0, 2 * dsp_pairs, 2):
-            d0, d1, la = packed_pair_dot(self, wsl[j], negs[j], wsl[j + 1], negs[j + 1], a2)
+            d0, d1, la = packed_pair_dot(self, wsl[j], negs[j], wsl[j + 1], negs[j + 1], a2,
+                                         mul=mul((j // 2) * C))
             dots += [d0, d1]
             lats += [la, la]
         for j in range(2 * dsp_pairs, R):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,12 +23,14 @@ from gateware.testutil import argmax_indices, baked, drive_sampler, run_and_comp
 # kv_mul = 1, seq_len 48; vlanes 8 pads hidden 100 -> 104 and vocab 100 -> 104
 KV1 = (ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, hidden_dim=100, vocab_size=100,
                    seq_len=48, tied_embeddings=False), "w4e8", dict(lanes=64, vlanes=8))
-# GQA, tied embeddings, w4e6; vocab 250 -> 252, seq_len 100
+# GQA, tied embeddings, w4e6; vocab 250 -> 252, seq_len 100; all 32 e x v products of the
+# attention on the engine's packed-pair multipliers (share)
 TIED = (ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=88, vocab_size=250,
-                    seq_len=100, tied_embeddings=True), "w4e6", dict(lanes=64))
-# stories260K's hidden_dim: 172 -> 176 (w2 per-row groups over the padded row); vocab 70 -> 72
+                    seq_len=100, tied_embeddings=True), "w4e6", dict(lanes=64, share=32))
+# stories260K's hidden_dim: 172 -> 176 (w2 per-row groups over the padded row); vocab 70 -> 72;
+# 9 of the 16 e x v products shared (two copies of the select)
 H172 = (ModelConfig(dim=64, n_layers=1, n_heads=8, n_kv_heads=4, hidden_dim=172, vocab_size=70,
-                    seq_len=24, tied_embeddings=False), "w4e8", dict(lanes=64))
+                    seq_len=24, tied_embeddings=False), "w4e8", dict(lanes=64, share=9))
 SHAPES = {"kv1": KV1, "tied": TIED, "h172": H172}
 # more shapes for the pure-Python checks
 EXTRA = {
@@ -92,7 +95,7 @@ def test_padded_banks_decode_to_the_weights(name):
     # the cycle model prices the same padded placements
     formats = compiler.matrix_formats(cfg, model.fmt["weights"])
     _, geo, _, place = cycle_model._geometry(cfg, g.lanes, scheme, kw.get("vlanes"), None, formats)
-    assert geo == g and place == plan.place
+    assert replace(geo, share=g.share) == g and place == plan.place  # (share: no cycles)
 
 
 def test_default_shapes_are_not_padded():
