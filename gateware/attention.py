@@ -131,10 +131,17 @@ class Attention(Module):
         self.comb += shift.eq(f_qk + 15 - nx.SCORE_FRAC + ek - kq)
         self.submodules.softmax = sm = Softmax(HP, s_bits, S)
         # operands registered at the KV cache's output (its clock-to-out is ~6 ns)
+        # (lat.KV_READ registers: yosys folds the first into the block RAM's output register, so
+        # the next one sits after the multiplexer of the RAM's depth cascade)
+        assert lat.KV_READ == 2
+        q_d = [Signal(8) for _ in range(HP * hd)]
+        k_d = [Signal((8, True)) for _ in range(W)]
         q_in = [Signal(8) for _ in range(HP * hd)]
         k_in = [Signal((8, True)) for _ in range(W)]
-        self.sync += [*[q_in[i].eq(qs[i]) for i in range(HP * hd)],
-                      *[k_in[i].eq(ks[i]) for i in range(W)]]
+        self.sync += [*[q_d[i].eq(qs[i]) for i in range(HP * hd)],
+                      *[k_d[i].eq(ks[i]) for i in range(W)],
+                      *[q_in[i].eq(q_d[i]) for i in range(HP * hd)],
+                      *[k_in[i].eq(k_d[i]) for i in range(W)]]
         scores = []
         tl = 0
         for hh in range(HP):
@@ -149,7 +156,7 @@ class Attention(Module):
             scores.append(sr)
         # address -> K data -> operands -> bit-plane dot (tree + its register) -> scaled -> score
         lat_s = lat.ATT_SCORE + tl
-        assert lat_s == 1 + 1 + (tl + 1) + 2
+        assert lat_s == 1 + lat.KV_READ + (tl + 1) + 2
         vpipe = [issuing & sc_on]
         fpipe = [t == 0]
         lpipe = [t == lpos]
@@ -191,16 +198,20 @@ class Attention(Module):
         consume_d = Signal()
         self.comb += [consume.eq(sm.source_e.valid),
                       vr.adr.eq(base + (vt + consume) * NG + gv), vr.re.eq(1)]
-        consume_dd = Signal()
-        self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume), consume_dd.eq(consume_d)]
+        consume_dd, consume_3 = Signal(), Signal()
+        self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume), consume_dd.eq(consume_d),
+                      consume_3.eq(consume_dd)]
         prods = []
         for hh in range(HP):
             kk = hh // c.kv_mul
             e_s = signed(self, es[hh], 18)
             for d in range(hd):
+                # e and the V lane: a register each (the V RAM's output register, as for K),
+                # then the multiplier's operand registers
+                e_d, v_d = Signal((SHARED_A, True)), Signal((SHARED_B, True))
                 a_in = Signal((SHARED_A, True))
                 b_in = Signal((SHARED_B, True))
-                self.sync += [a_in.eq(e_s), b_in.eq(vs[kk * hd + d])]
+                self.sync += [e_d.eq(e_s), v_d.eq(vs[kk * hd + d]), a_in.eq(e_d), b_in.eq(v_d)]
                 n = len(prods)
                 if n < mul_ext:
                     self.comb += [self.mul_a[SHARED_A * n:SHARED_A * (n + 1)].eq(a_in),
@@ -220,7 +231,7 @@ class Attention(Module):
         acc = [Signal((aw, True), name=f"att_acc{k}") for k in range(GW)]
         clear = Signal()
         for k in range(GW):
-            self.sync += If(clear, acc[k].eq(0)).Elif(consume_dd, acc[k].eq(acc[k] + prods[k]))
+            self.sync += If(clear, acc[k].eq(0)).Elif(consume_3, acc[k].eq(acc[k] + prods[k]))
         out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
         orun = Signal()
         self.sync += If(orun, [out[i].eq(out[(i + P) % D]) for i in range(D)]).Else(

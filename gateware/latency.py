@@ -13,7 +13,9 @@ SOFTMAX_EXP = 1 + EXPNEG  # Softmax: the d = max - s register, then ExpNeg
 NORM_LAT = 5  # RMSNorm: input beat -> output beat (products, u, u * g, xb, int8 registers)
 NORM_GAP = 2  # RMSNorm: between the max pass and the output pass (beat max, quantization shift)
 NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
-ATT_SCORE = 5  # Attention: K address -> K data, operands, q x k products, the scaled dot, the score
+KV_READ = 2  # Attention: KV cache data registered twice (the RAM's output register + one after its
+# depth multiplexer)
+ATT_SCORE = 6  # Attention: K address -> K data (KV_READ), operands, q x k products, the scaled dot, the score
 # (+ the adder tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
 # wait and the drain one cycle)
