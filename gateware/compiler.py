@@ -211,27 +211,26 @@ def _bank_rows(mats: list, formats: dict, R: int, C: int) -> tuple[int, list, di
     """lane_bits, R_b per bank (sorted bank keys) and rows per word per weight format name, for
     the matrices `mats`."""
     # lanes multiply lane_bits-bit weights; a bank of wider weights (at most twice as wide) keeps
-    # the low and high parts of each weight in two row slots, combined after the adder trees
+    # the low lane_bits of each weight in its row slot and the high bits in an extension field
+    # after the slots (LUT bit planes, added after the adder trees): one slot per row
     banks = sorted({bank_key(formats[f]) for _, _, _, f in mats})
     lane_bits = min(b for b, _ in banks)
-    if any(b > 2 * lane_bits for b, _ in banks) or R < 2:
-        lane_bits = max(b for b, _ in banks)  # (one row slot cannot hold a split weight)
+    if any(b > 2 * lane_bits for b, _ in banks):
+        lane_bits = max(b for b, _ in banks)
     # per bank: rows slots, reduced while the bank would be shallower than one block RAM
     bank_rows = []
     for key in banks:
         bits, group = key
-        split = 2 if bits > lane_bits else 1
         bm = [(r, k) for _, r, k, f in mats if bank_key(formats[f]) == key]
         Rb = R
-        while Rb > split:
-            depth = sum(-(-r // (Rb // split)) * (k // C) for r, k in bm)
+        while Rb > 1:
+            depth = sum(-(-r // Rb) * (k // C) for r, k in bm)
             total_bits = sum(r * k for r, k in bm) * (bits + M_BITS / group)
             if depth >= BRAM_DEPTH or total_bits <= 18432:
                 break
             Rb //= 2
         bank_rows.append(Rb)
-    rpw = {f: bank_rows[banks.index(bank_key(formats[f]))] // (2 if formats[f][0] > lane_bits else 1)
-           for _, _, _, f in mats}
+    rpw = {f: bank_rows[banks.index(bank_key(formats[f]))] for _, _, _, f in mats}
     return lane_bits, bank_rows, rpw
 
 
@@ -243,28 +242,35 @@ class Bank:
     slots: int  # R_b row slots per word
     cols: int  # C weights per slot per word
     m_share: int  # bits of the group multiplier carried per slot per word
-    lane_bits: int = 0  # bits per weight field (= bits, or half of them when split)
+    lane_bits: int = 0  # bits per weight field in a slot (= bits, or the low part of wider ones)
     words: list = field(default_factory=list)  # ROM image (ints of `width` bits)
 
     def __post_init__(self):
         self.lane_bits = self.lane_bits or self.bits
 
     @property
-    def split(self) -> int:
-        """1, or 2 when a weight's low part (unsigned) and high part (signed) sit in slots 2s, 2s+1."""
-        return 2 if self.bits > self.lane_bits else 1
+    def ext_bits(self) -> int:
+        """0, or the high bits of each weight (signed) when the weights are wider than the lanes:
+        the slot then holds the low lane_bits (unsigned) and the extension field after all slots
+        the rest (ext_offset)."""
+        return self.bits - self.lane_bits
 
     @property
     def rows_per_word(self) -> int:
-        return self.slots // self.split
+        return self.slots
 
     @property
     def slot_width(self) -> int:
         return self.cols * self.lane_bits + self.m_share
 
     @property
-    def width(self) -> int:
+    def ext_offset(self) -> int:
+        """First bit of the extension fields: slot j, column i at ext_offset + (j C + i) ext_bits."""
         return self.slots * self.slot_width
+
+    @property
+    def width(self) -> int:
+        return self.ext_offset + self.slots * self.cols * self.ext_bits
 
     @property
     def chunks_per_group(self) -> int:
@@ -293,9 +299,9 @@ class Placement:
 def _encode_rows(q: np.ndarray, m: np.ndarray, bank: Bank) -> list[int]:
     """Rows (rows, cols) int8 + multipliers (rows, cols/group) -> bank words, row-group major.
 
-    Slot s of a word holds C weight fields of lane_bits and a share of the row's multiplier. In a
-    split bank, row j of the word uses slot 2j (low lane_bits of each weight, unsigned, and the
-    multiplier share) and slot 2j+1 (the high part, signed)."""
+    Slot j of a word holds row j's C weight fields of lane_bits and a share of its multiplier. In
+    a bank with ext_bits, the slot's fields are the low lane_bits of each weight (unsigned) and the
+    high ext_bits (signed) sit in the extension fields after all slots."""
     rows, cols = q.shape
     Rw, C, lb = bank.rows_per_word, bank.cols, bank.lane_bits
     chunks = cols // C
@@ -304,21 +310,20 @@ def _encode_rows(q: np.ndarray, m: np.ndarray, bank: Bank) -> list[int]:
     mm = np.repeat(m.astype(np.int64), cpg, axis=-1).reshape(rows // Rw, Rw, chunks)
     kidx = np.arange(chunks) % cpg
     share = (mm >> (kidx * bank.m_share)) & ((1 << bank.m_share) - 1)
-    if bank.split == 2:
-        parts = [(qq & ((1 << lb) - 1), share), ((qq >> lb) & ((1 << lb) - 1), np.zeros_like(share))]
-    else:
-        parts = [(qq & ((1 << lb) - 1), share)]
+    eb = bank.ext_bits
+    lo, hi = qq & ((1 << lb) - 1), (qq >> lb) & ((1 << eb) - 1)
     words = []
     for rg in range(rows // Rw):
         for ch in range(chunks):
             w = 0
             for j in range(Rw):
-                for h, (fields, sh) in enumerate(parts):
-                    slot = 0
-                    for i in range(C - 1, -1, -1):
-                        slot = (slot << lb) | int(fields[rg, j, ch, i])
-                    slot |= int(sh[rg, j, ch]) << (C * lb)
-                    w |= slot << ((j * bank.split + h) * bank.slot_width)
+                slot = 0
+                for i in range(C - 1, -1, -1):
+                    slot = (slot << lb) | int(lo[rg, j, ch, i])
+                slot |= int(share[rg, j, ch]) << (C * lb)
+                w |= slot << (j * bank.slot_width)
+                for i in range(C if eb else 0):
+                    w |= int(hi[rg, j, ch, i]) << (bank.ext_offset + (j * C + i) * eb)
             words.append(w)
     return words
 

@@ -174,13 +174,16 @@ class Datapath(Module):
                       mv.raw_adr.eq(pe.base + rowgroup * pe.chunks + e_ch), mv.raw_en.eq(e_rd)]
         self.sync += [If(emb_start, e_ch.eq(0), e_rd.eq(1)).Elif(e_rd,
                           If(e_ch == pe.chunks - 1, e_rd.eq(0)), e_ch.eq(e_ch + 1))]
-        sw, sp, lb = be.slot_width, be.split, be.lane_bits
-        eword = Signal(sw * sp)  # the row's slot(s): low part (+ multiplier share), high part
-        self.comb += eword.eq(Array([mv.roms[pe.bank].dat_r[s * sw * sp:(s + 1) * sw * sp]
-                                     for s in range(Rw)])[slot])
-        if sp == 2:
-            lo = lanes_of(self, eword[:sw], C, lb, False)
-            hi = lanes_of(self, eword[sw:], C, lb)
+        sw, eb, lb = be.slot_width, be.ext_bits, be.lane_bits
+        erom = mv.roms[pe.bank].dat_r
+        eword = Signal(sw)  # the row's slot: weight fields (their low part) + multiplier share
+        self.comb += eword.eq(Array([erom[s * sw:(s + 1) * sw] for s in range(Rw)])[slot])
+        if eb:  # the high parts from the slot's extension fields
+            ehi = Signal(C * eb)
+            self.comb += ehi.eq(Array([erom[be.ext_offset + s * C * eb:][:C * eb]
+                                       for s in range(Rw)])[slot])
+            lo = lanes_of(self, eword[:C * lb], C, lb, False)
+            hi = lanes_of(self, ehi, C, eb)
             eq_now = [signed(self, (h << lb) + lo_, be.bits) for lo_, h in zip(lo, hi)]
         else:
             eq_now = lanes_of(self, eword, C, be.bits)

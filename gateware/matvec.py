@@ -195,7 +195,8 @@ class MatVec(Module):
         a2 = [field(self, aslice, 8 * i, 8) for i in range(C)]
 
         # stage 3: products. Each lane multiplies a lane_bits field: signed (sign-extended for
-        # narrower banks), or unsigned in the low slot of a split bank (a positive top bit).
+        # narrower banks), or unsigned where it is the low part of wider weights (a positive top
+        # bit); their high parts (the extension fields) go through LUT bit planes of their own.
         # Slots 0 .. 2*dsp_pairs-1 go in pairs through packed MULT18X18D (hw.packed_pair_dot),
         # the rest through LUT bit-plane trees (hw.plane_dot)
         lw = max(b.lane_bits for b in banks)
@@ -205,9 +206,9 @@ class MatVec(Module):
                              f"weights of <= 4 bits per lane (lane_bits {lw})")
         wsl, negs, mshares = [], [], []
         for j in range(R):
-            top_neg = Signal()
-            self.comb += top_neg.eq(Array([int(not (b.split == 2 and j % 2 == 0)) for b in banks])[c2.bank]
-                                    if nb > 1 else int(not (banks[0].split == 2 and j % 2 == 0)))
+            top_neg = Signal()  # the slot's fields are the low part of wider weights: unsigned
+            self.comb += top_neg.eq(Array([int(not b.ext_bits) for b in banks])[c2.bank]
+                                    if nb > 1 else int(not banks[0].ext_bits))
             ws = []
             # banks with the same slot geometry share the weight fields (no per-lane bank mux)
             same = all(b.lane_bits == lw and b.slot_width == banks[0].slot_width and j < b.slots
@@ -221,7 +222,7 @@ class MatVec(Module):
                     for b in banks:
                         if j < b.slots:
                             opts.append(field(self, word, j * b.slot_width + i * b.lane_bits,
-                                              b.lane_bits, is_signed=not (b.split == 2 and j % 2 == 0)))
+                                              b.lane_bits, is_signed=not b.ext_bits))
                         else:
                             opts.append(Constant(0, (b.lane_bits, True)))
                     self.comb += wj.eq(Array(opts)[c2.bank] if nb > 1 else opts[0])
@@ -273,17 +274,52 @@ class MatVec(Module):
             dot, la = plane_dot(self, wsl[j], a2, negs[j])
             dots.append(dot)
             lats.append(la)
+        # the high parts of wider weights: per slot, a dot product of the extension fields
+        # (signed, ext_bits planes; zero for the other banks), weighted 2^lane_bits after the trees
+        eb = max(b.ext_bits for b in banks)
+        hdots = []
+        ext = [b for b in banks if b.ext_bits]
+        if len({b.lane_bits for b in ext}) > 1:
+            raise ValueError("banks with extension fields must share their lane_bits")
+        # one bank with extension fields: they are zero in the other banks' (narrower) words if
+        # those end before the fields, so no multiplexer is needed
+        direct = len(ext) == 1 and all(b.width <= ext[0].ext_offset for b in banks if not b.ext_bits)
+        if eb:
+            for j in range(R):
+                hs = []
+                for i in range(C):
+                    opts = []
+                    for b in banks:
+                        if b.ext_bits and j < b.slots:
+                            opts.append(field(self, word, b.ext_offset + (j * C + i) * b.ext_bits,
+                                              b.ext_bits))
+                        else:
+                            opts.append(Constant(0, (eb, True)))
+                    hf = Signal((eb, True))
+                    if direct or nb == 1:
+                        self.comb += hf.eq(opts[banks.index(ext[0])])
+                    else:
+                        self.comb += hf.eq(Array(opts)[c2.bank])
+                    hs.append(hf)
+                hd, la = plane_dot(self, hs, a2, 1)
+                hdots.append(hd)
+                lats.append(la)
         # every slot's dot product arrives after the same latency (the shorter paths delayed), all
         # of one width
         dlat = max(lats)
-        dw = max(len(d) for d in dots)
-        for j in range(R):
-            d = dots[j]
-            for _ in range(dlat - lats[j]):
+
+        def align(d, la):
+            for _ in range(dlat - la):
                 r = Signal((len(d), True))
                 self.sync += r.eq(d)
                 d = r
-            dots[j] = signed(self, d, dw)
+            return d
+        lb = min(b.lane_bits for b in banks if b.ext_bits) if eb else 0
+        dw = max([len(d) for d in dots] + [len(d) + lb + 1 for d in hdots])
+        for j in range(R):
+            dots[j] = signed(self, align(dots[j], lats[j]), dw)
+        for j, hd in enumerate(hdots):
+            hdots[j] = signed(self, align(hd, lats[R + j]), dw)
         tree_lat = dlat - 1  # counted below with the products register
         if dlat != lat.MV_PRODUCTS + (lat.MV_DSP if dsp_pairs else 0) + tree_latency(C):
             raise ValueError(f"MatVec products take {dlat} cycles, gateware.latency says "
@@ -299,23 +335,12 @@ class MatVec(Module):
         ms_of = Array([b.m_share for b in banks])
         msl = [Signal(m_share_max) for _ in range(R)]
         self.comb += [msl[j].eq(msA[j * m_share_max:(j + 1) * m_share_max]) for j in range(R)]
-        # rows: slot j, or in a split bank slots 2j (low part) + 2j+1 (high part, << lane_bits)
-        any_split = any(b.split == 2 for b in banks)
-        is_split = Signal()
-        self.comb += is_split.eq(Array([int(b.split == 2) for b in banks])[cA.bank] if nb > 1
-                                 else int(banks[0].split == 2))
-        sb = max(b.lane_bits for b in banks if b.split == 2) if any_split else 0
+        # rows: slot j (+ its extension fields' dot << lane_bits)
         rowdots, rowms = [], []
         for j in range(R):
-            if any_split and 2 * j + 1 < R:
-                comb_dot = signed(self, dots[2 * j] + (dots[2 * j + 1] << sb), len(dots[0]) + sb + 1)
-                rd = signed(self, Mux(is_split, comb_dot, dots[j]), len(comb_dot))
-                rm = Signal(m_share_max)
-                self.comb += rm.eq(Mux(is_split, msl[2 * j], msl[j]))
-            else:
-                rd, rm = dots[j], msl[j]
+            rd = signed(self, dots[j] + (hdots[j] << lb), dw + 1) if eb else dots[j]
             rowdots.append(rd)
-            rowms.append(rm)
+            rowms.append(msl[j])
 
         # stage A: group partial (over chunks of a group) and multiplier assembly
         part_max = max(b.group * nx.qmax(b.bits) * nx.ACT_MAX for b in banks)

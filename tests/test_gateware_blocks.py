@@ -113,8 +113,8 @@ def test_packed_pair_dot(neg0, neg1):
 # ----------------------------------------------------------------------------- matvec
 @pytest.mark.parametrize("lanes,dsp_pairs", [(16, 0), (64, 0), (64, 1), (128, 1), (128, 2)])
 def test_matvec(lanes, dsp_pairs):
-    """The engine against numerics.matvec (4-bit, 6-bit split and per-row banks), with LUT lanes,
-    packed DSP pairs, or both, under random back-pressure."""
+    """The engine against numerics.matvec (4-bit, 6-bit with extension fields and per-row
+    banks), with LUT lanes, packed DSP pairs, or both, under random back-pressure."""
     model = baked(TINY)
     plan = compiler.compile_model(model, lanes=lanes, dsp_pairs=dsp_pairs)
     g = plan.geo

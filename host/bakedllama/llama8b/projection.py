@@ -118,7 +118,6 @@ def pass_cycles(cfg: ModelConfig, fmt: dict, part: Partition, chip: ChipSpec, co
     C = _tile_cols(chip, fmt)
     R = max(1, chip.lanes // C)
     P = chip.vlanes
-    lane_bits = min(w["bits"] for w in fmt["weights"].values())
     cyc = cfg.dim // P  # HANDOFF
     for pc in part.pieces:
         n = pc.name
@@ -135,9 +134,9 @@ def pass_cycles(cfg: ModelConfig, fmt: dict, part: Partition, chip: ChipSpec, co
                                   cfg.dim, P)
         if n == "w2" and pc.r0 == 0:  # the hidden vector is quantized before w2
             cyc += cm.hemit_cycles(cfg.hidden_dim, P)
-        # a weight wider than the lane multipliers (the narrowest format) takes two row slots
-        wide = fmt["weights"][n]["bits"] > lane_bits and R >= 2
-        rows_per_word = max(1, R // (2 if wide else 1))
+        # a weight wider than the lane multipliers (the narrowest format) keeps one row slot: its
+        # high bits sit in the word's extension fields (gateware.compiler.Bank.ext_bits)
+        rows_per_word = R
         rowgroups = math.ceil(pc.rows / rows_per_word)
         cyc += cm.mv_cycles(rowgroups * math.ceil(cols / C), rowgroups,
                             max(1, rows_per_word // chip.post), C, _KIND[n], chip.dsp_pairs)
