@@ -114,7 +114,10 @@ class Attention(Module):
 
         # score stage: K address at cycle 0 -> K data at 1 -> operands at 2 -> q x k by bit planes
         # of q (LUT logic: the DSP blocks do e x v meanwhile) -> scaled dot -> score
-        self.comb += [kr.adr.eq(base + t * NG + gs), kr.re.eq(1)]
+        assert lat.KV_ADR == 1  # the read addresses registered (they fan out over a cascade)
+        kadr = Signal(len(kr.adr))
+        self.sync += kadr.eq(base + t * NG + gs)
+        self.comb += [kr.adr.eq(kadr), kr.re.eq(1)]
         qg = Signal(HP * hd * 8)
         self.comb += qg.eq(Array([Cat(*q8[i * HP * hd:(i + 1) * HP * hd]) for i in range(NG)])[gs])
         qs = lanes_of(self, qg, HP * hd, 8, False)  # raw bits: plane_dot slices them
@@ -156,7 +159,7 @@ class Attention(Module):
             scores.append(sr)
         # address -> K data -> operands -> bit-plane dot (tree + its register) -> scaled -> score
         lat_s = lat.ATT_SCORE + tl
-        assert lat_s == 1 + lat.KV_READ + (tl + 1) + 2
+        assert lat_s == lat.KV_ADR + 1 + lat.KV_READ + (tl + 1) + 2
         vpipe = [issuing & sc_on]
         fpipe = [t == 0]
         lpipe = [t == lpos]
@@ -196,11 +199,13 @@ class Attention(Module):
         vt = Signal(ubits(S))
         consume = Signal()
         consume_d = Signal()
+        vadr = Signal(len(vr.adr))
         self.comb += [consume.eq(sm.source_e.valid),
-                      vr.adr.eq(base + (vt + consume) * NG + gv), vr.re.eq(1)]
-        consume_dd, consume_3 = Signal(), Signal()
+                      vr.adr.eq(vadr), vr.re.eq(1)]
+        self.sync += vadr.eq(base + (vt + consume) * NG + gv)  # (lat.KV_ADR: e waits a cycle)
+        consume_dd, consume_3, consume_4 = Signal(), Signal(), Signal()
         self.sync += [If(consume, vt.eq(vt + 1)), consume_d.eq(consume), consume_dd.eq(consume_d),
-                      consume_3.eq(consume_dd)]
+                      consume_3.eq(consume_dd), consume_4.eq(consume_3)]
         prods = []
         for hh in range(HP):
             kk = hh // c.kv_mul
@@ -208,10 +213,12 @@ class Attention(Module):
             for d in range(hd):
                 # e and the V lane: a register each (the V RAM's output register, as for K),
                 # then the multiplier's operand registers
-                e_d, v_d = Signal((SHARED_A, True)), Signal((SHARED_B, True))
+                e_x, e_d = Signal((SHARED_A, True)), Signal((SHARED_A, True))
+                v_d = Signal((SHARED_B, True))
                 a_in = Signal((SHARED_A, True))
                 b_in = Signal((SHARED_B, True))
-                self.sync += [e_d.eq(e_s), v_d.eq(vs[kk * hd + d]), a_in.eq(e_d), b_in.eq(v_d)]
+                self.sync += [e_x.eq(e_s), e_d.eq(e_x), v_d.eq(vs[kk * hd + d]), a_in.eq(e_d),
+                              b_in.eq(v_d)]
                 n = len(prods)
                 if n < mul_ext:
                     self.comb += [self.mul_a[SHARED_A * n:SHARED_A * (n + 1)].eq(a_in),
@@ -231,7 +238,7 @@ class Attention(Module):
         acc = [Signal((aw, True), name=f"att_acc{k}") for k in range(GW)]
         clear = Signal()
         for k in range(GW):
-            self.sync += If(clear, acc[k].eq(0)).Elif(consume_3, acc[k].eq(acc[k] + prods[k]))
+            self.sync += If(clear, acc[k].eq(0)).Elif(consume_4, acc[k].eq(acc[k] + prods[k]))
         out = [Signal((aw, True), name=f"att_out{i}") for i in range(D)]
         orun = Signal()
         self.sync += If(orun, [out[i].eq(out[(i + P) % D]) for i in range(D)]).Else(

@@ -15,8 +15,9 @@ NORM_GAP = 2  # RMSNorm: between the max pass and the output pass (beat max, qua
 NORM_WAIT = 6  # RMSNorm: last sum-of-squares beat -> 1/sqrt ready (sum 2, ss_tot, bl, kk, mant)
 KV_READ = 2  # Attention: KV cache data registered twice (the RAM's output register + one after its
 # depth multiplexer)
-ATT_SCORE = 6  # Attention: K address -> K data (KV_READ), operands, q x k products, the scaled dot, the score
-# (+ the adder tree)
+KV_ADR = 1  # Attention: the KV cache read addresses registered
+ATT_SCORE = 7  # Attention: K address (KV_ADR) -> K data (KV_READ), operands, q x k products, the
+# scaled dot, the score (+ the adder tree)
 ATT_OUT_REGS = 1  # Attention output passes: registers before out x recip (each costs the max
 # wait and the drain one cycle)
 ATT_MAX_REGS = 2  # Attention max pass: |o| registered, the beat's max tree registered (the wait
