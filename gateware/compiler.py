@@ -27,9 +27,10 @@ from bakedllama import numerics as nx
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 
-# 64: 2 rows x 32 columns per cycle, on packed MULT18X18D pairs. Lanes 128 (2 more rows on LUT bit
-# planes) is exact in Verilator but its SoC (63 % of the LUTs) takes over an hour to place and
-# route here and had not closed 50 MHz (see the README)
+# 64: 2 rows x 32 columns per cycle, on packed MULT18X18D pairs. Lanes 128 (all four rows on DSP
+# pairs, the attention borrowing 23 of their multipliers) is exact in Verilator, but its SoC (61 %
+# of the LUTs) did not route here in CI time: router2 was at 30k overused wires after 46 min
+# (see the README)
 DEFAULT_LANES = 64
 M_BITS = nx.M_BITS  # group multipliers are unsigned 16-bit
 BRAM_DEPTH = 512  # DP16KD in its widest (512 x 36) configuration
