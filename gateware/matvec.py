@@ -25,43 +25,27 @@ from gateware.latency import tree_latency
 class WeightRom(Module):
     """One bank's ROM (block RAM init contents), synchronous read, always enabled.
 
-    The word is cut into column slices of `slice_bits` and depth segments of `seg_depth` words
-    (one DP16KD each in its 512 x 36 configuration), each its own memory with its own copy of the
-    address register (kept apart in synthesis): `adr_next` is the address of the next cycle. So
-    every address net drives one block RAM, placed next to it, not a depth cascade spread over
-    the chip (the lanes-64 SoC's critical path was one such net: 21.9 ns of routing). The segment
-    is selected after the read by the address's high bits, registered along. Direct reads (the
-    embedding) go through the same registers: the engine puts their address on `adr_next`
-    (lat.EMBED_RAW)."""
+    The word is split into column slices of `slice_bits` (two DP16KD wide), each its own memory
+    with its own address register: `adr_next` is the address of the next cycle, and every slice
+    keeps a copy of it (kept apart in synthesis), so no single net drives the address pins of all
+    the block RAMs of the bank. Direct reads (the embedding) go through the same registers: the
+    engine puts their address on `adr_next` (lat.EMBED_RAW)."""
 
-    def __init__(self, width: int, words: list, slice_bits: int = 36, seg_depth: int = 512):
+    def __init__(self, width: int, words: list, slice_bits: int = 72):
         depth = max(2, len(words))
         self.adr_next = Signal(ubits(depth - 1))
         self.dat_r = Signal(width)
         # # #
         words = list(words) + [0] * (depth - len(words))
-        nseg = -(-depth // seg_depth)
-        lo_bits = ubits(seg_depth - 1) if nseg > 1 else len(self.adr_next)
-        self.brams = 0
         for lo in range(0, width, slice_bits):
             w = min(slice_bits, width - lo)
-            outs = []
-            for sg in range(nseg):
-                seg = words[sg * seg_depth:(sg + 1) * seg_depth]
-                mem = Memory(w, max(2, len(seg)), init=[(v >> lo) & ((1 << w) - 1) for v in seg])
-                port = mem.get_port()
-                adr = Signal(lo_bits, attr={("keep", 1)})
-                self.specials += mem, port
-                self.sync += adr.eq(self.adr_next[:lo_bits])
-                self.comb += port.adr.eq(adr[:len(port.adr)])
-                outs.append(port.dat_r)
-            if nseg > 1:  # the segment: registered with the address, then with the data
-                sel1 = Signal(len(self.adr_next) - lo_bits, attr={("keep", 1)})
-                sel2 = Signal(len(sel1))
-                self.sync += [sel1.eq(self.adr_next[lo_bits:]), sel2.eq(sel1)]
-                self.comb += self.dat_r[lo:lo + w].eq(Array(outs)[sel2])
-            else:
-                self.comb += self.dat_r[lo:lo + w].eq(outs[0])
+            mem = Memory(w, depth, init=[(v >> lo) & ((1 << w) - 1) for v in words])
+            port = mem.get_port()
+            adr = Signal(len(self.adr_next), attr={("keep", 1)})
+            self.specials += mem, port
+            self.sync += adr.eq(self.adr_next)
+            self.comb += [port.adr.eq(adr),
+                          self.dat_r[lo:lo + w].eq(port.dat_r)]
 
 
 def cmd_layout(banks, max_rows_beats: int, tag_bits: int):

@@ -39,9 +39,9 @@ SRAM_SIZE   = 0x2000  # 8 KiB: frame buffers (2 x 1 KiB), prompt (2 KiB), stack
 
 # System clock of the ULX3S target, from the ECP5 PLL (25 MHz oscillator in); the simulation
 # reports the same nominal frequency. 40 MHz: built for 50 the SoC (lanes 64, vlanes 8) routed at
-# 43.99 MHz, failing it (critical path: the attention output pass, its quantization shift into
-# the max |o| compare); this round's first lanes-64 SoC (vlanes 4) routed at 51.82 built for 50.
-# `make build` checks the routed Fmax against it.
+# 44.07 MHz, failing it (critical path: a weight-ROM address net into its depth cascade of block
+# RAMs; the attention's paths before it are registered now). `make build` checks the routed Fmax
+# against it.
 SYS_CLK_FREQ = int(40e6)
 
 # Accelerator lanes and vector lanes for both targets, so that the simulation counts the cycles of
