@@ -158,10 +158,10 @@ class Datapath(Module):
         emb_ms = [Signal(be.m_share, name=f"ems{i}") for i in range(pe.chunks)]
         e_ch = Signal(ubits(pe.chunks + 1))
         e_rd = Signal()
-        # the word of chunk e_ch is at the ROM output 1 + lat.EMBED_RAW cycles after e_rd
+        # the word of chunk e_ch is at the ROM output lat.ROM_ADR + lat.EMBED_RAW cycles after e_rd
         e_rd_p = [e_rd]
         e_ch_p = [e_ch]
-        for _ in range(1 + lat.EMBED_RAW):
+        for _ in range(lat.ROM_ADR + lat.EMBED_RAW):
             e_rd_p.append(Signal())
             e_ch_p.append(Signal(len(e_ch)))
             self.sync += [e_rd_p[-1].eq(e_rd_p[-2]), e_ch_p[-1].eq(e_ch_p[-2])]

@@ -74,7 +74,8 @@ def attn_cycles(pos: int, n_groups: int, head_dim: int, dim: int, vlanes: int) -
 
 
 def embed_cycles(chunks: int, dim: int, vlanes: int, head_dim: int) -> int:
-    return max(chunks + 3 + lat.EMBED_RAW + lat.EMBED_MUX + dim // vlanes, head_dim // 2 + 1)
+    return max(chunks + 2 + lat.ROM_ADR + lat.EMBED_RAW + lat.EMBED_MUX + dim // vlanes,
+               head_dim // 2 + 1)
 
 
 def qemit_cycles(dim: int, vlanes: int) -> int:

@@ -26,8 +26,9 @@ ATT_EMIT_REGS = 1  # Attention emit pass: o >> ko registered before the clip (th
 MV_PRODUCTS = 1  # MatVec: the register after the bit-plane combination
 MV_DSP = 1  # MatVec with packed DSP pairs: their product register, before the adder trees (every
 # slot then waits for it)
-MV_LAT = 7  # MatVec: command registers, ROM read 2 (address, data), word/act regs, group sum,
-# m x partial, row accumulator
+ROM_ADR = 2  # weight ROMs: the address registered twice (per column slice, then per depth segment)
+MV_LAT = 6 + ROM_ADR  # MatVec: command registers, ROM addresses (ROM_ADR) and data, word/act regs,
+# group sum, m x partial, row accumulator
 ROWPOST_IN = 1  # row post-processing: the engine's beat and its requantization shift registered
 EMBED_RAW = 1  # embedding: its ROM address registered with the engine's (no mux at the RAM pins)
 EMBED_MUX = 1  # embedding: the beat of dequantized weights registered after its D/P-way mux

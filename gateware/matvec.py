@@ -25,27 +25,48 @@ from gateware.latency import tree_latency
 class WeightRom(Module):
     """One bank's ROM (block RAM init contents), synchronous read, always enabled.
 
-    The word is split into column slices of `slice_bits` (two DP16KD wide), each its own memory
-    with its own address register: `adr_next` is the address of the next cycle, and every slice
-    keeps a copy of it (kept apart in synthesis), so no single net drives the address pins of all
-    the block RAMs of the bank. Direct reads (the embedding) go through the same registers: the
-    engine puts their address on `adr_next` (lat.EMBED_RAW)."""
+    `adr_next` is the address of the next cycle; the word is at `dat_r` lat.ROM_ADR + 1 cycles
+    after it. The address goes through a two-level tree of registers, so that no net drives more
+    than a handful of block RAMs: the word is split into column slices of `slice_bits` (two
+    DP16KD wide), each with its own copy of the address (level 1), and each slice into depth
+    segments of `seg_depth` words (one DP16KD deep at 1K x 18), each with its own copy of the low
+    address bits (level 2, next to its block RAMs). The segment's word is chosen after the read,
+    by the high address bits registered alongside. All copies are kept apart in synthesis. Direct
+    reads (the embedding) go through the same registers: the engine puts their address on
+    `adr_next` (lat.EMBED_RAW)."""
 
-    def __init__(self, width: int, words: list, slice_bits: int = 72):
+    def __init__(self, width: int, words: list, slice_bits: int = 72, seg_depth: int = 1024):
+        assert lat.ROM_ADR == 2
         depth = max(2, len(words))
-        self.adr_next = Signal(ubits(depth - 1))
+        ab = ubits(depth - 1)
+        self.adr_next = Signal(ab)
         self.dat_r = Signal(width)
         # # #
-        words = list(words) + [0] * (depth - len(words))
+        seg_depth = min(seg_depth, 1 << ab)
+        sb = ubits(seg_depth - 1)  # low address bits inside a segment
+        nseg = -(-depth // seg_depth)
+        words = list(words) + [0] * (nseg * seg_depth - len(words))
         for lo in range(0, width, slice_bits):
             w = min(slice_bits, width - lo)
-            mem = Memory(w, depth, init=[(v >> lo) & ((1 << w) - 1) for v in words])
-            port = mem.get_port()
-            adr = Signal(len(self.adr_next), attr={("keep", 1)})
-            self.specials += mem, port
-            self.sync += adr.eq(self.adr_next)
-            self.comb += [port.adr.eq(adr),
-                          self.dat_r[lo:lo + w].eq(port.dat_r)]
+            adr1 = Signal(ab, attr={("keep", 1)})
+            self.sync += adr1.eq(self.adr_next)
+            outs = []
+            for sg in range(nseg):
+                seg = words[sg * seg_depth:(sg + 1) * seg_depth]
+                mem = Memory(w, seg_depth, init=[(v >> lo) & ((1 << w) - 1) for v in seg])
+                port = mem.get_port()
+                adr2 = Signal(sb, attr={("keep", 1)})
+                self.specials += mem, port
+                self.sync += adr2.eq(adr1[:sb])
+                self.comb += port.adr.eq(adr2)
+                outs.append(port.dat_r)
+            if nseg == 1:
+                self.comb += self.dat_r[lo:lo + w].eq(outs[0])
+            else:
+                sel2 = Signal(ab - sb, attr={("keep", 1)})  # with adr2
+                sel3 = Signal(ab - sb)  # with the data
+                self.sync += [sel2.eq(adr1[sb:]), sel3.eq(sel2)]
+                self.comb += self.dat_r[lo:lo + w].eq(Array(outs)[sel3])
 
 
 def cmd_layout(banks, max_rows_beats: int, tag_bits: int):
@@ -184,7 +205,7 @@ class MatVec(Module):
                 rec = r
             return rec
 
-        c1 = delay(c0)  # ROM data valid
+        c1 = delay(c0, lat.ROM_ADR)  # ROM data valid
         # stage 2: word and activation slice registers
         wmax = max(b.width for b in banks)
         word = Signal(wmax)
@@ -385,7 +406,7 @@ class MatVec(Module):
             fifo.sink.last.eq(cC.clast),
         ]
         # c0 -> FIFO write: ROM (c1), word/act (c2), products + tree, group (cB), m* (cC), row acc
-        self.latency = 1 + 2 + 1 + tree_lat + 3  # (+1: the command registers)
+        self.latency = 1 + lat.ROM_ADR + 1 + 1 + tree_lat + 3  # (+1: the command registers)
         if self.latency != lat.MV_LAT + tree_latency(C) + (lat.MV_DSP if dsp_pairs else 0):
             raise ValueError(f"MatVec pipeline is {self.latency} cycles, gateware.latency says "
                              f"{lat.MV_LAT} + the adder tree's {tree_lat}")
