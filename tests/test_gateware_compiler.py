@@ -109,7 +109,7 @@ def test_cycle_model_shape():
     geo = compiler.make_geometry(REAL, 128, fmts)
     assert any(b.ext_bits for b in compiler.build_banks(REAL, geo, fmts, None)[0])  # (8-bit cls)
     bd = cycle_model.breakdown(REAL, 128, 10)
-    for key, rows, cols, fname in compiler.virtual_matrices(REAL):
+    for key, rows, cols, _fname in compiler.virtual_matrices(REAL):
         step = next(v for k, v in bd.items() if k.startswith("mv") and k.endswith(":" + key))
         assert step >= rows * cols // 128, key
     groups = REAL.n_kv_heads // geo.kv_par

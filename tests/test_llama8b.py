@@ -96,6 +96,17 @@ def test_partitioned_equals_unpartitioned(tiny_ck, tiny_dir, bits):
         got = _run(qm, chip, tokens)
         for a, b in zip(ref, got):
             assert np.array_equal(a.acc, b.acc) and np.array_equal(a.frac, b.frac), chip
+        # batched passes (a prompt, a speculative pass): one pass over the weights for several
+        # positions, identical to position by position, also when resuming at a later position
+        r = runner.Runner(qm, partition.plan(qm.cfg, qm.fmt, chip), streaming=chip == 700)
+        s = r.new_state()
+        first = r.forward_many(s, tokens[:4])
+        rest = r.forward_many(s, tokens[4:])
+        assert s.pos == len(tokens)
+        acc = np.concatenate([first.acc, rest.acc])
+        frac = np.concatenate([first.frac, rest.frac])
+        assert np.array_equal(acc, np.concatenate([a.acc for a in ref]))
+        assert np.array_equal(frac, np.concatenate([a.frac for a in ref]))
     # the runner equals the golden model on the same quantized weights
     g = Golden(qm.to_baked())
     s = g.new_state()

@@ -4,7 +4,11 @@ Reproducible: fixed seeds, one thread, deterministic torch. Writes, each atomica
     <out>/tokenizer.json     byte-level BPE (tokenizers)
     <out>/model-f32.bkl      float checkpoint (bakedllama container, checksummed)
     <out>/train-log.json     losses per evaluation; <out>/train-loss.png the curve
-Usage: python -m weights.train [--corpus FILE] [--steps N] [--out DIR]
+Usage: python -m weights.train [--preset tiny|target] [--corpus FILE] [--steps N] [--out DIR]
+
+--preset target trains the speculative-decoding target (8.3x the baked model's parameters) with the
+tiny model's tokenizer, corpus and split, and also writes it in the Hugging Face Llama layout
+(config.json, model.safetensors in bf16, tokenizer.json) for `run8b` and `generate --target`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from bakedllama.tokenizer import Tokenizer, train_tokenizer
 from weights.corpus import CorpusError, load_text
 
 VAL_FRACTION = 0.05
+TINY_TOKENIZER = Path(__file__).resolve().parent / "tiny" / "tokenizer.json"
+# name -> (config, defaults); the target shares the baked model's vocabulary, context and tokenizer
+PRESETS = {
+    "tiny": (ModelConfig(), dict(out="weights/tiny", steps=6000, lr=3e-3, tokenizer=None)),
+    "target": (ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, hidden_dim=704),
+               dict(out="weights/target", steps=1000, lr=2e-3, tokenizer=str(TINY_TOKENIZER))),
+}
 
 
 def build_model(cfg: ModelConfig):
@@ -135,14 +146,22 @@ def encode_corpus(tok: Tokenizer, text: str) -> np.ndarray:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", help="UTF-8 text file (default: Jane Austen's novels)")
-    ap.add_argument("--out", default="weights/tiny", help="output directory")
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="tiny: the baked model; target: the speculative-decoding target")
+    ap.add_argument("--out", help="output directory (default weights/<preset>)")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: tiny 6000, target 1000)")
+    ap.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one "
+                    "(default for the target: weights/tiny/tokenizer.json)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: tiny 3e-3, target 2e-3)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args(argv)
+    cfg, defaults = PRESETS[args.preset]
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     import torch
     from tqdm import tqdm
@@ -156,9 +175,19 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    cfg = ModelConfig()
 
-    tok = train_tokenizer(text, cfg.vocab_size)
+    if args.tokenizer:
+        try:
+            tok = Tokenizer.load(args.tokenizer)
+        except fileformat.ModelFileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if tok.vocab_size != cfg.vocab_size:
+            print(f"error: {args.tokenizer} has {tok.vocab_size} tokens, the {args.preset} model "
+                  f"{cfg.vocab_size}", file=sys.stderr)
+            return 2
+    else:
+        tok = train_tokenizer(text, cfg.vocab_size)
     data = encode_corpus(tok, text)
     n_val = int(len(data) * VAL_FRACTION)
     train, val = data[:-n_val], data[-n_val:]
@@ -221,13 +250,18 @@ def main(argv=None) -> int:
 
     tensors = state_to_numpy(model, cfg)
     meta = dict(config=cfg.to_dict(), tokenizer_sha256=tok.sha256, val_loss=log[-1]["val_loss"],
-                train=dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                train=dict(preset=args.preset, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                            corpus=args.corpus or "janeaustenr", val_fraction=VAL_FRACTION,
                            seconds=round(time.time() - t0, 1)))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.json")
-    digest = fileformat.save(out / "model-f32.bkl", "float", meta, tensors)
+    if args.preset == "tiny":  # the target's float weights live in its Hugging Face directory
+        digest = fileformat.save(out / "model-f32.bkl", "float", meta, tensors)
     fileformat.atomic_write_bytes(out / "train-log.json", [json.dumps(log, indent=1).encode()])
+    if args.preset == "target":
+        from weights.hf_export import write_hf
+
+        write_hf(out, cfg, tensors, tok, dict(val_loss=log[-1]["val_loss"], **meta["train"]))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -243,7 +277,10 @@ def main(argv=None) -> int:
         fig.savefig(out / "train-loss.png", dpi=100)
     except Exception as e:  # the plot is a convenience; the checkpoint is what matters
         print(f"warning: no loss plot ({e})", file=sys.stderr)
-    print(f"wrote {out / 'model-f32.bkl'} sha256 {digest[:16]}, val loss {log[-1]['val_loss']:.4f}")
+    if args.preset == "tiny":
+        print(f"wrote {out / 'model-f32.bkl'} sha256 {digest[:16]}, val loss {log[-1]['val_loss']:.4f}")
+    else:
+        print(f"wrote {out} (Hugging Face layout), val loss {log[-1]['val_loss']:.4f}")
     return 0
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from bakedllama import numerics as nx
 from bakedllama.golden import Logits, attention_core, embed
-from bakedllama.llama8b.kernels import matvec_packed
+from bakedllama.llama8b.kernels import matvec_packed, unpack
 from bakedllama.llama8b.partition import Partition
 from bakedllama.llama8b.quant import QuantModel
 
@@ -34,12 +34,13 @@ class RunState:
 
 @dataclass
 class Step:
-    """What flows between the passes of one position (B = 1): the pass-to-pass activations."""
+    """What flows between the passes of T consecutive positions of one sequence (T = 1 when
+    decoding): the pass-to-pass activations, one row per position."""
 
-    token: int
-    x: np.ndarray | None = None  # (1, dim) residual, int16 values, frac f_x
-    a: np.ndarray | None = None  # (1, cols) int8 activations of the current matrix group
-    fa: np.ndarray | None = None  # (1,) their frac
+    tokens: list
+    x: np.ndarray | None = None  # (T, dim) residual, int16 values, frac f_x
+    a: np.ndarray | None = None  # (T, cols) int8 activations of the current matrix group
+    fa: np.ndarray | None = None  # (T,) their frac
     q: np.ndarray | None = None
     k: np.ndarray | None = None
     v: np.ndarray | None = None
@@ -52,9 +53,19 @@ class Step:
     pass_seconds: list = field(default_factory=list)
 
 
-def linear_rows(p, a, frac_a, frac_out: int, bits: int, r0: int, r1: int):
-    """golden.linear_q on rows [r0, r1) of a packed matrix (B = 1)."""
-    acc = matvec_packed(p, a[0], r0, r1)[None]
+def matmul_rows(p, a, r0: int, r1: int, unpacked=None) -> np.ndarray:
+    """Accumulators of rows [r0, r1) of a packed matrix for T activation rows: (T, r1 - r0).
+    T = 1 runs the packed kernel; T > 1 (a prompt, or a speculative pass) multiplies the whole
+    block at once from the unpacked weights (numerics.matvec: exact integer sums)."""
+    if len(a) == 1:
+        return matvec_packed(p, a[0], r0, r1)[None]
+    q, m = unpacked if unpacked is not None else unpack(p)
+    return nx.matvec(nx.QTensor(q[r0:r1], m[r0:r1], int(p.shift), p.bits, p.group), a)
+
+
+def linear_rows(p, a, frac_a, frac_out: int, bits: int, r0: int, r1: int, unpacked=None):
+    """golden.linear_q on rows [r0, r1) of a packed matrix (T rows of activations)."""
+    acc = matmul_rows(p, a, r0, r1, unpacked)
     return nx.requantize(acc, (int(p.shift) + np.asarray(frac_a) - frac_out)[..., None], bits)
 
 
@@ -65,6 +76,7 @@ class Runner:
         self.cfg, self.fmt = c, qm.fmt
         inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         self.rope_cos, self.rope_sin = nx.rope_table(np.arange(c.seq_len), inv)
+        self._unpacked_cache: dict = {}
 
     def new_state(self) -> RunState:
         c = self.cfg
@@ -74,12 +86,23 @@ class Runner:
     # ------------------------------------------------------------------ one position
     def forward(self, s: RunState, token: int) -> Logits:
         """One position: token -> classifier logits, running every partition in turn."""
+        return self.forward_many(s, [token])
+
+    def forward_many(self, s: RunState, tokens) -> Logits:
+        """T consecutive positions in one pass over the weights (matrix-matrix products; the
+        attention runs position by position): logits (T, vocab), identical to T calls of
+        forward(). Unpacked weights are kept for the batched products (resident runs only)."""
         c = self.cfg
-        if s.pos >= c.seq_len:
-            raise ValueError(f"position {s.pos} is past the context length {c.seq_len}")
-        if not 0 <= token < c.vocab_size:
-            raise ValueError(f"token {token} is outside the vocabulary of {c.vocab_size}")
-        st = Step(int(token))
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("no tokens")
+        if s.pos + len(tokens) > c.seq_len:
+            raise ValueError(f"position {s.pos + len(tokens) - 1} is past the context length "
+                             f"{c.seq_len}")
+        for t in tokens:
+            if not 0 <= t < c.vocab_size:
+                raise ValueError(f"token {t} is outside the vocabulary of {c.vocab_size}")
+        st = Step(tokens)
         for part in self.parts:
             t = time.perf_counter()
             for pc in part.pieces:
@@ -87,7 +110,7 @@ class Runner:
             if self.streaming:
                 self._release(part)
             st.pass_seconds.append(time.perf_counter() - t)
-        s.pos += 1
+        s.pos += len(tokens)
         self.last_pass_seconds = st.pass_seconds
         return Logits(st.logits, st.logit_frac)
 
@@ -106,9 +129,14 @@ class Runner:
 
     def _piece(self, s: RunState, st: Step, pc) -> None:
         c, f, qm, n, l = self.cfg, self.fmt, self.qm, pc.name, pc.layer
+        T = len(st.tokens)
         if n == "tok_embeddings":
-            if pc.r0 <= st.token < pc.r1:
-                st.x = embed(qm.embed, np.array([st.token]), f["f_x"])  # (1, dim) frac f_x
+            if pc.r0 == 0:  # (T, dim) frac f_x
+                st.x = np.zeros((T, c.dim), np.int64)
+            tk = np.asarray(st.tokens)
+            here = (tk >= pc.r0) & (tk < pc.r1)
+            if here.any():
+                st.x[here] = embed(qm.embed, tk[here], f["f_x"])
             return
         if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
             key = f"f_g_{n}"
@@ -118,29 +146,30 @@ class Runner:
             st.fa = nx.NORM_OUT_FRAC - k_a
             st.out_a = None
             if n == "rms_att_weight":
-                st.q = np.zeros((1, c.dim), np.int64)
-                st.k = np.zeros((1, c.kv_dim), np.int64)
-                st.v = np.zeros((1, c.kv_dim), np.int64)
+                st.q = np.zeros((T, c.dim), np.int64)
+                st.k = np.zeros((T, c.kv_dim), np.int64)
+                st.v = np.zeros((T, c.kv_dim), np.int64)
             elif n == "rms_ffn_weight":
-                st.h1 = np.zeros((1, c.hidden_dim), np.int64)
-                st.h3 = np.zeros((1, c.hidden_dim), np.int64)
+                st.h1 = np.zeros((T, c.hidden_dim), np.int64)
+                st.h3 = np.zeros((T, c.hidden_dim), np.int64)
             else:
-                st.logits = np.zeros((1, c.vocab_size), np.int64)
+                st.logits = np.zeros((T, c.vocab_size), np.int64)
             return
         p = qm.mats[(n, l)]
         r0, r1 = pc.r0, pc.r1
+        u = self._unpacked(n, l, p) if T > 1 else None
         if n in ("wq", "wk"):
-            (st.q if n == "wq" else st.k)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_qk"], 16, r0, r1)
+            (st.q if n == "wq" else st.k)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_qk"], 16, r0, r1, u)
         elif n == "wv":
-            st.v[:, r0:r1] = linear_rows(p, st.a, st.fa, f["e_v"][l], 8, r0, r1)
+            st.v[:, r0:r1] = linear_rows(p, st.a, st.fa, f["e_v"][l], 8, r0, r1, u)
         elif n in ("w1", "w3"):
-            (st.h1 if n == "w1" else st.h3)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_h"], 16, r0, r1)
+            (st.h1 if n == "w1" else st.h3)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_h"], 16, r0, r1, u)
         elif n == "wo":
             if st.out_a is None:  # all of q, k, v are there: the attention itself (no weights)
                 o = self._attention(s, st, l)
                 st.out_a, k_o = nx.quantize_act(o)
                 st.out_f = nx.ATT_OUT_FRAC - k_o
-            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1)
+            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1, u)
             st.x = st.x.copy() if r0 == 0 else st.x
             st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
         elif n == "w2":
@@ -148,22 +177,37 @@ class Runner:
                 hb = nx.swiglu(st.h1, st.h3, f["f_h"])
                 st.out_a, k_h = nx.quantize_act(hb)
                 st.out_f = f["f_h"] - k_h
-            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1)
+            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1, u)
             st.x = st.x.copy() if r0 == 0 else st.x
             st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
         elif n == "wcls":
-            st.logits[:, r0:r1] = matvec_packed(p, st.a[0], r0, r1)[None]
+            st.logits[:, r0:r1] = matmul_rows(p, st.a, r0, r1, u)
             st.logit_frac = int(p.shift) + st.fa
         else:
             raise ValueError(f"unknown piece {n}")
 
+    def _unpacked(self, n: str, l, p):
+        """The unpacked (q, m) of a matrix, kept for batched passes (not while streaming)."""
+        if self.streaming:
+            return unpack(p)
+        key = (n, l)
+        if key not in self._unpacked_cache:
+            self._unpacked_cache[key] = unpack(p)
+        return self._unpacked_cache[key]
+
     def _attention(self, s: RunState, st: Step, l: int):
-        """golden.attention_core between the qkv projections and wo (B = 1)."""
-        c, f, pos = self.cfg, self.fmt, s.pos
-        q = st.q.reshape(1, c.n_heads, c.head_dim)
-        k = st.k.reshape(1, c.n_kv_heads, c.head_dim)
-        return attention_core(c, f, q, k, st.v, s.key_cache[l], s.value_cache[l], pos,
-                              self.rope_cos[pos], self.rope_sin[pos], f["e_k"][l], f["e_v"][l])
+        """golden.attention_core between the qkv projections and wo, position by position (each
+        row writes its K/V and attends to every position up to its own)."""
+        c, f = self.cfg, self.fmt
+        out = []
+        for i in range(len(st.tokens)):
+            pos = s.pos + i
+            q = st.q[i:i + 1].reshape(1, c.n_heads, c.head_dim)
+            k = st.k[i:i + 1].reshape(1, c.n_kv_heads, c.head_dim)
+            out.append(attention_core(c, f, q, k, st.v[i:i + 1], s.key_cache[l], s.value_cache[l],
+                                      pos, self.rope_cos[pos], self.rope_sin[pos], f["e_k"][l],
+                                      f["e_v"][l]))
+        return np.concatenate(out)
 
 
 def peak_rss_bytes() -> int:
