@@ -351,6 +351,84 @@ static void do_generate(uint8_t seq, const uint8_t *p, size_t n)
 	generate(seq, max_tokens, inv_t, seed);
 }
 
+/* DRAFT: rewind the accelerator to `pos` (at most its current position: the KV cache holds
+ * positions 0 .. pos - 1 of this sequence), feed the m context tokens, then draft k tokens greedy,
+ * feeding each back but the last. Reply: u16 position after, u16 drafts, u32 cycles (hardware
+ * counter, all passes), u32 wall cycles (firmware timer), u16 drafts[]. */
+static uint16_t draft_in[PROTO_MAX_PAYLOAD / 2];
+
+static void do_draft(uint8_t seq, const uint8_t *p, size_t n)
+{
+	uint32_t pos, k, m, i, passes, made = 0, cycles = 0, t, t0;
+	uint16_t tok, out = 0;
+	uint8_t *r = tx + PROTO_HEADER, abort_seq = 0;
+	int aborting = 0;
+
+	if (n < 6 || (n & 1)) {
+		send_error(seq, E_BAD_LENGTH, T_DRAFT, (uint16_t)n);
+		rx_pending = 0;
+		return;
+	}
+	pos = get_u16(p);
+	k = get_u16(p + 2);
+	m = (uint32_t)(n - 4) / 2;
+	if (pos > hw_accel_pos()) {
+		send_error(seq, E_OUT_OF_RANGE, T_DRAFT, 0xFFFF);
+		rx_pending = 0;
+		return;
+	}
+	if (k == 0 || DRAFT_HEAD + 2 * k > PROTO_MAX_PAYLOAD || pos + m + k - 1 > cfg.seq_len) {
+		send_error(seq, E_OUT_OF_RANGE, T_DRAFT, 0xFFFE);
+		rx_pending = 0;
+		return;
+	}
+	for (i = 0; i < m; i++) {
+		draft_in[i] = get_u16(p + 4 + 2 * i);
+		if (draft_in[i] >= cfg.vocab_size) {
+			send_error(seq, E_OUT_OF_RANGE, T_DRAFT, (uint16_t)i);
+			rx_pending = 0;
+			return;
+		}
+	}
+	rx_pending = 0;                             /* p is not used past here */
+	t0 = hw_cycles_now();
+	hw_accel_set_temperature(0);
+	hw_accel_rewind(pos);
+	passes = m + k - 1;
+	for (i = 0; i < passes; i++) {
+		tok = i < m ? draft_in[i] : out;
+		hw_accel_feed(tok);
+		t = hw_cycles_now();
+		while (!hw_accel_out_valid()) {
+			if (!aborting && poll_during_generation(&abort_seq))
+				aborting = 1;
+			if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
+				break;
+		}
+		if (!hw_accel_out_valid()) {
+			counters.hw_timeouts++;
+			accel_reset(0);
+			send_error(seq, E_HW_TIMEOUT, T_DRAFT, (uint16_t)(pos + i));
+			return;
+		}
+		cycles += hw_accel_cycles();
+		out = hw_accel_take();
+		if (i + 1 >= m)                         /* the passes from the last context token on */
+			put_u16(r + DRAFT_HEAD + 2 * made++, out);
+		if (aborting)
+			break;
+	}
+	put_u16(r, (uint16_t)hw_accel_pos());
+	put_u16(r + 2, (uint16_t)made);           /* fewer than k when aborted */
+	put_u32(r + 4, cycles);
+	put_u32(r + 8, hw_cycles_now() - t0);
+	send(T_DRAFT | T_REPLY, seq, DRAFT_HEAD + 2 * made);
+	if (aborting) {
+		tx[PROTO_HEADER] = 1;
+		send(T_ABORT | T_REPLY, abort_seq, 1);
+	}
+}
+
 static void handle_frame(void)
 {
 	uint8_t type, seq;
@@ -388,6 +466,9 @@ static void handle_frame(void)
 		return;
 	case T_GENERATE:
 		do_generate(seq, payload, n);
+		return;
+	case T_DRAFT:
+		do_draft(seq, payload, n);
 		return;
 	case T_ECHO: {
 		size_t i;

@@ -26,6 +26,7 @@ uint32_t hw_cycles_now(void);
 /* Accelerator (gateware/INTERFACE.md). */
 void hw_accel_reset(uint32_t seed);              /* seed CSR, then ctrl.reset */
 void hw_accel_set_temperature(uint16_t inv_t_q8);
+void hw_accel_rewind(uint32_t pos);              /* rewind_pos CSR, then ctrl.rewind (pos <= current) */
 void hw_accel_feed(uint16_t token);              /* offer a token on the accelerator's sink */
 int hw_accel_out_valid(void);                    /* a next token is waiting on its source */
 uint16_t hw_accel_take(void);                    /* read it and let the accelerator go on */

@@ -58,6 +58,12 @@ void hw_accel_reset(uint32_t seed)
 	llama_ctrl_write(BIT(CSR_LLAMA_CTRL_RESET_OFFSET));
 }
 
+void hw_accel_rewind(uint32_t pos)
+{
+	llama_rewind_pos_write(pos);
+	llama_ctrl_write(BIT(CSR_LLAMA_CTRL_REWIND_OFFSET));
+}
+
 void hw_accel_set_temperature(uint16_t inv_t_q8)
 {
 	llama_temperature_write(inv_t_q8);

@@ -22,6 +22,7 @@
 #define T_STATS     0x05
 #define T_ABORT     0x06
 #define T_ECHO      0x07
+#define T_DRAFT     0x08                        /* speculative decoding: rewind, feed, draft */
 /* Replies: request | 0x80; streamed and error frames. */
 #define T_REPLY     0x80
 #define T_STEP      0x44
@@ -52,6 +53,7 @@
 #define STATS_SIZE  64
 #define DONE_SIZE   30
 #define STEP_SIZE   12
+#define DRAFT_HEAD  12                          /* DRAFT reply before its u16 tokens */
 
 uint32_t crc32_update(uint32_t crc, uint8_t byte);   /* crc starts at 0xFFFFFFFF */
 uint32_t crc32(const uint8_t *data, size_t len);

@@ -67,6 +67,8 @@ class Datapath(Module):
         self.plan = plan
         # control / status (driven by the LiteX wrapper)
         self.reset = Signal()
+        self.rewind = Signal()
+        self.rewind_pos = Signal(16)
         self.temperature = Signal(16)
         self.seed = Signal(32)
         self.busy = Signal()
@@ -125,6 +127,11 @@ class Datapath(Module):
         cnt = Signal(32)
         reset_pending = Signal()
         self.sync += If(self.reset, reset_pending.eq(1))
+        # rewind: position := rewind_pos (only backwards; the KV cache past it is overwritten as
+        # the next tokens come), taken in IDLE like the reset; the PRNG keeps its state
+        rewind_pending = Signal()
+        rw_pos = Signal(len(self.rewind_pos))
+        self.sync += If(self.rewind, rewind_pending.eq(1), rw_pos.eq(self.rewind_pos))
 
         # ---------------------------------------------------------------- RoPE cos/sin of pos
         half = hd // 2
@@ -443,11 +450,13 @@ class Datapath(Module):
         names = [f"S{i}_{s.kind}" for i, s in enumerate(sched)]
         self.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         self.comb += [self.full.eq(self.pos == S), sink.ready.eq(fsm.ongoing("IDLE") &
-                      (self.pos != S) & ~reset_pending & ~smp.seeding)]
+                      (self.pos != S) & ~reset_pending & ~rewind_pending & ~smp.seeding)]
         self.sync += If(~fsm.ongoing("IDLE") & ~fsm.ongoing("OUT"), cnt.eq(cnt + 1))
         fsm.act("IDLE",
             If(reset_pending,
                 NextValue(self.pos, 0), NextValue(reset_pending, 0), smp.reseed.eq(1)
+            ).Elif(rewind_pending,
+                If(rw_pos <= self.pos, NextValue(self.pos, rw_pos)), NextValue(rewind_pending, 0)
             ).Elif(sink.valid & sink.ready,
                 NextValue(token, sink.token), NextValue(cnt, 0),
                 NextValue(greedy, self.temperature == 0), NextValue(inv_temp, self.temperature),
@@ -524,7 +533,12 @@ class BakedLlamaCore(LiteXModule):
         self.ctrl = CSRStorage(fields=[
             CSRField("reset", size=1, pulse=True,
                      description="Start a new sequence: position := 0, PRNG := seeded from `seed`."),
+            CSRField("rewind", size=1, pulse=True,
+                     description="Set the position back to `rewind_pos` (ignored if it is past the "
+                                 "current position); the PRNG keeps its state."),
         ], description="Control.")
+        self.rewind_pos = CSRStorage(16, description="Position that ctrl.rewind sets (speculative "
+                                     "decoding: continue from the last accepted token).")
         self.temperature = CSRStorage(16, description="1/T in Q8 (numerics.temperature_q8); 0 = greedy. "
                                       "The PRNG advances only on passes with temperature != 0.")
         self.seed = CSRStorage(32, description="PRNG seed, loaded on ctrl.reset (numerics.XorShift32).")
@@ -554,6 +568,8 @@ class BakedLlamaCore(LiteXModule):
         self.dp = dp = Datapath(plan, self.sink, self.source, with_trace)
         self.comb += [
             dp.reset.eq(self.ctrl.fields.reset),
+            dp.rewind.eq(self.ctrl.fields.rewind),
+            dp.rewind_pos.eq(self.rewind_pos.storage),
             dp.temperature.eq(self.temperature.storage),
             dp.seed.eq(self.seed.storage),
             self.status.fields.busy.eq(dp.busy),

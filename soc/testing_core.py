@@ -100,7 +100,10 @@ class StandInCore(LiteXModule):
         self.ctrl = CSRStorage(fields=[
             CSRField("reset", size=1, pulse=True,
                 description="Position := 0, sampler generator := seeded from ``seed``."),
+            CSRField("rewind", size=1, pulse=True,
+                description="Position := ``rewind_pos`` if that is not past it (in IDLE)."),
         ])
+        self.rewind_pos = CSRStorage(16, description="Position that ``ctrl.rewind`` sets.")
         self.temperature = CSRStorage(16, description="1/T in Q8; 0 = greedy.")
         self.seed        = CSRStorage(32, description="Sampler seed, loaded on ``ctrl.reset``.")
         self.status = CSRStatus(fields=[
@@ -148,6 +151,8 @@ class StandInCore(LiteXModule):
                 state.eq(IDLE),
                 pos.eq(0),
                 If(seeded == 0, prng.eq(0x9E3779B9)).Else(prng.eq(seeded)),
+            ).Elif(self.ctrl.fields.rewind & (state == IDLE),
+                If(self.rewind_pos.storage <= pos, pos.eq(self.rewind_pos.storage)),
             ).Else(
                 Case(state, {
                     IDLE: If(self.sink.valid & self.sink.ready,

@@ -125,6 +125,53 @@ def test_errors_are_reported(fw):
         assert dev.info().protocol == P.VERSION  # still fine
 
 
+def _table_draft(pos, tokens, k):
+    """DRAFT on the stand-in (greedy): feed tokens from pos, then k tokens fed back but the last."""
+    mask = len(TABLE) - 1
+    out = []
+    for t in tokens[:-1] + [tokens[-1]]:
+        o = TABLE[(t + pos) & mask]
+        pos += 1
+    out.append(o)
+    while len(out) < k:
+        out.append(TABLE[(out[-1] + pos) & mask])
+        pos += 1
+    return out
+
+
+def test_draft_rewinds_feeds_and_drafts(fw):
+    with open_device(fw.url) as dev:
+        dev.reset()
+        r = dev.draft(0, [1, 5, 300, 7], 5, 512)
+        assert r.tokens == _table_draft(0, [1, 5, 300, 7], 5) and r.pos == 8
+        assert r.cycles == sum(64 + p for p in range(8))  # the stand-in's counter: 64 + pos
+        # back to position 3 (positions 3.. are overwritten), one new context token
+        r = dev.draft(3, [9], 4, 512)
+        assert r.tokens == _table_draft(3, [9], 4) and r.pos == 7
+        # forward again from where it stands, and the same request twice gives the same tokens
+        again = dev.draft(7, [r.tokens[-1], 2], 3, 512)
+        assert again.tokens == _table_draft(7, [r.tokens[-1], 2], 3)
+        assert dev.draft(7, [r.tokens[-1], 2], 3, 512).tokens == again.tokens
+        # bad positions and counts get an error reply, not a token
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE.*65535"):
+            dev.draft(again.pos + 1, [1], 2, 512)  # past what the cache holds
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE.*65534"):
+            dev.draft(again.pos, [1], SEQ_LEN, 512)  # past the context
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE.*65534"):
+            dev.request(P.DRAFT, struct.pack("<HHH", 0, 0, 1))  # k = 0
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE.*detail 1"):
+            dev.draft(0, [1, 512], 2, 512)  # a token outside the vocabulary
+        with pytest.raises(DeviceError, match="BAD_LENGTH"):
+            dev.request(P.DRAFT, b"\x00\x00\x01\x00")  # no context token
+        dev.reset()
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE"):
+            dev.draft(1, [1], 2, 512)  # after RESET nothing is cached
+        assert dev.draft(0, [1], 2, 512).tokens == _table_draft(0, [1], 2)
+        # a reply with a token outside the host's vocabulary is refused
+        with pytest.raises(DeviceError, match="outside the vocabulary"):
+            dev.draft(0, [1, 5, 300, 7], 5, 2)
+
+
 def test_abort_and_busy(fw):
     with open_device(fw.url) as dev:
         g = dev.generate([1, 2, 3], 200)

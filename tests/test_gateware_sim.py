@@ -74,6 +74,48 @@ def test_identity_status_and_full(small_sim):
             dut.token(2)
 
 
+def test_rewind_continues_from_an_earlier_position(small_sim):
+    """ctrl.rewind sets the position back (speculative decoding's rejected drafts): the passes
+    after it equal golden's with its position set back, tokens, traces and cycles; a rewind past
+    the current position is ignored."""
+    import numpy as np
+    from bakedllama import numerics as nx
+    from bakedllama.golden import Golden, Trace
+
+    from gateware.testutil import _slots
+    model, sim = small_sim
+    cfg = model.cfg
+    gold = Golden(model)
+    st = gold.new_state(1)
+    # pos 0..7, back to 3, 3..9 with other tokens, back to 5, 5..6, then a rewind past pos
+    script = [("feed", [1, 5, 9, 2, 40, 41, 42, 43]), ("rewind", 3), ("feed", [7, 8, 30, 31, 12, 13, 3]),
+              ("rewind", 5), ("feed", [60, 61]), ("rewind", 100), ("feed", [2])]
+    with sim.run() as dut:
+        dut.reset()
+        for op, arg in script:
+            if op == "rewind":
+                dut.write("rewind_pos", arg)
+                dut.write("ctrl", 2)  # the rewind field (bit 1)
+                if arg <= st.pos:
+                    st.pos = arg
+                dut.read("model_id")  # a few cycles: the rewind is taken in IDLE after the pulse
+                assert (dut.read("status") >> 2) & 0xFFFF == st.pos
+                continue
+            for tok in arg:
+                pos = st.pos
+                tr = Trace()
+                want = int(nx.argmax(gold.forward(st, [tok], tr).acc)[0])
+                out, cyc = dut.token(tok)
+                assert out == want, f"position {pos}: device token {out}, golden {want}"
+                x, ref = dut.trace(), _slots(tr)
+                assert all(np.array_equal(x[i], ref[i]) for i in range(len(ref))), pos
+                geo = sim.plan.geo
+                assert cyc == expected_cycles(cfg, 64, pos, formats=compiler.matrix_formats(
+                    cfg, model.fmt["weights"]), vlanes=geo.vlanes, kv_par=geo.kv_par,
+                    dsp_pairs=geo.dsp_pairs), pos
+    assert st.pos == 8
+
+
 REAL = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=192, vocab_size=512,
                    seq_len=256, tied_embeddings=True)
 TRAINED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "model-q.bkl"

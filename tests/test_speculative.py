@@ -131,3 +131,33 @@ def test_a_target_with_another_vocabulary_or_tokenizer_is_refused(baked, tok, ta
         (other / "saved.json").replace(target_dir / "tokenizer.json")
     cfg_json = json.loads((target_dir / "config.json").read_text())
     assert cfg_json["vocab_size"] == baked.cfg.vocab_size
+
+
+def test_cli_target_on_golden(target_dir, target, tok, capsys):
+    from bakedllama.cli import main
+
+    t, _ = target
+    assert main(["generate", "Mr. Darcy", "--max-tokens", "12", "--device", "golden", "--target",
+                 str(target_dir), "--draft-tokens", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ids = tok.encode("Mr. Darcy", bos=True)
+    assert r["tokens"] == S.greedy_reference(t.r, ids, 12)
+    assert r["target_passes"] + r["accepted"] == 12 and r["draft_tokens"] == 3
+    assert r["draft_cycles"] > 0 and r["projected_speedup"] > 0
+    assert r["target_alone_seconds"] > 0 and r["draft_clock_hz"] > 0
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--draft-tokens", "2"], "needs --target"),
+    (["--target", "/nonexistent/dir"], "no such checkpoint directory"),
+    (["--target", "TARGET", "--temperature", "0.5"], "greedy only"),
+    (["--target", "TARGET", "--draft-tokens", "-1"], ">= 0"),
+    (["--target", "TARGET", "--top-k", "5"], "--top-k"),
+])
+def test_cli_target_bad_input_is_one_line(target_dir, capsys, argv, pattern):
+    from bakedllama.cli import main
+
+    argv = [str(target_dir) if a == "TARGET" else a for a in argv]
+    assert main(["generate", "It was", "--max-tokens", "4", "--device", "golden", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err

@@ -226,6 +226,12 @@ void hw_accel_reset(uint32_t seed)
 	out_valid = 0;
 }
 
+void hw_accel_rewind(uint32_t p)
+{
+	if (p <= pos)
+		pos = p;
+}
+
 void hw_accel_set_temperature(uint16_t v)
 {
 	inv_t = v;

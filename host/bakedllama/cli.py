@@ -62,6 +62,8 @@ def cmd_generate(args) -> int:
         raise UserError("--temperature must be >= 0")
     model, tok = _load(args.model, args.tokenizer)
     ids = prompt_ids(tok, args.prompt, model.cfg.seq_len, args.max_tokens)
+    if args.target or args.draft_tokens is not None:
+        return _generate_speculative(args, model, tok, ids)
     device = args.device or "sim"  # no --device: the Verilator SoC (built once, cached)
     stream = TextStream(tok, sys.stdout, not args.json)
     if not args.json:
@@ -99,6 +101,37 @@ def cmd_generate(args) -> int:
         print(json.dumps(result))
     else:
         print(f"\n[{n} tokens, {result['tokens_per_s']} tokens/s on {device}]", file=sys.stderr)
+    return 0
+
+
+def _generate_speculative(args, model, tok, ids) -> int:
+    from bakedllama import spec_cli
+    from bakedllama.device import DeviceError
+
+    if not args.target:
+        raise UserError("--draft-tokens needs --target DIR (the model that verifies the drafts)")
+    if args.top_k:
+        raise UserError("--top-k does not combine with --target (greedy speculative decoding)")
+    stream = TextStream(tok, sys.stdout, not args.json)
+    if not args.json:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    try:
+        r = spec_cli.run(args, model, tok, ids, stream, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ValueError, DeviceError) as e:
+        if stream.ids and not args.json:
+            print(file=sys.stdout)
+        raise UserError(str(e)) from None
+    r.update(prompt=args.prompt, prompt_tokens=ids, text=stream.text(), model_sha256=model.sha256,
+             target=str(args.target))
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"\n[{len(r['tokens'])} tokens, {r['tokens_per_s']} tokens/s; draft {r['device']}, "
+              f"K={r['draft_tokens']}: acceptance {r['acceptance_rate']}, "
+              f"{r['tokens_per_target_pass']} tokens per target pass"
+              + (f", projected speedup {r['projected_speedup']}x" if r.get("projected_speedup") else "")
+              + "]", file=sys.stderr)
     return 0
 
 
@@ -167,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--target", metavar="DIR", help="speculative decoding: this Hugging Face Llama "
+                   "directory (e.g. weights/target) verifies the device's drafts; greedy output is "
+                   "exactly the target's own")
+    g.add_argument("--draft-tokens", type=int, metavar="K", help="drafts per target pass with "
+                   "--target (default 4; 0 runs the target alone)")
     model_args(g)
     g.set_defaults(func=cmd_generate)
 

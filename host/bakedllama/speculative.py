@@ -37,6 +37,7 @@ class _Rewinding:
     def __init__(self):
         self.fed: list[int] = []
         self.passes = 0  # forward passes run (one per token fed)
+        self.positions: list[int] = []  # the position of every pass run
 
     def _resume(self, context: list[int]) -> int:
         """Rewind to the longest cached prefix of `context` that leaves its last token to feed
@@ -67,6 +68,7 @@ class GoldenDraft(_Rewinding):
         self.s.pos = pos
 
     def _feed(self, t: int):
+        self.positions.append(len(self.fed))
         self.fed.append(int(t))
         self.passes += 1
         return self.g.forward(self.s, [int(t)])
@@ -82,6 +84,36 @@ class GoldenDraft(_Rewinding):
             if i + 1 < k:
                 logits = self._feed(out[-1])
         return out
+
+
+class DeviceDraft(_Rewinding):
+    """The chip (a board or the Verilator SoC) as the draft, through the DRAFT request: one
+    request per round rewinds it, feeds the new context tokens and drafts k tokens."""
+
+    name = "device"
+
+    def __init__(self, dev, cfg):
+        super().__init__()
+        self.dev, self.cfg = dev, cfg
+        self.cycles = 0  # hardware counter over every draft pass
+        self.wall_cycles = 0  # firmware timer over every DRAFT request
+        self.requests = 0
+        dev.reset()  # position 0: nothing cached
+
+    def _set_pos(self, pos: int) -> None:
+        pass  # the DRAFT request carries the position
+
+    def draft(self, context: list[int], k: int) -> list[int]:
+        n = self._resume(context)
+        feed = [int(t) for t in context[n:]]
+        r = self.dev.draft(n, feed, k, self.cfg.vocab_size)
+        self.positions += list(range(n, n + len(feed) + k - 1))
+        self.fed += feed + r.tokens[:-1]
+        self.passes += len(feed) + k - 1
+        self.cycles += r.cycles
+        self.wall_cycles += r.wall_cycles
+        self.requests += 1
+        return r.tokens
 
 
 class RunnerTarget(_Rewinding):
@@ -189,7 +221,11 @@ def open_target(path, bits: str = "8", cache_dir=None, log=None):
 
     ck = open_checkpoint(str(path), show_progress=False)
     qm = quant.quantized(ck, bits, "fast", cache_dir or CACHE_DIR, show_progress=False, log=log)
-    return RunnerTarget(Runner(qm, plan(qm.cfg, qm.fmt, None), streaming=False)), ck
+    r = Runner(qm, plan(qm.cfg, qm.fmt, None), streaming=False)
+    s = r.new_state()  # warm up (kernel compilation, unpacked weights) before anything is timed
+    r.forward(s, 0)
+    r.forward_many(s, [0, 0])
+    return RunnerTarget(r), ck
 
 
 def check_shared_vocab(model, ck, tok) -> None:

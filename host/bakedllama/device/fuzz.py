@@ -146,7 +146,7 @@ def run_fuzz(dev: Device, info: P.Info, reference, prompts, rounds: int = 200, s
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_OUT_OF_RANGE)
         elif kind == "unknown_type":
-            t = rng.choice([0x00, 0x08, 0x44, 0x81, 0x84, 0xFE, 0xFF, rng.randint(0x09, 0x7F)])
+            t = rng.choice([0x00, 0x09, 0x44, 0x81, 0x84, 0xFE, 0xFF, rng.randint(0x0A, 0x7F)])
             f = _frame_raw(t, seq, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 10))))
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_UNKNOWN_TYPE)

@@ -28,12 +28,12 @@ DEFAULT_BAUDRATE = 3_000_000
 BITS_PER_BYTE = 10  # 8N1
 
 # Request types (host -> device); the reply is type | REPLY.
-INFO, RESET, PROMPT, GENERATE, STATS, ABORT, ECHO = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
+INFO, RESET, PROMPT, GENERATE, STATS, ABORT, ECHO, DRAFT = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08
 REPLY = 0x80
 STEP = 0x44
 ERROR = 0xFF
 REQUEST_NAMES = {INFO: "INFO", RESET: "RESET", PROMPT: "PROMPT", GENERATE: "GENERATE",
-                 STATS: "STATS", ABORT: "ABORT", ECHO: "ECHO"}
+                 STATS: "STATS", ABORT: "ABORT", ECHO: "ECHO", DRAFT: "DRAFT"}
 
 # Error codes.
 E_BAD_CRC, E_BAD_FRAME, E_TOO_LONG, E_BAD_VERSION, E_UNKNOWN_TYPE = 1, 2, 3, 4, 5
@@ -55,6 +55,7 @@ DONE_FMT = struct.Struct("<HHBB3Q")  # 30 bytes
 STEP_FMT = struct.Struct("<HHHBBI")  # 12 bytes
 ERROR_FMT = struct.Struct("<BBH")
 GENERATE_FMT = struct.Struct("<HHI")
+DRAFT_HEAD_FMT = struct.Struct("<HHII")  # DRAFT reply: pos after, drafts, cycles, wall cycles
 
 
 class ProtocolError(ValueError):
@@ -298,6 +299,38 @@ class ErrorReply:
     def __str__(self) -> str:
         req = REQUEST_NAMES.get(self.request, f"type 0x{self.request:02x}")
         return f"{self.name} for {req} (detail {self.detail})"
+
+
+@dataclass
+class DraftReply:
+    pos: int  # the accelerator's position after the draft (pos + context tokens + k - 1)
+    tokens: list  # the drafted tokens (fewer than asked only if aborted)
+    cycles: int  # hardware counter, summed over the passes
+    wall_cycles: int  # firmware timer from the request to the reply
+
+    @classmethod
+    def parse(cls, p: bytes, asked: int, vocab_size: int) -> "DraftReply":
+        if len(p) < DRAFT_HEAD_FMT.size:
+            raise ProtocolError(f"DRAFT reply of {len(p)} bytes, expected at least {DRAFT_HEAD_FMT.size}")
+        pos, k, cycles, wall = DRAFT_HEAD_FMT.unpack_from(p)
+        if k > asked or len(p) != DRAFT_HEAD_FMT.size + 2 * k:
+            raise ProtocolError(f"DRAFT reply of {len(p)} bytes says {k} tokens ({asked} asked)")
+        toks = list(struct.unpack_from(f"<{k}H", p, DRAFT_HEAD_FMT.size))
+        if any(t >= vocab_size for t in toks):
+            raise ProtocolError(f"DRAFT reply has token {max(toks)} outside the vocabulary of "
+                                f"{vocab_size}")
+        return cls(pos, toks, cycles, wall)
+
+
+def draft_payload(pos: int, k: int, tokens) -> bytes:
+    tokens = list(tokens)
+    if not tokens:
+        raise ProtocolError("DRAFT needs at least one context token")
+    if not (0 <= pos <= 0xFFFF and 1 <= k <= 0xFFFF) or any(not 0 <= t <= 0xFFFF for t in tokens):
+        raise ProtocolError("DRAFT position, count and tokens must fit in 16 bits")
+    if 4 + 2 * len(tokens) > MAX_PAYLOAD:
+        raise ProtocolError(f"DRAFT of {len(tokens)} context tokens does not fit one frame")
+    return struct.pack(f"<HH{len(tokens)}H", pos, k, *tokens)
 
 
 def prompt_payload(offset: int, tokens) -> bytes:

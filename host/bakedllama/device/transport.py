@@ -202,6 +202,22 @@ class Device:
         except _Timeout:
             return False
 
+    def draft(self, pos: int, tokens, k: int, vocab_size: int) -> P.DraftReply:
+        """Speculative decoding's draft (PROTOCOL.md, DRAFT): rewind the accelerator to `pos`,
+        feed `tokens`, draft k greedy tokens. Idempotent (a retry rewinds to `pos` again)."""
+        tokens = [int(t) for t in tokens]
+        payload = P.draft_payload(pos, k, tokens)
+        passes = len(tokens) + k - 1
+        f = self.request(P.DRAFT, payload, timeout=self.timeout + passes * self.step_timeout)
+        try:
+            r = P.DraftReply.parse(f.payload, k, vocab_size)
+        except P.ProtocolError as e:
+            raise DeviceError(f"{self.url}: {e}") from None
+        if len(r.tokens) != k or r.pos != pos + passes:
+            raise DeviceError(f"{self.url}: DRAFT reply has {len(r.tokens)} of {k} tokens at "
+                              f"position {r.pos}, expected {pos + passes}")
+        return r
+
     def set_prompt(self, ids) -> None:
         ids = [int(t) for t in ids]
         offset = 0
