@@ -108,6 +108,35 @@ def test_64_tokens_and_noise(sim, model):
     assert rep.errors_answered == rep.errors_expected
 
 
+def test_speculative_drafts_on_the_chip_match_golden(sim, model, tmp_path):
+    """DRAFT on the real accelerator (rewinds included) drafts exactly what the golden draft does,
+    and the speculative loop's output is the target's own greedy output. The target here is the
+    tiny model's float checkpoint at 8 bits (close to the 4-bit draft, so drafts are both
+    accepted and rejected)."""
+    from bakedllama import speculative as S
+    from bakedllama.model import load_float
+
+    from weights import hf_export
+
+    m, tok, _ = model
+    cfg, tensors, _ = load_float()
+    hf_export.write_hf(tmp_path / "target", cfg, tensors, tok, {})
+    target, _ = S.open_target(tmp_path / "target", cache_dir=tmp_path / "cache")
+    rejected = 0
+    with sim.open() as dev:
+        for prompt, k in (("It was", 4), ("Elizabeth", 2)):
+            ids = tok.encode(prompt)
+            ref = S.greedy_reference(target.r, ids, 10)
+            d, g = S.DeviceDraft(dev, m.cfg), S.GoldenDraft(m)
+            r = S.speculate(d, S.RunnerTarget(target.r), ids, 10, k)
+            rg = S.speculate(g, S.RunnerTarget(target.r), ids, 10, k)
+            assert r.tokens == ref == rg.tokens
+            assert r.per_round == rg.per_round and d.positions == g.positions  # same drafts, same rewinds
+            rejected += r.drafted - r.accepted
+            assert d.requests > 0 and d.cycles > 0 and d.passes == len(d.positions)
+    assert rejected > 0  # the device was rewound past rejected drafts
+
+
 def test_refuses_other_model(sim, model, tmp_path):
     from bakedllama.synthetic import random_baked
 
