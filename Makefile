@@ -6,7 +6,7 @@ BOARD   ?= ulx3s
 PROMPT  ?= It was
 SIM_PORT ?= 4321
 
-.PHONY: help setup demo test test-all weights build load sim report bench lint clean
+.PHONY: help setup demo test test-all weights target build load sim report bench lint clean
 
 help:       ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,6 +27,10 @@ weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evalua
 	@EXTRAS=dev,train bash scripts/setup.sh
 	$(PY) -m weights.train --out weights/tiny $(if $(CORPUS),--corpus $(CORPUS))
 	$(PY) -m weights.quantize --dir weights/tiny --compare $(if $(CORPUS),--corpus $(CORPUS))
+
+target:     ## train the speculative-decoding target (8.3x the baked model; hours of CPU, resumable)
+	@EXTRAS=dev,train bash scripts/setup.sh
+	$(PY) -m weights.train --preset target --threads $(or $(THREADS),2) --resume --eval-every 100
 
 build:      ## bitstream for BOARD (ulx3s) with yosys/nextpnr/ecppack from PyPI; prints utilisation, Fmax
 	$(PY) -m soc.$(BOARD) --build $(if $(MODEL),--model $(MODEL))

@@ -143,6 +143,12 @@ def encode_corpus(tok: Tokenizer, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
+def _state_args(args) -> dict:
+    """The settings a resumed run must share with the run that wrote the state."""
+    return dict(preset=args.preset, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                corpus=args.corpus, tokenizer=args.tokenizer, threads=args.threads)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", help="UTF-8 text file (default: Jane Austen's novels)")
@@ -157,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--resume", action="store_true", help="save the training state at every "
+                    "evaluation (<out>/train-state.pt) and continue from it if present")
     args = ap.parse_args(argv)
     cfg, defaults = PRESETS[args.preset]
     for k, v in defaults.items():
@@ -227,7 +235,21 @@ def main(argv=None) -> int:
 
     log = []
     t0 = time.time()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    start = 0
+    state_path = Path(args.out) / "train-state.pt"  # resumable: written at every evaluation
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        if st["args"] != _state_args(args):
+            print(f"error: {state_path} was written with other settings ({st['args']})", file=sys.stderr)
+            return 2
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        start, log = st["step"], st["log"]
+        t0 -= log[-1]["seconds"] if log else 0.0
+        print(f"resuming at step {start} from {state_path}")
+    bar = tqdm(range(start, args.steps), desc="train", unit="step", initial=start, total=args.steps)
     for step in bar:
         ix = rng.integers(0, len(train) - T - 1, args.batch)
         x = torch.from_numpy(np.stack([train[i:i + T] for i in ix]).astype(np.int64))
@@ -247,6 +269,13 @@ def main(argv=None) -> int:
                             seconds=time.time() - t0, tokens=(step + 1) * args.batch * T))
             tqdm.write(f"step {step + 1}: train {loss.item():.4f} val {vl:.4f} "
                        f"({log[-1]['tokens'] / log[-1]['seconds']:,.0f} tok/s)")
+            if args.resume:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                tmp = state_path.with_suffix(".tmp")
+                torch.save(dict(args=_state_args(args), model=model.state_dict(), opt=opt.state_dict(),
+                                rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                                step=step + 1, log=log), tmp)
+                tmp.replace(state_path)
 
     tensors = state_to_numpy(model, cfg)
     meta = dict(config=cfg.to_dict(), tokenizer_sha256=tok.sha256, val_loss=log[-1]["val_loss"],
