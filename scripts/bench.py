@@ -3,7 +3,8 @@
   1. golden model tokens/s (host numpy reference; no bound, for scale)
   2. 8B integer kernel: packed GEMV read rate vs this machine's measured read bandwidth (goal 1.5x)
   3. the Verilator SoC: a 16-token prompt + 128 generated, tokens/s of chip time
-  4. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
+  4. speculative decoding: acceptance and projected speedup over the target alone, K = 1..8
+  5. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
 """
 
 from __future__ import annotations
@@ -80,6 +81,85 @@ def bench_soc(prompt_len: int = 16, gen: int = 128) -> None:
               f"(goal 17,000: ratio {tps / 17000:.2f})")
 
 
+def bench_speculative(ks=range(1, 9), n_tokens: int = 32) -> None:
+    """Speculative decoding sweep: the baked model drafts on golden (its cycles priced at the
+    board's engine by the cycle model), the target verifies on the host's integer runner.
+    Acceptance, tokens per target pass and the projected speedup over the target alone per K;
+    plot in build/bench/speculative.png."""
+    import tempfile
+
+    from bakedllama import spec_cli
+    from bakedllama import speculative as S
+    from bakedllama.model import load_baked, load_float
+    from bakedllama.tokenizer import Tokenizer
+
+    from weights import hf_export
+
+    m = load_baked()
+    tok = Tokenizer.load(REPO / "weights" / "tiny" / "tokenizer.json")
+    tdir, label = REPO / "weights" / "target", "weights/target"
+    tmp = None
+    if hf_export.verify(tdir):
+        # no trained target yet (make target): the tiny model's own float weights at 8 bits stand
+        # in, so the loop and its figures run; they are not the target's figures
+        tmp = tempfile.TemporaryDirectory()
+        cfg, tensors, _ = load_float()
+        hf_export.write_hf(tmp.name, cfg, tensors, tok, {})
+        tdir, label = Path(tmp.name), "STAND-IN (tiny float model at w8; weights/target not trained)"
+    target, _ = S.open_target(tdir)
+    prompts = ["It was", "Mr. Darcy", "She could not", "Elizabeth", "The next morning", "Emma",
+               "\"My dear", "Lady Catherine", "In the evening", "Her sister"]
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    alone_s = 0.0
+    for x in ids:
+        t = S.RunnerTarget(target.r)
+        S.speculate(None, t, x, n_tokens, 0)
+        alone_s += t.seconds
+    clock = spec_cli.board_engine()["sys_clk_freq"]
+    print(f"speculative decoding (target {label}; draft: the baked model, cycles at the board's "
+          f"engine, {clock / 1e6:.0f} MHz): {len(ids)} prompts x {n_tokens} tokens; target alone "
+          f"{alone_s / (len(ids) * n_tokens) * 1e3:.2f} ms/token on this host")
+    rows = []
+    for k in ks:
+        acc = drafted = rounds = cycles = 0
+        tsec = 0.0
+        for x in ids:
+            d, t = S.GoldenDraft(m), S.RunnerTarget(target.r)
+            r = S.speculate(d, t, x, n_tokens, k)
+            acc, drafted, rounds = acc + r.accepted, drafted + r.drafted, rounds + r.rounds
+            tsec += t.seconds
+            cycles += spec_cli.golden_draft_cycles(m.cfg, d.positions)
+        spec_s = cycles / clock + tsec
+        rows.append((k, acc / drafted, acc / rounds, len(ids) * n_tokens / rounds, alone_s / spec_s))
+        print(f"  K={k}: acceptance {acc / drafted:.3f}, {acc / rounds:.2f} accepted per target pass, "
+              f"{rounds / (len(ids) * n_tokens):.3f} target passes per token; draft "
+              f"{cycles / clock * 1e3:.1f} ms at the board, target {tsec:.2f} s; projected speedup "
+              f"over the target alone {alone_s / spec_s:.2f}x")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r[0] for r in rows], [r[4] for r in rows], "o-", label="projected speedup")
+        ax.plot([r[0] for r in rows], [r[3] for r in rows], "s--", label="tokens per target pass")
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], "^:", label="acceptance rate")
+        ax.set_xlabel("draft tokens K")
+        ax.set_title(f"speculative decoding, target: {label[:40]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out = REPO / "build" / "bench" / "speculative.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+        print(f"  plot: {out.relative_to(REPO)}")
+    except Exception as e:  # the figures above are the result; the plot is a convenience
+        print(f"  (no plot: {e})")
+    if tmp is not None:
+        tmp.cleanup()
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -90,6 +170,7 @@ def main() -> None:
     bench_golden()
     bench_kernel()
     bench_soc()
+    bench_speculative()
     from gateware import bench as gw_bench
 
     gw_bench.main([])
