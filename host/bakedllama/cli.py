@@ -1,4 +1,4 @@
-"""The `bakedllama` command line: generate, info, run8b."""
+"""The `bakedllama` command line: generate, info, serve, run8b."""
 
 from __future__ import annotations
 
@@ -183,6 +183,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from bakedllama.device import DeviceError
+    from bakedllama.serve import run
+
+    if args.max_queue < 1:
+        raise UserError("--max-queue must be at least 1")
+    model, tok = _load(args.model, args.tokenizer)
+    try:
+        return run(model, tok, model_path=args.model, device=args.device or "sim", host=args.host,
+                   port=args.port, max_queue=args.max_queue)
+    except DeviceError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bakedllama", description="A hardwired tiny Llama.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -214,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     model_args(i)
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible completions server and playground page")
+    s.add_argument("--device", help="sim (default: the Verilator SoC) | golden | "
+                   "socket://127.0.0.1:PORT | /dev/ttyUSB0")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    s.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for the device; more get 503 (default 16)")
+    model_args(s)
+    s.set_defaults(func=cmd_serve)
 
     from bakedllama.llama8b import cli as run8b_cli
 

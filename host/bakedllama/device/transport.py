@@ -37,7 +37,9 @@ class Generation:
     t_start: float = 0.0
     t_first: float | None = None
     t_end: float | None = None
+    aborted: bool | None = None  # after an early stop: the ABORT reply said a generation was running
     _it: object = None
+    _cancel: bool = False
 
     def __iter__(self):
         return self._it
@@ -49,6 +51,11 @@ class Generation:
         """Stop early: the device aborts the generation."""
         if self._it is not None:
             self._it.close()
+
+    def cancel(self) -> None:
+        """Stop early from any thread: the iteration ends at the next frame from the device (within
+        one forward pass, prompt passes included) and the device aborts the generation."""
+        self._cancel = True
 
     @property
     def wall_s(self) -> float | None:
@@ -251,6 +258,8 @@ class Device:
         g.t_start = time.monotonic()
         try:
             for attempt in range(self.retries + 1):
+                if g._cancel:
+                    return
                 g.retries = attempt
                 seq = self._next_seq()
                 self._send(P.GENERATE, seq, payload)
@@ -261,6 +270,8 @@ class Device:
                         f = self._wait(seq, time.monotonic() + self.step_timeout,
                                        f"GENERATE: nothing within {self.step_timeout:g} s "
                                        f"after {len(g.steps)} forward passes")
+                        if g._cancel:
+                            return
                         if f.type == P.STEP:
                             s = P.Step.parse(f.payload)
                             if s.pos != len(g.steps):  # a STEP frame was lost on the way
@@ -319,7 +330,7 @@ class Device:
         finally:
             if not finished:
                 try:
-                    self.abort()
+                    g.aborted = self.abort()
                 except DeviceError:
                     pass  # the first error (or the consumer's exit) is what the user sees
 
