@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev}
 
-APT_PKGS="verilator gcc-riscv64-unknown-elf libevent-dev libjson-c-dev zlib1g-dev openfpgaloader r-cran-janeaustenr"
+# chromium + chromium-driver: the playground page's headless-browser test (tests/test_serve_page.py)
+APT_PKGS="verilator gcc-riscv64-unknown-elf libevent-dev libjson-c-dev zlib1g-dev openfpgaloader r-cran-janeaustenr chromium chromium-driver"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -131,7 +131,7 @@ class Server:
             raise APIError(400, f"This model's maximum context length is {c.seq_len} tokens, however "
                            f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; "
                            f"{max_tokens} for the completion). Please reduce your prompt or "
-                           f"max_tokens.", "max_tokens" if "max_tokens" in body else "prompt",
+                           f"max_tokens.", "prompt" if len(ids) >= c.seq_len else "max_tokens",
                            "context_length_exceeded")
         return Completion(ids, prompt_text, max_tokens, temperature, seed, top_k, stops, stream,
                           include_usage, echo)

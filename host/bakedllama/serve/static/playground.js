@@ -21,11 +21,10 @@ async function refreshHealth() {
     modelId = h.model;
     sysClk = h.sys_clk_freq;
     const clock = h.sys_clk_freq ? `, ${(h.sys_clk_freq / 1e6).toFixed(0)} MHz` : "";
-    $("device").textContent = h.status === "ok"
-      ? `${h.model} (${h.identity}) on ${h.board}${clock} \u00b7 ${h.device}`
-      : `device down: ${h.error}`;
+    const where = h.device === "golden" ? h.board : `${h.board}${clock} \u00b7 ${h.device}`;
+    $("device").textContent = h.status === "ok" ? `${h.model} (${h.identity}) on ${where}` : `device down: ${h.error}`;
     $("device").className = "device" + (h.status === "ok" ? "" : " down");
-    $("s-queue").textContent = `${h.queue + (h.running ? 1 : 0)} / ${h.max_queue + 1}`;
+    $("s-queue").textContent = `${h.queue} / ${h.max_queue}`;
   } catch (e) {
     $("device").textContent = "server unreachable";
     $("device").className = "device down";
