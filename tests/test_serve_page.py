@@ -1,11 +1,8 @@
 """The playground page in a real headless browser (Debian's chromium): the streamed text is the golden
 model's, the page loads nothing from elsewhere, Stop aborts the generation on the server, errors show
-as one line. BAKEDLLAMA_SCREENSHOT=path.png keeps a screenshot."""
+as one line. (The page on the Verilator SoC, with the chip's cycles: tests/test_serve_soc.py.)"""
 
 from __future__ import annotations
-
-import os
-import shutil
 
 import pytest
 from bakedllama.golden import Golden, generate
@@ -55,8 +52,6 @@ def test_page_streams_the_golden_text(server, page, golden_text, tmp_path):
     shot = tmp_path / "page.png"
     page.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("BAKEDLLAMA_SCREENSHOT"):
-        shutil.copy(shot, os.environ["BAKEDLLAMA_SCREENSHOT"])
 
 
 def test_page_sampled_with_seed(server, page, golden_text):
