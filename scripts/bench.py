@@ -5,6 +5,8 @@
   3. the Verilator SoC: a 16-token prompt + 128 generated, tokens/s of chip time
   4. speculative decoding: acceptance and projected speedup over the target alone, K = 1..8
   5. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
+  6. bakedllama serve under load: concurrent streaming clients (some leaving midway) on the golden
+     model and on the Verilator SoC: latency p50/p99, aggregate tokens/s vs the device alone
 """
 
 from __future__ import annotations
@@ -160,6 +162,55 @@ def bench_speculative(ks=range(1, 9), n_tokens: int = 32) -> None:
         tmp.cleanup()
 
 
+def bench_serve(clients: int = 32, max_tokens: int = 16, soc_clients: int = 12, soc_tokens: int = 8) -> None:
+    """`bakedllama serve` under the issue's load: every client at once, every 4th leaving after 3
+    tokens; the device alone is the same requests one after the other without the server."""
+    from bakedllama.device import check_model
+    from bakedllama.device.sim import build_sim, launch
+    from bakedllama.golden import Golden, generate
+    from bakedllama.model import DEFAULT_TOKENIZER, load_baked
+    from bakedllama.serve.loadtest import alone_rate, run_load
+    from bakedllama.serve.process import ServeProcess
+    from bakedllama.tokenizer import Tokenizer
+
+    m = load_baked()
+    tok = Tokenizer.load(DEFAULT_TOKENIZER, m.meta["tokenizer_sha256"])
+    g = Golden(m)
+
+    def ref(prompt, temperature, seed, n):
+        return list(generate(g, tok.encode(prompt), n, temperature, seed))
+
+    alone = alone_rate(ref, clients, max_tokens)
+    with ServeProcess(["--device", "golden", "--max-queue", "20"]) as s:
+        rep = run_load(s.url, "bakedllama-tiny", ref, clients=clients, max_tokens=max_tokens,
+                       device_tokens_per_s=alone, decode=tok.decode)
+    print(f"serve (golden, queue 20, {max_tokens} tokens each): {rep.format()}")
+
+    h = launch(build_sim("real"), boot_timeout=300)
+    try:
+        with h.open() as dev:
+            check_model(dev.info(), m, h.url)
+            chip = []
+
+            def on_soc(prompt, temperature, seed, n):
+                gen = dev.generate(tok.encode(prompt), n, temperature, seed)
+                out = list(gen)
+                chip.append((len(out), gen.done.prefill_cycles + gen.done.decode_cycles))
+                return out
+
+            alone = alone_rate(on_soc, soc_clients, soc_tokens)
+            clk = dev.info().sys_clk_freq
+        with ServeProcess(["--device", h.url, "--max-queue", "8"], timeout=300) as s:
+            rep = run_load(s.url, "bakedllama-tiny", ref, clients=soc_clients, max_tokens=soc_tokens,
+                           device_tokens_per_s=alone, decode=tok.decode)
+        n, cyc = sum(c[0] for c in chip), sum(c[1] for c in chip)
+        print(f"serve (Verilator SoC, queue 8, {soc_tokens} tokens each): {rep.format()}; the chip alone: "
+              f"{n * clk / cyc:,.0f} generated tokens/s of chip time at {clk / 1e6:.0f} MHz "
+              f"(hardware counter, the same requests)")
+    finally:
+        h.stop()
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -174,6 +225,7 @@ def main() -> None:
     from gateware import bench as gw_bench
 
     gw_bench.main([])
+    bench_serve()
 
 
 if __name__ == "__main__":

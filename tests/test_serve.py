@@ -80,7 +80,7 @@ class Holder:
     """A long streaming request that keeps the device busy until release() (a disconnect)."""
 
     def __init__(self, server, user="holder", max_tokens=200):
-        self.sock = socket.create_connection(_addr(server))
+        self.sock = socket.create_connection(_addr(server), timeout=60)  # bounded reads
         body = json.dumps(dict(model=MODEL_ID, prompt="It was", max_tokens=max_tokens, temperature=0,
                                stream=True, user=user)).encode()
         self.sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -337,7 +337,7 @@ def test_disconnect_while_queued_and_non_streaming(server):
     m0 = server.metrics()
     h = Holder(server)
     body = json.dumps(dict(model=MODEL_ID, prompt="It was", max_tokens=200)).encode()
-    s = socket.create_connection(_addr(server))
+    s = socket.create_connection(_addr(server), timeout=60)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     server.wait_for(lambda m: m["bakedllama_queue_depth"] == 1, 20, "one queued")
     s.close()  # leaves the queue before it ever reaches the device

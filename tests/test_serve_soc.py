@@ -77,7 +77,7 @@ def _addr(server):
 
 def stream_raw(server, **body):
     """A streaming request on a raw socket (the test decides when to hang up)."""
-    s = socket.create_connection(_addr(server))
+    s = socket.create_connection(_addr(server), timeout=60)  # bounded reads
     data = json.dumps(dict(model=MODEL_ID, stream=True, **body)).encode()
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
     return s
@@ -90,6 +90,24 @@ def read_until(s, marker: bytes, limit: int = 1 << 20) -> bytes:
         assert part and len(buf) < limit, buf[-500:]
         buf += part
     return buf
+
+
+def test_generation_cancel_from_another_thread(sim, ref):
+    """device/transport.py's Generation.cancel(): from another thread, during the prompt passes; the
+    device aborts (its ABORT reply and STATS say so) and the next generation is exact. Runs before
+    the server below takes the simulator's one connection."""
+    import threading
+
+    ids = ref.tok.encode("It was") + [ref.tok.encode(" the")[-1]] * 146  # ~15 s of prompt passes
+    with sim.h.open() as dev:
+        g = dev.generate(ids, 50)
+        threading.Timer(0.5, g.cancel).start()
+        t0 = time.monotonic()
+        assert list(g) == [] and g.aborted is True
+        assert time.monotonic() - t0 < 5 and 0 < len(g.steps) < 60, len(g.steps)
+        assert dev.stats().generated == 0
+        g = dev.generate(ref.tok.encode("It was"), 6)
+        assert list(g) == ref("It was", 6) and g.aborted is None  # ran to the end: no ABORT
 
 
 def test_completions_match_golden_on_the_soc(server, ref):
@@ -113,6 +131,9 @@ def test_completions_match_golden_on_the_soc(server, ref):
             cycles.append(chunk.model_extra["bakedllama"]["cycles"])  # the pass's hardware counter
     assert ids == want and text == ref.tok.decode(want)
     assert len(cycles) == 12 and all(5000 < x < 20000 for x in cycles), cycles
+    with pytest.raises(openai.BadRequestError) as e:  # the hardware sampler has no top-k
+        c.completions.create(model=MODEL_ID, prompt="It was", max_tokens=4, extra_body={"top_k": 5})
+    assert e.value.code == "unsupported_parameter"
 
 
 def test_disconnect_aborts_on_the_device(server, ref):

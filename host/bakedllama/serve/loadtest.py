@@ -96,6 +96,16 @@ def plan(clients: int, max_tokens: int, disconnect_every: int = 4, disconnect_af
     return out
 
 
+def alone_rate(generate_fn, clients: int, max_tokens: int, n: int = 4) -> float:
+    """The device's own rate for this workload: the first n requests of the plan that run to the
+    end, one after the other without the server; generate_fn(prompt, temperature, seed, max_tokens)
+    -> token ids. Returns generated tokens per second (prompt passes included, as under load)."""
+    todo = [r for r in plan(clients, max_tokens) if r.disconnect_after is None][:n]
+    t = time.monotonic()
+    tokens = sum(len(generate_fn(r.prompt, r.temperature, r.seed, r.max_tokens)) for r in todo)
+    return tokens / (time.monotonic() - t)
+
+
 def run_load(base_url: str, model_id: str, reference, clients: int = 32, max_tokens: int = 16,
              disconnect_every: int = 4, disconnect_after: int = 3, timeout: float = 300.0,
              device_tokens_per_s: float | None = None, decode=None) -> LoadReport:
