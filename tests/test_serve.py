@@ -14,7 +14,7 @@ import openai
 import pytest
 from bakedllama.golden import Golden, generate
 from bakedllama.model import DEFAULT_BAKED, DEFAULT_TOKENIZER, load_baked
-from bakedllama.serve.loadtest import run_load
+from bakedllama.serve.loadtest import alone_rate, run_load
 from bakedllama.serve.process import ServeProcess, outcome, parse_metrics
 from bakedllama.serve.text import TextAssembler
 from bakedllama.tokenizer import Tokenizer
@@ -378,8 +378,10 @@ def test_load_32_streaming_clients(load_server, ref):
     """The issue's load test: 32 clients at once, every 4th leaving after 3 tokens; a queue of 20."""
     server = load_server
     m0 = server.metrics()
-    rep = run_load(server.url, MODEL_ID, lambda p, t, s, n: ref(p, n, t, s), clients=32, max_tokens=12,
-                   disconnect_every=4, disconnect_after=3, timeout=120, decode=ref.tok.decode)
+    golden = lambda p, t, s, n: ref(p, n, t, s)  # noqa: E731
+    alone = alone_rate(golden, 32, 12)  # the golden model alone, the same requests one by one (printed)
+    rep = run_load(server.url, MODEL_ID, golden, clients=32, max_tokens=12, disconnect_every=4,
+                   disconnect_after=3, timeout=120, decode=ref.tok.decode, device_tokens_per_s=alone)
     s = rep.summary()
     print("\nload test (golden):", rep.format())
     print(json.dumps(s))

@@ -96,7 +96,7 @@ def plan(clients: int, max_tokens: int, disconnect_every: int = 4, disconnect_af
     return out
 
 
-def alone_rate(generate_fn, clients: int, max_tokens: int, n: int = 4) -> float:
+def alone_rate(generate_fn, clients: int, max_tokens: int, n: int = 8) -> float:
     """The device's own rate for this workload: the first n requests of the plan that run to the
     end, one after the other without the server; generate_fn(prompt, temperature, seed, max_tokens)
     -> token ids. Returns generated tokens per second (prompt passes included, as under load)."""
