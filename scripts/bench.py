@@ -180,29 +180,32 @@ def bench_serve(clients: int = 32, max_tokens: int = 16, soc_clients: int = 12, 
     def ref(prompt, temperature, seed, n):
         return list(generate(g, tok.encode(prompt), n, temperature, seed))
 
-    alone = alone_rate(ref, clients, max_tokens)
     with ServeProcess(["--device", "golden", "--max-queue", "20"]) as s:
         rep = run_load(s.url, "bakedllama-tiny", ref, clients=clients, max_tokens=max_tokens,
-                       device_tokens_per_s=alone, decode=tok.decode)
+                       alone=lambda: alone_rate(ref, clients, max_tokens), decode=tok.decode)
     print(f"serve (golden, queue 20, {max_tokens} tokens each): {rep.format()}")
 
     h = launch(build_sim("real"), boot_timeout=300)
     try:
-        with h.open() as dev:
-            check_model(dev.info(), m, h.url)
-            chip = []
+        chip = []
 
-            def on_soc(prompt, temperature, seed, n):
-                gen = dev.generate(tok.encode(prompt), n, temperature, seed)
-                out = list(gen)
-                chip.append((len(out), gen.done.prefill_cycles + gen.done.decode_cycles))
-                return out
+        def soc_alone():  # the same requests straight to the simulated SoC (its one link: no server)
+            with h.open() as dev:
+                check_model(dev.info(), m, h.url)
 
-            alone = alone_rate(on_soc, soc_clients, soc_tokens)
-            clk = dev.info().sys_clk_freq
+                def on_soc(prompt, temperature, seed, n):
+                    gen = dev.generate(tok.encode(prompt), n, temperature, seed)
+                    out = list(gen)
+                    chip.append((len(out), gen.done.prefill_cycles + gen.done.decode_cycles))
+                    return out
+
+                return alone_rate(on_soc, soc_clients, soc_tokens), dev.info().sys_clk_freq
+
+        before, clk = soc_alone()
         with ServeProcess(["--device", h.url, "--max-queue", "8"], timeout=300) as s:
             rep = run_load(s.url, "bakedllama-tiny", ref, clients=soc_clients, max_tokens=soc_tokens,
-                           device_tokens_per_s=alone, decode=tok.decode)
+                           decode=tok.decode)
+        rep.alone = (before, soc_alone()[0])
         n, cyc = sum(c[0] for c in chip), sum(c[1] for c in chip)
         print(f"serve (Verilator SoC, queue 8, {soc_tokens} tokens each): {rep.format()}; the chip alone: "
               f"{n * clk / cyc:,.0f} generated tokens/s of chip time at {clk / 1e6:.0f} MHz "

@@ -379,9 +379,9 @@ def test_load_32_streaming_clients(load_server, ref):
     server = load_server
     m0 = server.metrics()
     golden = lambda p, t, s, n: ref(p, n, t, s)  # noqa: E731
-    alone = alone_rate(golden, 32, 12)  # the golden model alone, the same requests one by one (printed)
     rep = run_load(server.url, MODEL_ID, golden, clients=32, max_tokens=12, disconnect_every=4,
-                   disconnect_after=3, timeout=120, decode=ref.tok.decode, device_tokens_per_s=alone)
+                   disconnect_after=3, timeout=120, decode=ref.tok.decode,
+                   alone=lambda: alone_rate(golden, 32, 12))  # the golden model alone (printed)
     s = rep.summary()
     print("\nload test (golden):", rep.format())
     print(json.dumps(s))

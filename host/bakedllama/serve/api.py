@@ -31,6 +31,7 @@ SEED_MAX = 0xFFFFFFFF  # the hardware sampler's seed is 32 bits
 # the page and its assets come from this server only; nothing from elsewhere may load
 CSP = "default-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
 
+DISCONNECTED = "client disconnected"
 KNOWN_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop", "stream",
                 "stream_options", "n", "echo", "logprobs", "best_of", "presence_penalty",
                 "frequency_penalty", "logit_bias", "top_p", "user", "suffix"}
@@ -313,11 +314,11 @@ def build_app(server: Server, on_ready=None) -> Starlette:
         head = req.prompt_text if req.echo else ""
         if req.stream:
             return _JobStream(_stream(server, req, job, created, head),
-                              lambda: sched.cancel(job, "client disconnected"),
+                              lambda: sched.cancel(job, DISCONNECTED),
                               media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watch = asyncio.create_task(_wait_disconnect(request))
-        watch.add_done_callback(lambda t: t.cancelled() or sched.cancel(job, "client disconnected"))
+        watch.add_done_callback(lambda t: t.cancelled() or sched.cancel(job, DISCONNECTED))
         try:
             text = [head]
             while True:
@@ -329,6 +330,8 @@ def build_app(server: Server, on_ready=None) -> Starlette:
                     _, status, msg, code = item
                     return APIError(status, msg, None, code).response()
                 if item[0] == "aborted":
+                    if item[1] != DISCONNECTED:  # the server stops
+                        return APIError(503, item[1], None, "server_shutdown").response()
                     return Response(status_code=499)  # nobody is there to read it
                 _, reason, tail = item
                 text.append(tail)
@@ -338,7 +341,7 @@ def build_app(server: Server, on_ready=None) -> Starlette:
                 return JSONResponse(d)
         finally:
             watch.cancel()
-            sched.cancel(job, "client disconnected")  # no-op once done
+            sched.cancel(job, DISCONNECTED)  # no-op once done
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [_model_card(server)]})
@@ -459,5 +462,7 @@ async def _stream(server: Server, req: Completion, job: Job, created: int, head:
             _, status, msg, code = item
             yield sse(APIError(status, msg, None, code).body())
             return
-        else:  # aborted: the client is gone
+        else:  # aborted: the client is gone, or the server stops
+            if item[1] != DISCONNECTED:
+                yield sse(APIError(503, item[1], None, "server_shutdown").body())
             return

@@ -39,7 +39,7 @@ class ClientResult:
 class LoadReport:
     clients: list
     wall_s: float
-    device_tokens_per_s: float | None = None  # the device alone (measured separately), if given
+    alone: tuple = ()  # the device alone, tokens/s, measured just before and just after the load
 
     def by(self, outcome):
         return [c for c in self.clients if c.outcome == outcome]
@@ -56,9 +56,10 @@ class LoadReport:
                  request_p50_s=_pct(total, 50), request_p99_s=_pct(total, 99),
                  tokens_delivered=delivered, wall_s=round(self.wall_s, 3),
                  aggregate_tokens_per_s=round(delivered / self.wall_s, 2) if self.wall_s else None)
-        if self.device_tokens_per_s:
-            d["device_tokens_per_s"] = round(self.device_tokens_per_s, 2)
-            d["aggregate_vs_device"] = round(d["aggregate_tokens_per_s"] / self.device_tokens_per_s, 3)
+        if self.alone:
+            dev = sum(self.alone) / len(self.alone)
+            d["device_alone_tokens_per_s"] = [round(x, 2) for x in self.alone]
+            d["aggregate_vs_device"] = round(d["aggregate_tokens_per_s"] / dev, 3)
         return d
 
     def format(self) -> str:
@@ -69,9 +70,9 @@ class LoadReport:
                f"time to first token p50 {s['ttft_p50_s']} s / p99 {s['ttft_p99_s']} s, per request p50 "
                f"{s['request_p50_s']} s / p99 {s['request_p99_s']} s; {s['tokens_delivered']} tokens in "
                f"{s['wall_s']} s: {s['aggregate_tokens_per_s']} tokens/s aggregate")
-        if "device_tokens_per_s" in s:
-            out += (f" vs {s['device_tokens_per_s']} tokens/s of the device alone "
-                    f"({s['aggregate_vs_device']}x)")
+        if self.alone:
+            out += (f" vs {' / '.join(map(str, s['device_alone_tokens_per_s']))} tokens/s of the "
+                    f"device alone (before / after): {s['aggregate_vs_device']}x")
         return out
 
 
@@ -108,11 +109,14 @@ def alone_rate(generate_fn, clients: int, max_tokens: int, n: int = 8) -> float:
 
 def run_load(base_url: str, model_id: str, reference, clients: int = 32, max_tokens: int = 16,
              disconnect_every: int = 4, disconnect_after: int = 3, timeout: float = 300.0,
-             device_tokens_per_s: float | None = None, decode=None) -> LoadReport:
+             alone=None, decode=None) -> LoadReport:
     """reference(prompt, temperature, seed, n) -> the first n token ids (called after the run);
-    decode(ids) -> text, to check the completed texts too. Every client thread ends within
-    `timeout` (the HTTP timeout)."""
+    decode(ids) -> text, to check the completed texts too; alone() -> the device's tokens/s without
+    the server (called just before and just after the load: the machine's other work moves it).
+    Every client thread ends within `timeout` (the HTTP timeout)."""
     import openai
+
+    before = alone() if alone else None
 
     todo = plan(clients, max_tokens, disconnect_every, disconnect_after)
     barrier = threading.Barrier(len(todo))
@@ -163,6 +167,7 @@ def run_load(base_url: str, model_id: str, reference, clients: int = 32, max_tok
     for t in threads:
         t.join(timeout + 30)
     wall = max((r.t_end or t0) for r in todo) - min((r.t_send or t0) for r in todo)
+    rates = (before, alone()) if alone else ()
     refs = {}
     for r in todo:
         if r.outcome not in ("completed", "aborted"):
@@ -174,4 +179,4 @@ def run_load(base_url: str, model_id: str, reference, clients: int = 32, max_tok
         r.wrong = r.tokens != refs[key]
         if r.outcome == "completed" and decode is not None:
             r.wrong = r.wrong or r.text != decode(r.tokens)
-    return LoadReport(todo, wall, device_tokens_per_s)
+    return LoadReport(todo, wall, rates)
