@@ -12,28 +12,16 @@ import threading
 
 import openai
 import pytest
-from bakedllama.golden import Golden, generate
-from bakedllama.model import DEFAULT_BAKED, DEFAULT_TOKENIZER, load_baked
 from bakedllama.serve.loadtest import alone_rate, run_load
 from bakedllama.serve.process import ServeProcess, outcome, parse_metrics
 from bakedllama.serve.text import TextAssembler
-from bakedllama.tokenizer import Tokenizer
 
 MODEL_ID = "bakedllama-tiny"
 
 
 @pytest.fixture(scope="module")
-def ref():
-    m = load_baked(DEFAULT_BAKED)
-    tok = Tokenizer.load(DEFAULT_TOKENIZER, m.meta["tokenizer_sha256"])
-    g = Golden(m)
-
-    def tokens(prompt, n, temperature=0.0, seed=0, top_k=0):
-        ids = prompt if isinstance(prompt, list) else tok.encode(prompt)
-        return list(generate(g, ids, n, temperature, seed, top_k))
-
-    tokens.tok = tok
-    return tokens
+def ref(golden_ref):
+    return golden_ref
 
 
 @pytest.fixture(scope="module")

@@ -14,28 +14,17 @@ import time
 import openai
 import pytest
 from bakedllama.device.sim import BUILD_ROOT, build_sim, launch
-from bakedllama.golden import Golden, generate
-from bakedllama.model import DEFAULT_BAKED, DEFAULT_TOKENIZER, load_baked
+from bakedllama.model import DEFAULT_BAKED
 from bakedllama.serve.loadtest import run_load
 from bakedllama.serve.process import ServeProcess, outcome
-from bakedllama.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.sim
 MODEL_ID = "bakedllama-tiny"
 
 
 @pytest.fixture(scope="module")
-def ref():
-    m = load_baked(DEFAULT_BAKED)
-    tok = Tokenizer.load(DEFAULT_TOKENIZER, m.meta["tokenizer_sha256"])
-    g = Golden(m)
-
-    def tokens(prompt, n, temperature=0.0, seed=0):
-        ids = prompt if isinstance(prompt, list) else tok.encode(prompt)
-        return list(generate(g, ids, n, temperature, seed))
-
-    tokens.tok = tok
-    return tokens
+def ref(golden_ref):
+    return golden_ref
 
 
 class Sim:
