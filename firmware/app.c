@@ -183,25 +183,6 @@ static void accel_reset(uint32_t seed)
 	hw_accel_reset(seed);
 }
 
-/* Wait for the running pass's token, reading the link meanwhile (an ABORT sets *aborting and
- * lets the pass finish). 0 if the accelerator did not answer within the watchdog. */
-static int wait_pass(int *aborting, uint8_t *abort_seq)
-{
-	uint32_t t = hw_cycles_now();
-
-	while (!hw_accel_out_valid()) {
-		if (!*aborting && poll_during_generation(abort_seq))
-			*aborting = 1;
-		if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
-			break;
-	}
-	if (hw_accel_out_valid())
-		return 1;
-	counters.hw_timeouts++;
-	accel_reset(0);
-	return 0;
-}
-
 static void do_reset(uint8_t seq)
 {
 	accel_reset(0);
@@ -294,8 +275,18 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 	tin = prompt[0];
 	feed(0, n, tin, inv_t);
 	for (pos = 0; pos < passes; pos++) {
-		if (!wait_pass(&aborting, &abort_seq)) {
+		/* Wait for the pass, reading the link; an ABORT lets the pass finish first. */
+		t = hw_cycles_now();
+		while (!hw_accel_out_valid()) {
+			if (!aborting && poll_during_generation(&abort_seq))
+				aborting = 1;
+			if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
+				break;
+		}
+		if (!hw_accel_out_valid()) {
+			counters.hw_timeouts++;
 			reason = DONE_HW_TIMEOUT;
+			accel_reset(0);
 			send_error(seq, E_HW_TIMEOUT, T_GENERATE, (uint16_t)pos);
 			break;
 		}
@@ -368,7 +359,7 @@ static uint16_t draft_in[PROTO_MAX_PAYLOAD / 2];
 
 static void do_draft(uint8_t seq, const uint8_t *p, size_t n)
 {
-	uint32_t pos, k, m, i, passes, made = 0, cycles = 0, t0;
+	uint32_t pos, k, m, i, passes, made = 0, cycles = 0, t, t0;
 	uint16_t tok, out = 0;
 	uint8_t *r = tx + PROTO_HEADER, abort_seq = 0;
 	int aborting = 0;
@@ -407,7 +398,16 @@ static void do_draft(uint8_t seq, const uint8_t *p, size_t n)
 	for (i = 0; i < passes; i++) {
 		tok = i < m ? draft_in[i] : out;
 		hw_accel_feed(tok);
-		if (!wait_pass(&aborting, &abort_seq)) {
+		t = hw_cycles_now();
+		while (!hw_accel_out_valid()) {
+			if (!aborting && poll_during_generation(&abort_seq))
+				aborting = 1;
+			if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
+				break;
+		}
+		if (!hw_accel_out_valid()) {
+			counters.hw_timeouts++;
+			accel_reset(0);
 			send_error(seq, E_HW_TIMEOUT, T_DRAFT, (uint16_t)(pos + i));
 			return;
 		}

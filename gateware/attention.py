@@ -215,11 +215,8 @@ class Attention(Module):
                 # then the multiplier's operand registers
                 e_x, e_d = Signal((SHARED_A, True)), Signal((SHARED_A, True))
                 v_d = Signal((SHARED_B, True))
-                # one copy per product, kept apart in synthesis (yosys would merge the copies of
-                # an e or a V lane into one register fanning out to many MULT18X18D: the 50 MHz
-                # SoC's critical path, 14 ns of routing to the multiplier's input)
-                a_in = Signal((SHARED_A, True), attr={("keep", 1)})
-                b_in = Signal((SHARED_B, True), attr={("keep", 1)})
+                a_in = Signal((SHARED_A, True))
+                b_in = Signal((SHARED_B, True))
                 self.sync += [e_x.eq(e_s), e_d.eq(e_x), v_d.eq(vs[kk * hd + d]), a_in.eq(e_d),
                               b_in.eq(v_d)]
                 n = len(prods)

@@ -64,9 +64,9 @@ class ChipSpec:
 
 
 ULX3S = ChipSpec(
-    "ULX3S 85F", ULX3S_85F_BYTES, 64, 8, 2, 1, 40e6, 50e6, 2e-6, 3e6 / 10,
+    "ULX3S 85F", ULX3S_85F_BYTES, 64, 8, 2, 1, 45e6, 50e6, 2e-6, 3e6 / 10,
     "fact: LFE5U-85F, 208 DP16KD; the engine is the ULX3S build of gateware/ (soc/common.py: "
-    "lanes 64 on one packed-DSP slot pair, vlanes 8, post 2, kv_par 1) at the SoC's 40 MHz "
+    "lanes 64 on one packed-DSP slot pair, vlanes 8, post 2, kv_par 1) at the SoC's 45 MHz "
     "system clock (nextpnr Fmax: README); assumptions: all BRAM for weights, 50 MB/s "
     "board-to-board link (8 GPIO pins at ~50 MHz), reload through the FT231X UART at 3 Mbaud "
     "(0.3 MB/s)", 1)
