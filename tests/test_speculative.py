@@ -129,8 +129,14 @@ def test_a_target_with_another_vocabulary_or_tokenizer_is_refused(baked, tok, ta
             S.check_shared_vocab(baked, ck, tok)
     finally:
         (other / "saved.json").replace(target_dir / "tokenizer.json")
-    cfg_json = json.loads((target_dir / "config.json").read_text())
-    assert cfg_json["vocab_size"] == baked.cfg.vocab_size
+    # another vocabulary size: refused before the tokenizer is looked at
+    import dataclasses
+    import types
+
+    wide = types.SimpleNamespace(cfg=dataclasses.replace(ck.cfg, vocab_size=2 * baked.cfg.vocab_size),
+                                 special=ck.special, tokenizer=ck.tokenizer)
+    with pytest.raises(ValueError, match="vocabulary has 1024 tokens"):
+        S.check_shared_vocab(baked, wide, tok)
 
 
 def test_cli_target_on_golden(target_dir, target, tok, capsys):

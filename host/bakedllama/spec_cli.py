@@ -51,19 +51,10 @@ def run(args, model, tok, ids, stream, log) -> dict:
         elif device == "golden":
             draft = S.GoldenDraft(model)
         else:
-            from bakedllama.device import check_model, open_device, start_sim
-            from bakedllama.device.sim import SIM_STEP_TIMEOUT, SIM_TIMEOUT
+            from bakedllama.device import connect_checked
 
-            if device == "sim":
-                sim = stack.enter_context(start_sim(log=log))
-                dev = stack.enter_context(sim.open())
-            else:
-                dev = stack.enter_context(open_device(device))
-            info = dev.info()
-            check_model(info, model, dev.url)
-            if info.board == 1:
-                dev.timeout = max(dev.timeout, SIM_TIMEOUT)
-                dev.step_timeout = max(dev.step_timeout, SIM_STEP_TIMEOUT)
+            st, dev, info = connect_checked(None if device == "sim" else device, model, log)
+            stack.enter_context(st)
             device = dev.url
             draft = S.DeviceDraft(dev, model.cfg)
         t0 = time.perf_counter()

@@ -18,8 +18,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from bakedllama import numerics as nx
 
 
@@ -118,13 +116,13 @@ class DeviceDraft(_Rewinding):
 
 class RunnerTarget(_Rewinding):
     """The target model on the integer runner (llama8b.runner): each score() is one pass over the
-    weights for all its positions (forward_many), or one pass per position (batched=False)."""
+    weights for all its positions (Runner.forward_many)."""
 
     name = "runner"
 
-    def __init__(self, runner, batched: bool = True):
+    def __init__(self, runner):
         super().__init__()
-        self.r, self.batched = runner, batched
+        self.r = runner
         self.cfg = runner.cfg
         self.s = runner.new_state()
         self.seconds = 0.0  # time spent scoring
@@ -137,7 +135,7 @@ class RunnerTarget(_Rewinding):
         t0 = time.perf_counter()
         n = self._resume(context)
         feed = [int(t) for t in context[n:]] + [int(t) for t in drafts]
-        logits = self.r.forward_many(self.s, feed) if self.batched else _one_by_one(self.r, self.s, feed)
+        logits = self.r.forward_many(self.s, feed)
         self.fed += feed
         # the predictions after the last context token and after every draft
         preds = [int(t) for t in nx.argmax(logits.acc[len(feed) - len(drafts) - 1:])]
@@ -145,13 +143,6 @@ class RunnerTarget(_Rewinding):
         self.pass_tokens.append(len(feed))
         self.seconds += time.perf_counter() - t0
         return preds
-
-
-def _one_by_one(runner, s, tokens):
-    from bakedllama.golden import Logits
-
-    ls = [runner.forward(s, t) for t in tokens]
-    return Logits(np.concatenate([x.acc for x in ls]), np.concatenate([x.frac for x in ls]))
 
 
 @dataclass

@@ -14,7 +14,8 @@ from bakedllama.device.sim import SimHandle, build_sim, start_sim
 from bakedllama.device.transport import Device, DeviceError, Generation, check_model, open_device
 
 __all__ = ["DEFAULT_BAUDRATE", "Device", "DeviceError", "Generation", "Info", "SimHandle", "Stats",
-           "build_sim", "check_model", "device_info", "generate_on_device", "open_device",
+           "build_sim", "check_model", "connect_checked", "device_info", "generate_on_device",
+           "open_device",
            "start_sim"]
 
 
@@ -35,6 +36,24 @@ def _connect(url, log):
     return stack, dev
 
 
+def connect_checked(url, model, log=None):
+    """(context manager stack, Device, Info): the URL's device (None = start the simulation),
+    refused unless it runs `model`; a simulation gets its long timeouts."""
+    from bakedllama.device.sim import SIM_STEP_TIMEOUT, SIM_TIMEOUT
+
+    stack, dev = _connect(url, log)
+    try:
+        info = dev.info()
+        check_model(info, model, dev.url)
+    except BaseException:
+        stack.close()
+        raise
+    if info.board == 1:  # a Verilator simulation (e.g. `make sim`): ~1000x slower than the board
+        dev.timeout = max(dev.timeout, SIM_TIMEOUT)
+        dev.step_timeout = max(dev.step_timeout, SIM_STEP_TIMEOUT)
+    return stack, dev, info
+
+
 def device_info(url, model=None, log=None) -> dict:
     """INFO of a device (None = the simulation) as a dict; with `model`, refuse another model."""
     stack, dev = _connect(url, log)
@@ -53,15 +72,8 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
     token arrives. Returns tokens, cycles_per_token (hardware counter, mean over the forward
     passes), chip_tokens_per_s (generated tokens / the hardware counter's cycles of all passes at
     the system clock), tokens_per_s (end to end: request to last token, including the prompt)."""
-    from bakedllama.device.sim import SIM_STEP_TIMEOUT, SIM_TIMEOUT
-
-    stack, dev = _connect(url, log)
+    stack, dev, info = connect_checked(url, model, log)
     with stack:
-        info = dev.info()
-        check_model(info, model, dev.url)
-        if info.board == 1:  # a Verilator simulation (e.g. `make sim`): ~1000x slower than the board
-            dev.timeout = max(dev.timeout, SIM_TIMEOUT)
-            dev.step_timeout = max(dev.step_timeout, SIM_STEP_TIMEOUT)
         g = dev.generate(prompt_ids, max_tokens, temperature, seed)
         for t in g:
             if on_token is not None:
