@@ -30,7 +30,7 @@ weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evalua
 
 target:     ## train the speculative-decoding target (8.3x the baked model; hours of CPU, resumable)
 	@EXTRAS=dev,train bash scripts/setup.sh
-	$(PY) -m weights.train --preset target --threads $(or $(THREADS),2) --resume --eval-every 100
+	$(PY) -m weights.train --preset target --threads $(or $(THREADS),2) --resume --eval-every 250
 
 build:      ## bitstream for BOARD (ulx3s) with yosys/nextpnr/ecppack from PyPI; prints utilisation, Fmax
 	$(PY) -m soc.$(BOARD) --build $(if $(MODEL),--model $(MODEL))

@@ -22,6 +22,7 @@ static uint16_t prompt[MAX_SEQ_LEN];
 static uint16_t prompt_len;
 static struct model_cfg cfg;
 static uint32_t max_prompt;                     /* min(seq_len, MAX_SEQ_LEN) */
+static int logits_valid;                        /* a pass ran since the last reset (LOGITS) */
 
 static struct {
 	uint32_t frames_ok, frames_bad, frames_too_long, errors_sent, generations, hw_timeouts;
@@ -181,11 +182,12 @@ static void accel_reset(uint32_t seed)
 {
 	hw_accel_set_temperature(0);
 	hw_accel_reset(seed);
+	logits_valid = 0;
 }
 
-static void do_reset(uint8_t seq)
+static void do_reset(uint8_t seq, uint32_t seed)
 {
-	accel_reset(0);
+	accel_reset(seed);
 	prompt_len = 0;
 	send(T_RESET | T_REPLY, seq, 0);
 }
@@ -256,6 +258,28 @@ static void feed(uint32_t pos, uint32_t n, uint16_t token, uint16_t inv_t)
 	hw_accel_feed(token);
 }
 
+/* Wait for the running pass, reading the link meanwhile (an ABORT lets the pass finish first:
+ * *aborting is set and its seq kept). Returns 0 on an accelerator timeout (counted; the
+ * accelerator is reset and the caller reports it). */
+static int wait_pass(int *aborting, uint8_t *abort_seq)
+{
+	uint32_t t = hw_cycles_now();
+
+	while (!hw_accel_out_valid()) {
+		if (!*aborting && poll_during_generation(abort_seq))
+			*aborting = 1;
+		if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
+			break;
+	}
+	if (hw_accel_out_valid()) {
+		logits_valid = 1;
+		return 1;
+	}
+	counters.hw_timeouts++;
+	accel_reset(0);
+	return 0;
+}
+
 static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t seed)
 {
 	uint32_t n = prompt_len, passes = n + max_tokens - 1, pos, cycles, t, t_last;
@@ -275,18 +299,8 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 	tin = prompt[0];
 	feed(0, n, tin, inv_t);
 	for (pos = 0; pos < passes; pos++) {
-		/* Wait for the pass, reading the link; an ABORT lets the pass finish first. */
-		t = hw_cycles_now();
-		while (!hw_accel_out_valid()) {
-			if (!aborting && poll_during_generation(&abort_seq))
-				aborting = 1;
-			if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
-				break;
-		}
-		if (!hw_accel_out_valid()) {
-			counters.hw_timeouts++;
+		if (!wait_pass(&aborting, &abort_seq)) {
 			reason = DONE_HW_TIMEOUT;
-			accel_reset(0);
 			send_error(seq, E_HW_TIMEOUT, T_GENERATE, (uint16_t)pos);
 			break;
 		}
@@ -351,41 +365,54 @@ static void do_generate(uint8_t seq, const uint8_t *p, size_t n)
 	generate(seq, max_tokens, inv_t, seed);
 }
 
-/* DRAFT: rewind the accelerator to `pos` (at most its current position: the KV cache holds
- * positions 0 .. pos - 1 of this sequence), feed the m context tokens, then draft k tokens greedy,
- * feeding each back but the last. Reply: u16 position after, u16 drafts, u32 cycles (hardware
- * counter, all passes), u32 wall cycles (firmware timer), u16 drafts[]. */
+/* DRAFT / DRAFT_SAMPLED: rewind the accelerator to `pos` (at most its current position: the KV
+ * cache holds positions 0 .. pos - 1 of this sequence), feed the m context tokens, then draft k
+ * tokens, feeding each back but the last. DRAFT drafts greedy; DRAFT_SAMPLED at 1/T = inv_t
+ * (the context passes before the last stay greedy, so the sampler's generator advances once per
+ * draft) and reports each draft's draw (base, weight, total: numerics.draw_count).
+ * Request: u16 pos, u16 k, [u16 inv_t,] u16 tokens[m]. Reply: u16 position after, u16 drafts,
+ * u32 cycles (hardware counter, all passes), u32 wall cycles (firmware timer), then per draft its
+ * u16 token [and u32 base, u32 weight, u32 total]. */
 static uint16_t draft_in[PROTO_MAX_PAYLOAD / 2];
 
-static void do_draft(uint8_t seq, const uint8_t *p, size_t n)
+static void do_draft(uint8_t seq, uint8_t type, const uint8_t *p, size_t n)
 {
-	uint32_t pos, k, m, i, passes, made = 0, cycles = 0, t, t0;
-	uint16_t tok, out = 0;
-	uint8_t *r = tx + PROTO_HEADER, abort_seq = 0;
-	int aborting = 0;
+	uint32_t pos, k, m, i, passes, made = 0, cycles = 0, t0, head, item, base, weight, total;
+	uint16_t tok, out = 0, inv_t = 0;
+	uint8_t *r = tx + PROTO_HEADER, *d, abort_seq = 0;
+	int aborting = 0, sampled = type == T_DRAFT_SAMPLED;
 
-	if (n < 6 || (n & 1)) {
-		send_error(seq, E_BAD_LENGTH, T_DRAFT, (uint16_t)n);
+	head = sampled ? 6 : 4;
+	item = sampled ? DRAFT_SAMPLED_ITEM : 2;
+	if (n < head + 2 || (n & 1)) {
+		send_error(seq, E_BAD_LENGTH, type, (uint16_t)n);
 		rx_pending = 0;
 		return;
 	}
 	pos = get_u16(p);
 	k = get_u16(p + 2);
-	m = (uint32_t)(n - 4) / 2;
-	if (pos > hw_accel_pos()) {
-		send_error(seq, E_OUT_OF_RANGE, T_DRAFT, 0xFFFF);
+	if (sampled)
+		inv_t = get_u16(p + 4);
+	m = (uint32_t)(n - head) / 2;
+	if (sampled && (!hw_accel_has_draws() || inv_t == 0)) {
+		send_error(seq, E_BAD_STATE, type, inv_t == 0 ? 0 : 1);
 		rx_pending = 0;
 		return;
 	}
-	if (k == 0 || DRAFT_HEAD + 2 * k > PROTO_MAX_PAYLOAD || pos + m + k - 1 > cfg.seq_len) {
-		send_error(seq, E_OUT_OF_RANGE, T_DRAFT, 0xFFFE);
+	if (pos > hw_accel_pos()) {
+		send_error(seq, E_OUT_OF_RANGE, type, 0xFFFF);
+		rx_pending = 0;
+		return;
+	}
+	if (k == 0 || DRAFT_HEAD + item * k > PROTO_MAX_PAYLOAD || pos + m + k - 1 > cfg.seq_len) {
+		send_error(seq, E_OUT_OF_RANGE, type, 0xFFFE);
 		rx_pending = 0;
 		return;
 	}
 	for (i = 0; i < m; i++) {
-		draft_in[i] = get_u16(p + 4 + 2 * i);
+		draft_in[i] = get_u16(p + head + 2 * i);
 		if (draft_in[i] >= cfg.vocab_size) {
-			send_error(seq, E_OUT_OF_RANGE, T_DRAFT, (uint16_t)i);
+			send_error(seq, E_OUT_OF_RANGE, type, (uint16_t)i);
 			rx_pending = 0;
 			return;
 		}
@@ -397,36 +424,66 @@ static void do_draft(uint8_t seq, const uint8_t *p, size_t n)
 	passes = m + k - 1;
 	for (i = 0; i < passes; i++) {
 		tok = i < m ? draft_in[i] : out;
+		if (i + 1 == m)                         /* the passes from the last context token on */
+			hw_accel_set_temperature(inv_t);
 		hw_accel_feed(tok);
-		t = hw_cycles_now();
-		while (!hw_accel_out_valid()) {
-			if (!aborting && poll_during_generation(&abort_seq))
-				aborting = 1;
-			if ((uint32_t)(hw_cycles_now() - t) > ACCEL_TIMEOUT_CYCLES)
-				break;
-		}
-		if (!hw_accel_out_valid()) {
-			counters.hw_timeouts++;
-			accel_reset(0);
-			send_error(seq, E_HW_TIMEOUT, T_DRAFT, (uint16_t)(pos + i));
+		if (!wait_pass(&aborting, &abort_seq)) {
+			send_error(seq, E_HW_TIMEOUT, type, (uint16_t)(pos + i));
 			return;
 		}
 		cycles += hw_accel_cycles();
 		out = hw_accel_take();
-		if (i + 1 >= m)                         /* the passes from the last context token on */
-			put_u16(r + DRAFT_HEAD + 2 * made++, out);
+		if (i + 1 >= m) {
+			d = r + DRAFT_HEAD + item * made++;
+			put_u16(d, out);
+			if (sampled) {
+				hw_accel_draw(&base, &weight, &total);
+				put_u32(d + 2, base);
+				put_u32(d + 6, weight);
+				put_u32(d + 10, total);
+			}
+		}
 		if (aborting)
 			break;
 	}
+	hw_accel_set_temperature(0);
 	put_u16(r, (uint16_t)hw_accel_pos());
 	put_u16(r + 2, (uint16_t)made);           /* fewer than k when aborted */
 	put_u32(r + 4, cycles);
 	put_u32(r + 8, hw_cycles_now() - t0);
-	send(T_DRAFT | T_REPLY, seq, DRAFT_HEAD + 2 * made);
+	send(type | T_REPLY, seq, DRAFT_HEAD + item * made);
 	if (aborting) {
 		tx[PROTO_HEADER] = 1;
 		send(T_ABORT | T_REPLY, abort_seq, 1);
 	}
+}
+
+/* LOGITS: u16 start, u16 count -> u16 start, u16 count, i32 logits[count]: the Q8 logits of the
+ * last forward pass (the sampler's input), for speculative sampling's residual distribution. */
+static void do_logits(uint8_t seq, const uint8_t *p, size_t n)
+{
+	uint32_t start, count, i;
+	uint8_t *r = tx + PROTO_HEADER;
+
+	if (n != 4) {
+		send_error(seq, E_BAD_LENGTH, T_LOGITS, (uint16_t)n);
+		return;
+	}
+	start = get_u16(p);
+	count = get_u16(p + 2);
+	if (!hw_accel_has_draws() || !logits_valid) {
+		send_error(seq, E_BAD_STATE, T_LOGITS, logits_valid ? 1 : 0);
+		return;
+	}
+	if (count == 0 || 4 + 4 * count > PROTO_MAX_PAYLOAD || start + count > cfg.vocab_size) {
+		send_error(seq, E_OUT_OF_RANGE, T_LOGITS, (uint16_t)count);
+		return;
+	}
+	put_u16(r, (uint16_t)start);
+	put_u16(r + 2, (uint16_t)count);
+	for (i = 0; i < count; i++)
+		put_u32(r + 4 + 4 * i, (uint32_t)hw_accel_logit(start + i));
+	send(T_LOGITS | T_REPLY, seq, 4 + 4 * count);
 }
 
 static void handle_frame(void)
@@ -442,8 +499,14 @@ static void handle_frame(void)
 	payload = rx.buf + PROTO_HEADER;
 	n = rx.len - PROTO_MIN_FRAME;
 	switch (type) {
+	case T_RESET:                               /* optional u32 seed (DRAFT_SAMPLED's draws) */
+		if (n != 0 && n != 4) {
+			send_error(seq, E_BAD_LENGTH, type, (uint16_t)n);
+			return;
+		}
+		do_reset(seq, n ? get_u32(payload) : 0);
+		return;
 	case T_INFO:
-	case T_RESET:
 	case T_STATS:
 	case T_ABORT:
 		if (n) {
@@ -452,8 +515,6 @@ static void handle_frame(void)
 		}
 		if (type == T_INFO)
 			do_info(seq);
-		else if (type == T_RESET)
-			do_reset(seq);
 		else if (type == T_STATS)
 			do_stats(seq);
 		else {
@@ -468,7 +529,11 @@ static void handle_frame(void)
 		do_generate(seq, payload, n);
 		return;
 	case T_DRAFT:
-		do_draft(seq, payload, n);
+	case T_DRAFT_SAMPLED:
+		do_draft(seq, type, payload, n);
+		return;
+	case T_LOGITS:
+		do_logits(seq, payload, n);
 		return;
 	case T_ECHO: {
 		size_t i;

@@ -32,6 +32,9 @@ int hw_accel_out_valid(void);                    /* a next token is waiting on i
 uint16_t hw_accel_take(void);                    /* read it and let the accelerator go on */
 uint32_t hw_accel_cycles(void);                  /* cycles of the last forward pass */
 uint32_t hw_accel_pos(void);
+int hw_accel_has_draws(void);                    /* logit readback and draw CSRs present */
+int32_t hw_accel_logit(uint32_t i);              /* the last pass's Q8 logit i (not running) */
+void hw_accel_draw(uint32_t *base, uint32_t *weight, uint32_t *total);  /* the last draw */
 uint32_t hw_model_id(void);
 void hw_model_cfg(struct model_cfg *cfg);
 

@@ -64,6 +64,42 @@ void hw_accel_rewind(uint32_t pos)
 	llama_ctrl_write(BIT(CSR_LLAMA_CTRL_REWIND_OFFSET));
 }
 
+#ifdef CSR_LLAMA_LOGIT_INDEX_ADDR
+int hw_accel_has_draws(void)
+{
+	return 1;
+}
+
+int32_t hw_accel_logit(uint32_t i)
+{
+	llama_logit_index_write(i);
+	return (int32_t)llama_logit_data_read();
+}
+
+void hw_accel_draw(uint32_t *base, uint32_t *weight, uint32_t *total)
+{
+	*base = llama_sample_base_read();
+	*weight = llama_sample_weight_read();
+	*total = llama_sample_total_read();
+}
+#else  /* the test stand-in core has neither */
+int hw_accel_has_draws(void)
+{
+	return 0;
+}
+
+int32_t hw_accel_logit(uint32_t i)
+{
+	(void)i;
+	return 0;
+}
+
+void hw_accel_draw(uint32_t *base, uint32_t *weight, uint32_t *total)
+{
+	*base = *weight = *total = 0;
+}
+#endif
+
 void hw_accel_set_temperature(uint16_t inv_t_q8)
 {
 	llama_temperature_write(inv_t_q8);

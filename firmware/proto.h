@@ -23,6 +23,8 @@
 #define T_ABORT     0x06
 #define T_ECHO      0x07
 #define T_DRAFT     0x08                        /* speculative decoding: rewind, feed, draft */
+#define T_DRAFT_SAMPLED 0x09                    /* the same, sampled, with each draft's draw */
+#define T_LOGITS    0x0A                        /* the last pass's Q8 logits */
 /* Replies: request | 0x80; streamed and error frames. */
 #define T_REPLY     0x80
 #define T_STEP      0x44
@@ -54,6 +56,7 @@
 #define DONE_SIZE   30
 #define STEP_SIZE   12
 #define DRAFT_HEAD  12                          /* DRAFT reply before its u16 tokens */
+#define DRAFT_SAMPLED_ITEM 14                   /* u16 token, u32 base, weight, total */
 
 uint32_t crc32_update(uint32_t crc, uint8_t byte);   /* crc starts at 0xFFFFFFFF */
 uint32_t crc32(const uint8_t *data, size_t len);

@@ -77,6 +77,11 @@ class Datapath(Module):
         self.cycles = Signal(32)
         self.trace_index = Signal(32)
         self.trace_data = Signal(32)
+        self.logit_index = Signal(16)
+        self.logit_data = Signal(32)
+        self.sample_base = Signal(32)
+        self.sample_weight = Signal(32)
+        self.sample_total = Signal(32)
 
         # # #
 
@@ -433,9 +438,12 @@ class Datapath(Module):
         self.comb += [
             amax.sink.valid.eq(is_cls), amax.sink.v.eq(Cat(*acc1)), amax.sink.last.eq(last1),
             amax.sink.first.eq(r01 == 0),
-            smp.fill.valid.eq(is_cls & ~greedy), smp.fill.last.eq(last1),
+            smp.fill.valid.eq(is_cls), smp.fill.last.eq(last1),  # greedy too: the logit readback
             smp.fill.v.eq(Cat(*[saturate(self, r, 32) for r in req1])),
             smp.inv_temp.eq(inv_temp), smp.seed.eq(self.seed),
+            smp.rd_index.eq(self.logit_index), self.logit_data.eq(smp.rd_data),
+            self.sample_base.eq(smp.base), self.sample_weight.eq(smp.weight),
+            self.sample_total.eq(smp.total),
             amax.source.ready.eq(1),
         ]
         # done: the last beat reached its destination
@@ -557,6 +565,15 @@ class BakedLlamaCore(LiteXModule):
         self.model_cfg = CSRStatus(fields=[CSRField(n, size=16, description=f"Model {n}.")
                                            for n in cfg_fields],
                                    description="Baked model configuration (16 bits per field).")
+        self.logit_index = CSRStorage(16, description="Logit readback: vocabulary index (read "
+                                      "`logit_data` while no pass runs).")
+        self.logit_data = CSRStatus(32, description="The last pass's Q8 logit at `logit_index` "
+                                    "(the sampler's input, numerics: Logits.q8).")
+        # the last sampled token's draw (temperature != 0; numerics.sample_counts)
+        self.sample_base = CSRStatus(32, description="Sampler: the weights' running sum before the "
+                                     "last drawn token.")
+        self.sample_weight = CSRStatus(32, description="Sampler: the last drawn token's weight.")
+        self.sample_total = CSRStatus(32, description="Sampler: the sum of all weights of that draw.")
         if with_trace:
             self.trace_index = CSRStorage(32, description="Trace element: slot * dim + i "
                                           "(slot 0 embedding, 2l+1 after attention l, 2l+2 after FFN l).")
@@ -577,6 +594,11 @@ class BakedLlamaCore(LiteXModule):
             self.status.fields.pos.eq(dp.pos),
             self.cycles.status.eq(dp.cycles),
             self.model_id.status.eq(plan.identity),
+            dp.logit_index.eq(self.logit_index.storage),
+            self.logit_data.status.eq(dp.logit_data),
+            self.sample_base.status.eq(dp.sample_base),
+            self.sample_weight.status.eq(dp.sample_weight),
+            self.sample_total.status.eq(dp.sample_total),
         ]
         for n in cfg_fields:
             self.comb += getattr(self.model_cfg.fields, n).eq(cfg_vals[n])

@@ -606,6 +606,14 @@ class Sampler(Module):
         self.seed = Signal(32)
         self.reseed = Signal()
         self.seeding = Signal()
+        # what the host needs for exact speculative sampling (numerics.sample_counts), latched with
+        # `done`: the running sum before the drawn token, its weight and the sum of all weights
+        self.base = Signal(32)
+        self.weight = Signal(32)
+        self.total = Signal(32)
+        # logit readback while idle: `rd_index` -> `rd_data` (the Q8 logit stored by the last fill)
+        self.rd_index = Signal(16)
+        self.rd_data = Signal((32, True))
 
         # # #
 
@@ -643,7 +651,13 @@ class Sampler(Module):
         # stages, each a register so no path holds two of the wide steps
         lq = max(1, ubits(Q - 1)) if Q > 1 else 0
         i = Signal(ubits(n))
-        self.comb += rp.adr.eq(i[lq:] if Q > 1 else i)
+        running = Signal()
+        rd_lo = Signal(max(1, lq))
+        self.comb += rp.adr.eq(Mux(running, i[lq:] if Q > 1 else i,
+                                   self.rd_index[lq:] if Q > 1 else self.rd_index))
+        self.sync += rd_lo.eq(self.rd_index[:lq] if Q > 1 else 0)
+        self.comb += self.rd_data.eq(Array([rp.dat_r[32 * j:32 * j + 32] for j in range(Q)])[rd_lo]
+                                     if Q > 1 else rp.dat_r)
         vR, iR = Signal(), Signal(ubits(n))
         lsel = Signal((32, True))
         self.comb += lsel.eq(Array([rp.dat_r[32 * j:32 * j + 32] for j in range(Q)])[iR[:lq]]
@@ -674,11 +688,11 @@ class Sampler(Module):
         vB, iB = Signal(), Signal(ubits(n))
         assert lat.SAMPLER == len((vR, vL, vA, vD, vE, vB))
         total = Signal(ubits(n * nx.EXP_ONE))
+        assert len(total) <= 32, "the sum of the sampler's weights must fit its 32-bit report"
         csum = Signal(len(total))
         target = Signal(len(total))
         phase = Signal(2)  # 0 max, 1 sum, 2 search
         issuing = Signal()
-        running = Signal()
         self.sync += [
             vR.eq(issuing), iR.eq(i),
             lL.eq(lsel), vL.eq(vR), iL.eq(iR),
@@ -717,5 +731,6 @@ class Sampler(Module):
                     If(vB,
                         csum.eq(csum + wB),
                         If(csum + wB > target,
-                            running.eq(0), issuing.eq(0), self.done.eq(1), self.token.eq(iB))))),
+                            running.eq(0), issuing.eq(0), self.done.eq(1), self.token.eq(iB),
+                            self.base.eq(csum), self.weight.eq(wB), self.total.eq(total))))),
         ]

@@ -20,7 +20,7 @@ import pytest
 from bakedllama.device import DeviceError, open_device
 from bakedllama.device import protocol as P
 from bakedllama.device.fuzz import run_fuzz
-from bakedllama.numerics import temperature_q8
+from bakedllama.numerics import XorShift32, temperature_q8
 
 from soc.testing_core import lookup_table, reference_generate
 
@@ -170,6 +170,64 @@ def test_draft_rewinds_feeds_and_drafts(fw):
         # a reply with a token outside the host's vocabulary is refused
         with pytest.raises(DeviceError, match="outside the vocabulary"):
             dev.draft(0, [1, 5, 300, 7], 5, 2)
+
+
+def _table_draft_sampled(pos, tokens, k, inv_t, rng):
+    """DRAFT_SAMPLED on the stand-in: the context passes greedy but the last, the drafts sampled
+    (hw_native.c's model); each draft with its pass's draw (token, pos + 1, vocab + pos)."""
+    mask = len(TABLE) - 1
+    for t in tokens[:-1]:
+        pos += 1
+    t, out = tokens[-1], []
+    while len(out) < k:
+        o = (TABLE[(t + pos) & mask] + (rng.next() >> 16) + inv_t) & mask
+        out.append((o, (o, pos + 1, len(TABLE) + pos)))
+        t, pos = o, pos + 1
+    return out
+
+
+def test_draft_sampled_logits_and_seeded_reset(fw):
+    """DRAFT_SAMPLED reports each draft's draw, LOGITS the last pass's logits, RESET takes a seed;
+    bad requests get error replies (hw_native.c: logit i = (7 i + token + pos) % 61 - 30)."""
+    with open_device(fw.url) as dev:
+        with pytest.raises(DeviceError, match="BAD_STATE.*detail 0"):
+            dev.logits(512)  # no pass since the reset
+        dev.reset(99)
+        rng = XorShift32(99)
+        inv_t = temperature_q8(0.8)
+        r = dev.draft(0, [1, 5, 300], 4, 512, inv_t)
+        want = _table_draft_sampled(0, [1, 5, 300], 4, inv_t, rng)
+        assert r.tokens == [w[0] for w in want] and r.draws == [w[1] for w in want]
+        assert r.pos == 6
+        got = dev.logits(512)  # the last pass: position 5, its input the third draft
+        assert got == [(i * 7 + r.tokens[2] + 5) % 61 - 30 for i in range(512)]
+        # the generator keeps its state across requests; a rewind and a one-token greedy DRAFT
+        # re-runs a pass for its logits
+        r2 = dev.draft(2, [300], 2, 512, inv_t)
+        assert r2.tokens == [w[0] for w in _table_draft_sampled(2, [300], 2, inv_t, rng)]
+        dev.draft(3, [r2.tokens[0]], 1, 512)
+        assert dev.logits(512)[:3] == [(i * 7 + r2.tokens[0] + 3) % 61 - 30 for i in range(3)]
+        f = dev.request(P.LOGITS, P.LOGITS_HEAD_FMT.pack(500, 12))
+        assert P.parse_logits(f.payload, 500, 12) == [(i * 7 + r2.tokens[0] + 3) % 61 - 30
+                                                      for i in range(500, 512)]
+        for payload, pattern in [(P.LOGITS_HEAD_FMT.pack(0, 0), "OUT_OF_RANGE"),
+                                 (P.LOGITS_HEAD_FMT.pack(0, 256), "OUT_OF_RANGE"),
+                                 (P.LOGITS_HEAD_FMT.pack(500, 13), "OUT_OF_RANGE"),
+                                 (b"\x00\x00\x01", "BAD_LENGTH")]:
+            with pytest.raises(DeviceError, match=pattern):
+                dev.request(P.LOGITS, payload)
+        with pytest.raises(DeviceError, match="BAD_STATE.*detail 0"):
+            dev.request(P.DRAFT_SAMPLED, struct.pack("<HHHH", 0, 2, 0, 1))  # 1/T = 0
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE.*65534"):
+            dev.draft(0, [1], 73, 512, inv_t)  # 73 drafts do not fit one reply
+        with pytest.raises(DeviceError, match="BAD_LENGTH"):
+            dev.request(P.DRAFT_SAMPLED, struct.pack("<HHH", 0, 2, 5))  # no context token
+        with pytest.raises(DeviceError, match="BAD_LENGTH"):
+            dev.request(P.RESET, b"\x01\x02")
+        # a seeded reset draws the same again
+        dev.reset(99)
+        again = dev.draft(0, [1, 5, 300], 4, 512, inv_t)
+        assert again.tokens == r.tokens and again.draws == r.draws
 
 
 def test_abort_and_busy(fw):

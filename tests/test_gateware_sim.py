@@ -42,6 +42,45 @@ def test_sampling_bit_exact(small_sim):
     assert len(set(outs)) > 1
 
 
+def test_logit_readback_and_draws(small_sim):
+    """Speculative sampling's reports: after every pass (greedy or sampled) `logit_data` reads back
+    golden's Q8 logits; after a sampled pass `sample_base` / `sample_weight` / `sample_total` are
+    the running weight sum before the drawn token, its weight and the sum of all weights, so
+    numerics.draw_count gives that token's exact count of the 2^32 draws."""
+    import numpy as np
+    from bakedllama import numerics as nx
+    from bakedllama.golden import Golden
+
+    model, sim = small_sim
+    V = model.cfg.vocab_size
+    gold = Golden(model)
+    st = gold.new_state(1)
+    rng = nx.XorShift32(77)
+    inv_t = nx.temperature_q8(0.9)
+    with sim.run() as dut:
+        dut.reset(seed=77)
+        tok = 5
+        for i in range(6):
+            t = inv_t if i % 3 else 0  # greedy passes fill the readback too
+            dut.write("temperature", t)
+            q8 = gold.forward(st, [tok]).q8()[0]
+            out, _ = dut.token(tok)
+            got = []
+            for j in range(V):
+                dut.write("logit_index", j)
+                got.append(dut.read("logit_data"))
+            assert np.array_equal(np.array(got, dtype=np.uint32).view(np.int32), q8.astype(np.int32)), i
+            if t:
+                want = nx.sample(q8, t, rng)
+                assert out == want
+                w = nx.sample_weights(q8, t)
+                base, weight, total = (dut.read(n) for n in ("sample_base", "sample_weight",
+                                                             "sample_total"))
+                assert (base, weight, total) == (int(w[:out].sum()), int(w[out]), int(w.sum()))
+                assert nx.draw_count(base, weight, total) == nx.sample_counts(q8, t)[out] > 0
+            tok = out
+
+
 def test_identity_status_and_full(small_sim):
     model, sim = small_sim
     cfg = model.cfg

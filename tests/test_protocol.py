@@ -143,13 +143,14 @@ def test_constants_match_proto_h():
     assert d["PROTO_VERSION"] == P.VERSION
     assert d["PROTO_MAX_PAYLOAD"] == P.MAX_PAYLOAD
     assert d["PROTO_CRC_RESIDUE"] == P.CRC_RESIDUE
-    for name in ("INFO", "RESET", "PROMPT", "GENERATE", "STATS", "ABORT", "ECHO", "REPLY", "STEP",
-                 "ERROR"):
+    for name in ("INFO", "RESET", "PROMPT", "GENERATE", "STATS", "ABORT", "ECHO", "DRAFT",
+                 "DRAFT_SAMPLED", "LOGITS", "REPLY", "STEP", "ERROR"):
         assert d[f"T_{name}"] == getattr(P, name), name
     for code, name in P.ERROR_NAMES.items():
         assert d[f"E_{name}"] == code, name
     assert (d["INFO_SIZE"], d["STATS_SIZE"], d["DONE_SIZE"], d["STEP_SIZE"]) == (
         P.INFO_FMT.size, P.STATS_FMT.size, P.DONE_FMT.size, P.STEP_FMT.size)
+    assert (d["DRAFT_HEAD"], d["DRAFT_SAMPLED_ITEM"]) == (P.DRAFT_HEAD_FMT.size, P.DRAFT_ITEM_FMT.size)
     assert (d["DONE_COMPLETE"], d["DONE_ABORTED"], d["DONE_HW_TIMEOUT"]) == (
         P.DONE_COMPLETE, P.DONE_ABORTED, P.DONE_HW_TIMEOUT)
 

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from bakedllama import numerics as nx
 from bakedllama import speculative as S
 from bakedllama.model import load_baked, load_float
 from bakedllama.tokenizer import Tokenizer
@@ -153,12 +154,29 @@ def test_cli_target_on_golden(target_dir, target, tok, capsys):
     assert r["target_alone_seconds"] > 0 and r["draft_clock_hz"] > 0
 
 
+def test_cli_target_sampled_on_golden(target_dir, capsys):
+    """--temperature with --target: speculative sampling, its figures in --json."""
+    from bakedllama.cli import main
+
+    assert main(["generate", "Mr. Darcy", "--max-tokens", "12", "--device", "golden", "--target",
+                 str(target_dir), "--draft-tokens", "3", "--temperature", "0.8", "--top-k", "40",
+                 "--seed", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["tokens"]) == 12 and (r["temperature"], r["top_k"], r["seed"]) == (0.8, 40, 3)
+    assert r["target_passes"] + r["accepted"] == 12 and 0 <= r["acceptance_rate"] <= 1
+    assert r["draft_cycles"] > 0 and r["projected_speedup"] > 0
+    # one rerun (the rejected draft's distribution) per round with a rejection, none otherwise
+    assert (r["draft_reruns"] > 0) == (r["drafted"] > r["accepted"])
+    assert r["draft_reruns"] <= r["target_passes"]
+
+
 @pytest.mark.parametrize("argv,pattern", [
     (["--draft-tokens", "2"], "needs --target"),
     (["--target", "/nonexistent/dir"], "no such checkpoint directory"),
-    (["--target", "TARGET", "--temperature", "0.5"], "greedy only"),
+    (["--target", "TARGET", "--temperature", "nan"], "finite number"),
     (["--target", "TARGET", "--draft-tokens", "-1"], ">= 0"),
-    (["--target", "TARGET", "--top-k", "5"], "--top-k"),
+    (["--target", "TARGET", "--top-k", "5"], "--top-k needs --temperature"),
+    (["--target", "TARGET", "--top-k", "-1", "--temperature", "1"], "--top-k must be >= 0"),
 ])
 def test_cli_target_bad_input_is_one_line(target_dir, capsys, argv, pattern):
     from bakedllama.cli import main
@@ -167,3 +185,84 @@ def test_cli_target_bad_input_is_one_line(target_dir, capsys, argv, pattern):
     assert main(["generate", "It was", "--max-tokens", "4", "--device", "golden", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+
+# ---------------------------------------------------------------- speculative sampling
+
+def _chi2_pvalue(samples, counts) -> float:
+    """Chi-square goodness of fit of token samples against exact integer counts (of 2^32); the
+    tokens expected fewer than 5 times are pooled into one bin. A sample of a token with count 0
+    (impossible under the distribution) gives 0."""
+    from scipy.stats import chisquare
+
+    counts = np.array([int(c) for c in counts], dtype=np.float64)
+    obs = np.bincount(np.asarray(samples), minlength=len(counts)).astype(np.float64)
+    if np.any(obs[counts == 0]):
+        return 0.0
+    exp = counts / 2.0 ** 32 * len(samples)
+    big = exp >= 5
+    o, e = list(obs[big]), list(exp[big])
+    if exp[~big].sum() > 0:
+        o.append(obs[~big].sum())
+        e.append(exp[~big].sum())
+    return float(chisquare(o, e).pvalue)
+
+
+def test_sample_counts_are_the_draws_of_sample():
+    """numerics.sample_counts: token i is drawn by exactly counts[i] of the 2^32 generator values.
+    Checked at the edges of every interval: the first and last value of each token's range of r
+    make numerics.sample pick it (through a generator stub that returns that r)."""
+    rng = np.random.default_rng(3)
+
+    class Fixed:
+        def __init__(self, r):
+            self.r = r
+
+        def next(self):
+            return self.r
+
+    for trial in range(20):
+        q8 = rng.integers(-3000, 3000, size=int(rng.integers(2, 40)))
+        inv_t = int(rng.integers(64, 1024))
+        top_k = int(rng.integers(0, 6))
+        c = nx.sample_counts(q8, inv_t, top_k)
+        assert sum(c) == 1 << 32
+        start = 0
+        for i, n in enumerate(c):
+            if n:
+                assert nx.sample(q8, inv_t, Fixed(start), top_k) == i
+                assert nx.sample(q8, inv_t, Fixed(start + n - 1), top_k) == i
+            start += n
+
+
+def test_speculative_sampling_is_distributed_as_the_target(baked, tok, target):
+    """With a temperature the output is the target's own distribution (chi-square against the exact
+    integer counts): the first token, and the second given the most frequent first. The draft
+    samples hotter than the target (T 1.6 against 0.8), so it is far from the target: about half
+    its drafts are rejected and the residual path draws many tokens; the same test rejects the
+    draft's own distribution outright, so it has the power to see a wrong loop."""
+    t, _ = target
+    g = S.GoldenDraft(baked)
+    ids = tok.encode("It was", bos=True)
+    T, TD, N, K = 0.8, 1.6, 1500, 3
+    firsts, pairs, drafted, accepted = [], [], 0, 0
+    for seed in range(N):
+        r = S.speculate(g, t, ids, K + 1, K, temperature=T, seed=seed, draft_temperature=TD)
+        firsts.append(r.tokens[0])
+        pairs.append(tuple(r.tokens[:2]))
+        drafted, accepted = drafted + r.drafted, accepted + r.accepted
+    assert 0.2 < accepted / drafted < 0.8, (accepted, drafted)
+    inv_t = nx.temperature_q8(T)
+    p1 = nx.sample_counts(t.logits(ids, [])[0], inv_t)
+    assert _chi2_pvalue(firsts, p1) > 1e-3
+    x1 = int(np.bincount(firsts).argmax())
+    p2 = nx.sample_counts(t.logits(ids + [x1], [])[0], inv_t)
+    seconds = [b for a, b in pairs if a == x1]
+    assert len(seconds) > 100
+    assert _chi2_pvalue(seconds, p2) > 1e-3
+    # the draft's own distribution at the first position fails the same test
+    g.reseed(0)
+    g.draft(ids, 1, nx.temperature_q8(TD))
+    q1 = g.counts(0)
+    draws = np.random.default_rng(0).choice(len(q1), size=N, p=np.array(q1, dtype=float) / 2 ** 32)
+    assert _chi2_pvalue(draws, p1) < 1e-6

@@ -33,7 +33,7 @@ TINY_TOKENIZER = Path(__file__).resolve().parent / "tiny" / "tokenizer.json"
 PRESETS = {
     "tiny": (ModelConfig(), dict(out="weights/tiny", steps=6000, lr=3e-3, tokenizer=None)),
     "target": (ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, hidden_dim=704),
-               dict(out="weights/target", steps=1000, lr=2e-3, tokenizer=str(TINY_TOKENIZER))),
+               dict(out="weights/target", steps=2000, lr=2e-3, tokenizer=str(TINY_TOKENIZER))),
 }
 
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                     help="tiny: the baked model; target: the speculative-decoding target")
     ap.add_argument("--out", help="output directory (default weights/<preset>)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: tiny 6000, target 1000)")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: tiny 6000, target 2000)")
     ap.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one "
                     "(default for the target: weights/tiny/tokenizer.json)")
     ap.add_argument("--batch", type=int, default=16)

@@ -4,7 +4,11 @@
  * fw_native --table FILE [--seq-len N] [--port P] [--model-id X] [--latency N] [--clk HZ]
  *           [--stall-at POS]
  * FILE holds the table as little-endian u16 (its length is the vocabulary, a power of two).
- * --stall-at POS: the accelerator never answers at position POS (tests the firmware watchdog). */
+ * --stall-at POS: the accelerator never answers at position POS (tests the firmware watchdog).
+ * Logit readback and draws (speculative sampling) follow fixed formulas of the last pass, so
+ * the tests can check what the firmware reports: logit i = (i * 7 + token + pos) % 61 - 30 for
+ * that pass's input token and position; the draw is base = its output token, weight = pos + 1,
+ * total = the vocabulary size + pos. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -37,7 +41,8 @@ static unsigned idle;
 
 /* Fake accelerator state. */
 static uint32_t pos, prng, seed_csr;
-static uint16_t inv_t, out_token;
+static uint16_t inv_t, out_token, last_in;
+static uint32_t last_pos;
 static int out_valid;
 static uint32_t cycles;
 
@@ -249,6 +254,8 @@ void hw_accel_feed(uint16_t token)
 		out = (out + (prng >> 16) + inv_t) & mask;
 	}
 	out_token = (uint16_t)out;
+	last_in = token;
+	last_pos = pos;
 	cycles = opt.latency + pos;
 	out_valid = 1;
 }
@@ -275,6 +282,23 @@ uint32_t hw_accel_cycles(void)
 uint32_t hw_accel_pos(void)
 {
 	return pos;
+}
+
+int hw_accel_has_draws(void)
+{
+	return 1;
+}
+
+int32_t hw_accel_logit(uint32_t i)
+{
+	return (int32_t)((i * 7 + last_in + last_pos) % 61) - 30;
+}
+
+void hw_accel_draw(uint32_t *base, uint32_t *weight, uint32_t *total)
+{
+	*base = out_token;
+	*weight = last_pos + 1;
+	*total = opt.vocab + last_pos;
 }
 
 uint32_t hw_model_id(void)

@@ -58,8 +58,10 @@ class TextStream:
 def cmd_generate(args) -> int:
     from bakedllama.golden import Golden, generate
 
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise UserError("--temperature must be a finite number >= 0")
+    if args.top_k < 0:
+        raise UserError("--top-k must be >= 0")
     model, tok = _load(args.model, args.tokenizer)
     ids = prompt_ids(tok, args.prompt, model.cfg.seq_len, args.max_tokens)
     if args.target or args.draft_tokens is not None:
@@ -110,8 +112,8 @@ def _generate_speculative(args, model, tok, ids) -> int:
 
     if not args.target:
         raise UserError("--draft-tokens needs --target DIR (the model that verifies the drafts)")
-    if args.top_k:
-        raise UserError("--top-k does not combine with --target (greedy speculative decoding)")
+    if args.top_k and not args.temperature:
+        raise UserError("--top-k needs --temperature > 0 (greedy speculative decoding has no cut)")
     stream = TextStream(tok, sys.stdout, not args.json)
     if not args.json:
         sys.stdout.write(args.prompt)

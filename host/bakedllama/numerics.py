@@ -352,6 +352,13 @@ def sample(logit_q8, inv_temp_q8: int, rng: XorShift32, top_k: int = 0) -> int:
     Weights w_i = exp_neg(max - t_i) with t = logit * inv_temp (Q8); the draw r picks the first i
     whose running sum exceeds (r * sum) >> 32. With top_k > 0 only the k largest t (lowest index on
     ties) keep their weight."""
+    csum = np.cumsum(sample_weights(logit_q8, inv_temp_q8, top_k))
+    target = (rng.next() * int(csum[-1])) >> 32
+    return int(np.searchsorted(csum, target, side="right"))
+
+
+def sample_weights(logit_q8, inv_temp_q8: int, top_k: int = 0) -> np.ndarray:
+    """The integer weights `sample` draws from (int64, 1-D): exp_neg(max - t), top-k applied."""
     t = round_shift(np.asarray(logit_q8, dtype=np.int64) * inv_temp_q8, 8)
     w = exp_neg(t.max() - t)
     if 0 < top_k < len(t):
@@ -359,6 +366,26 @@ def sample(logit_q8, inv_temp_q8: int, rng: XorShift32, top_k: int = 0) -> int:
         keep = np.zeros(len(t), dtype=bool)
         keep[order[:top_k]] = True
         w = np.where(keep, w, 0)
-    csum = np.cumsum(w)
-    target = (rng.next() * int(csum[-1])) >> 32
-    return int(np.searchsorted(csum, target, side="right"))
+    return w.astype(np.int64)
+
+
+def draw_count(base: int, weight: int, total: int) -> int:
+    """How many of the 2^32 draws r make `sample` pick the token whose weights' running sum before
+    it is `base` and whose weight is `weight` (total: the sum of all weights): the r with
+    base <= (r * total) >> 32 < base + weight. Its probability is exactly this / 2^32."""
+    def below(c):  # r with (r * total) >> 32 < c, i.e. r * total < c * 2^32
+        return min(1 << 32, -(-(c << 32) // total))
+    return below(base + weight) - below(base)
+
+
+def sample_counts(logit_q8, inv_temp_q8: int, top_k: int = 0) -> np.ndarray:
+    """The exact distribution of `sample` as integer counts (object array of Python ints, one per
+    token, summing to 2^32): token i is drawn by draw_count(c_{i-1}, w_i, total) of the 2^32
+    values of the PRNG's draw."""
+    w = [int(x) for x in sample_weights(logit_q8, inv_temp_q8, top_k)]
+    total = sum(w)
+    out, base = [], 0
+    for x in w:
+        out.append(draw_count(base, x, total))
+        base += x
+    return np.array(out, dtype=object)

@@ -16,17 +16,19 @@ def board_engine() -> dict:
     return dict(lanes=LANES, vlanes=VLANES, sys_clk_freq=SYS_CLK_FREQ)
 
 
-def golden_draft_cycles(cfg, positions) -> int:
+def golden_draft_cycles(cfg, positions, sampled=None) -> int:
     """The hardware counter the board's engine would show for these passes (the cycle model,
-    which the Verilator tests tie to the counter)."""
+    which the Verilator tests tie to the counter); sampled: per pass the token its sampler drew
+    (None: greedy)."""
     from bakedllama.llama8b.projection import cycle_model
 
     cm, e = cycle_model(), board_engine()
     per = {}
-    for p in positions:
-        if p not in per:
-            per[p] = cm.expected_cycles(cfg, e["lanes"], p, vlanes=e["vlanes"])
-    return sum(per[p] for p in positions)
+    sampled = sampled or [None] * len(positions)
+    for key in zip(positions, sampled):
+        if key not in per:
+            per[key] = cm.expected_cycles(cfg, e["lanes"], key[0], vlanes=e["vlanes"], sampled=key[1])
+    return sum(per[key] for key in zip(positions, sampled))
 
 
 def run(args, model, tok, ids, stream, log) -> dict:
@@ -36,9 +38,6 @@ def run(args, model, tok, ids, stream, log) -> dict:
     k = DEFAULT_DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
     if k < 0:
         raise ValueError("--draft-tokens must be >= 0")
-    if args.temperature > 0:
-        raise ValueError("--target runs greedy only (--temperature 0): distribution-exact "
-                         "speculative sampling is not implemented yet")
     target, ck = S.open_target(args.target, log=log)
     S.check_shared_vocab(model, ck, tok)
     device = args.device or "sim"
@@ -58,9 +57,12 @@ def run(args, model, tok, ids, stream, log) -> dict:
             device = dev.url
             draft = S.DeviceDraft(dev, model.cfg)
         t0 = time.perf_counter()
-        res = S.speculate(draft, target, ids, args.max_tokens, k, on_token=stream.push)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        res = S.speculate(draft, target, ids, args.max_tokens, k, on_token=stream.push, **sampling)
         wall = time.perf_counter() - t0
     out = dict(res.as_dict(), draft_tokens=k, device=device, draft_passes=draft.passes if draft else 0,
+               temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+               draft_reruns=draft.reruns if draft else 0,
                tokens_per_s=round(len(res.tokens) / wall, 2) if wall > 0 else None,
                target_seconds=round(target.seconds, 4), target_tokens_fed=target.passes)
     # the projection: the draft at the board's rate (its own hardware counter on a device, the
@@ -69,11 +71,12 @@ def run(args, model, tok, ids, stream, log) -> dict:
         if isinstance(draft, S.DeviceDraft):
             cycles, clock = draft.cycles, info.sys_clk_freq
         else:
-            cycles, clock = golden_draft_cycles(model.cfg, draft.positions), board_engine()["sys_clk_freq"]
+            cycles, clock = (golden_draft_cycles(model.cfg, draft.positions, draft.sampled),
+                             board_engine()["sys_clk_freq"])
         alone = S.RunnerTarget(target.r)
-        ref = S.speculate(None, alone, ids, args.max_tokens, 0)
-        if ref.tokens != res.tokens:  # cannot happen for greedy: the loop accepts only agreement
-            raise RuntimeError("speculative output differs from the target alone")
+        ref = S.speculate(None, alone, ids, args.max_tokens, 0, **sampling)
+        if not args.temperature and ref.tokens != res.tokens:  # greedy: cannot happen, the loop
+            raise RuntimeError("speculative output differs from the target alone")  # accepts agreement
         spec_s = cycles / clock + target.seconds
         out.update(draft_cycles=cycles, draft_clock_hz=clock,
                    draft_seconds_at_board=round(cycles / clock, 6),

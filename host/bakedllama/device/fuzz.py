@@ -146,7 +146,7 @@ def run_fuzz(dev: Device, info: P.Info, reference, prompts, rounds: int = 200, s
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_OUT_OF_RANGE)
         elif kind == "unknown_type":
-            t = rng.choice([0x00, 0x09, 0x44, 0x81, 0x84, 0xFE, 0xFF, rng.randint(0x0A, 0x7F)])
+            t = rng.choice([0x00, 0x0B, 0x44, 0x81, 0x84, 0xFE, 0xFF, rng.randint(0x0B, 0x7F)])
             f = _frame_raw(t, seq, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 10))))
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_UNKNOWN_TYPE)
@@ -156,7 +156,8 @@ def run_fuzz(dev: Device, info: P.Info, reference, prompts, rounds: int = 200, s
             expect = (seq, P.E_BAD_VERSION)
         elif kind == "bad_length":
             t, n = rng.choice([(P.INFO, 1), (P.STATS, 3), (P.RESET, 2), (P.ABORT, 1),
-                               (P.GENERATE, 7), (P.GENERATE, 9), (P.PROMPT, 1), (P.PROMPT, 5)])
+                               (P.GENERATE, 7), (P.GENERATE, 9), (P.PROMPT, 1), (P.PROMPT, 5),
+                               (P.RESET, 5), (P.LOGITS, 3), (P.DRAFT_SAMPLED, 5)])
             f = _frame_raw(t, seq, bytes(rng.getrandbits(8) for _ in range(n)))
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_BAD_LENGTH)

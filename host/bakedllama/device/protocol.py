@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 VERSION = 1
 HEADER = 3  # version, type, seq
@@ -29,11 +29,13 @@ BITS_PER_BYTE = 10  # 8N1
 
 # Request types (host -> device); the reply is type | REPLY.
 INFO, RESET, PROMPT, GENERATE, STATS, ABORT, ECHO, DRAFT = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08
+DRAFT_SAMPLED, LOGITS = 0x09, 0x0A
 REPLY = 0x80
 STEP = 0x44
 ERROR = 0xFF
 REQUEST_NAMES = {INFO: "INFO", RESET: "RESET", PROMPT: "PROMPT", GENERATE: "GENERATE",
-                 STATS: "STATS", ABORT: "ABORT", ECHO: "ECHO", DRAFT: "DRAFT"}
+                 STATS: "STATS", ABORT: "ABORT", ECHO: "ECHO", DRAFT: "DRAFT",
+                 DRAFT_SAMPLED: "DRAFT_SAMPLED", LOGITS: "LOGITS"}
 
 # Error codes.
 E_BAD_CRC, E_BAD_FRAME, E_TOO_LONG, E_BAD_VERSION, E_UNKNOWN_TYPE = 1, 2, 3, 4, 5
@@ -56,6 +58,9 @@ STEP_FMT = struct.Struct("<HHHBBI")  # 12 bytes
 ERROR_FMT = struct.Struct("<BBH")
 GENERATE_FMT = struct.Struct("<HHI")
 DRAFT_HEAD_FMT = struct.Struct("<HHII")  # DRAFT reply: pos after, drafts, cycles, wall cycles
+DRAFT_ITEM_FMT = struct.Struct("<HIII")  # DRAFT_SAMPLED reply, per draft: token, base, weight, total
+LOGITS_HEAD_FMT = struct.Struct("<HH")  # LOGITS request and reply: start, count
+LOGITS_MAX = (MAX_PAYLOAD - LOGITS_HEAD_FMT.size) // 4  # i32 logits per LOGITS reply
 
 
 class ProtocolError(ValueError):
@@ -308,29 +313,55 @@ class DraftReply:
     cycles: int  # hardware counter, summed over the passes
     wall_cycles: int  # firmware timer from the request to the reply
 
+    draws: list = field(default_factory=list)  # DRAFT_SAMPLED: (base, weight, total) per token
+
     @classmethod
-    def parse(cls, p: bytes, asked: int, vocab_size: int) -> "DraftReply":
+    def parse(cls, p: bytes, asked: int, vocab_size: int, sampled: bool = False) -> "DraftReply":
+        name, item = ("DRAFT_SAMPLED", DRAFT_ITEM_FMT.size) if sampled else ("DRAFT", 2)
         if len(p) < DRAFT_HEAD_FMT.size:
-            raise ProtocolError(f"DRAFT reply of {len(p)} bytes, expected at least {DRAFT_HEAD_FMT.size}")
+            raise ProtocolError(f"{name} reply of {len(p)} bytes, expected at least {DRAFT_HEAD_FMT.size}")
         pos, k, cycles, wall = DRAFT_HEAD_FMT.unpack_from(p)
-        if k > asked or len(p) != DRAFT_HEAD_FMT.size + 2 * k:
-            raise ProtocolError(f"DRAFT reply of {len(p)} bytes says {k} tokens ({asked} asked)")
-        toks = list(struct.unpack_from(f"<{k}H", p, DRAFT_HEAD_FMT.size))
+        if k > asked or len(p) != DRAFT_HEAD_FMT.size + item * k:
+            raise ProtocolError(f"{name} reply of {len(p)} bytes says {k} tokens ({asked} asked)")
+        if sampled:
+            items = [DRAFT_ITEM_FMT.unpack_from(p, DRAFT_HEAD_FMT.size + item * i) for i in range(k)]
+            toks = [it[0] for it in items]
+            draws = [tuple(it[1:]) for it in items]
+            for base, weight, total in draws:
+                if total == 0 or weight == 0 or base + weight > total:
+                    raise ProtocolError(f"{name} reply has an impossible draw (base {base}, "
+                                        f"weight {weight}, total {total})")
+        else:
+            toks, draws = list(struct.unpack_from(f"<{k}H", p, DRAFT_HEAD_FMT.size)), []
         if any(t >= vocab_size for t in toks):
-            raise ProtocolError(f"DRAFT reply has token {max(toks)} outside the vocabulary of "
+            raise ProtocolError(f"{name} reply has token {max(toks)} outside the vocabulary of "
                                 f"{vocab_size}")
-        return cls(pos, toks, cycles, wall)
+        return cls(pos, toks, cycles, wall, draws)
 
 
-def draft_payload(pos: int, k: int, tokens) -> bytes:
+def draft_payload(pos: int, k: int, tokens, inv_t: int | None = None) -> bytes:
+    """DRAFT (inv_t None) or DRAFT_SAMPLED (1/T in Q8, > 0) request payload."""
     tokens = list(tokens)
+    name = "DRAFT" if inv_t is None else "DRAFT_SAMPLED"
     if not tokens:
-        raise ProtocolError("DRAFT needs at least one context token")
-    if not (0 <= pos <= 0xFFFF and 1 <= k <= 0xFFFF) or any(not 0 <= t <= 0xFFFF for t in tokens):
-        raise ProtocolError("DRAFT position, count and tokens must fit in 16 bits")
-    if 4 + 2 * len(tokens) > MAX_PAYLOAD:
-        raise ProtocolError(f"DRAFT of {len(tokens)} context tokens does not fit one frame")
-    return struct.pack(f"<HH{len(tokens)}H", pos, k, *tokens)
+        raise ProtocolError(f"{name} needs at least one context token")
+    head = [pos, k] if inv_t is None else [pos, k, inv_t]
+    if (not (0 <= pos <= 0xFFFF and 1 <= k <= 0xFFFF) or any(not 0 <= t <= 0xFFFF for t in tokens)
+            or (inv_t is not None and not 1 <= inv_t <= 0xFFFF)):
+        raise ProtocolError(f"{name} position, count, temperature and tokens must fit in 16 bits")
+    if 2 * (len(head) + len(tokens)) > MAX_PAYLOAD:
+        raise ProtocolError(f"{name} of {len(tokens)} context tokens does not fit one frame")
+    return struct.pack(f"<{len(head) + len(tokens)}H", *head, *tokens)
+
+
+def parse_logits(p: bytes, start: int, count: int) -> list[int]:
+    """LOGITS reply: the asked range of the last pass's Q8 logits, checked against the request."""
+    if len(p) != LOGITS_HEAD_FMT.size + 4 * count:
+        raise ProtocolError(f"LOGITS reply of {len(p)} bytes, expected {LOGITS_HEAD_FMT.size + 4 * count}")
+    s, n = LOGITS_HEAD_FMT.unpack_from(p)
+    if (s, n) != (start, count):
+        raise ProtocolError(f"LOGITS reply for {n} logits from {s}, asked {count} from {start}")
+    return list(struct.unpack_from(f"<{count}i", p, LOGITS_HEAD_FMT.size))
 
 
 def prompt_payload(offset: int, tokens) -> bytes:

@@ -8,6 +8,7 @@ ignored."""
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -184,8 +185,9 @@ class Device:
                               f"this host speaks {P.VERSION}")
         return info
 
-    def reset(self) -> None:
-        self.request(P.RESET)
+    def reset(self, seed: int | None = None) -> None:
+        """Position 0, prompt emptied; `seed` (u32) seeds the sampler's generator (else 0)."""
+        self.request(P.RESET, b"" if seed is None else struct.pack("<I", seed & 0xFFFFFFFF))
 
     def stats(self) -> P.Stats:
         return P.Stats.parse(self.request(P.STATS).payload)
@@ -209,21 +211,37 @@ class Device:
         except _Timeout:
             return False
 
-    def draft(self, pos: int, tokens, k: int, vocab_size: int) -> P.DraftReply:
+    def draft(self, pos: int, tokens, k: int, vocab_size: int,
+              inv_t: int | None = None) -> P.DraftReply:
         """Speculative decoding's draft (PROTOCOL.md, DRAFT): rewind the accelerator to `pos`,
-        feed `tokens`, draft k greedy tokens. Idempotent (a retry rewinds to `pos` again)."""
+        feed `tokens`, draft k greedy tokens; with inv_t (1/T in Q8) k sampled tokens and their
+        draws (DRAFT_SAMPLED). Idempotent (a retry rewinds to `pos` again; a sampled retry draws
+        anew, which speculative sampling allows)."""
         tokens = [int(t) for t in tokens]
-        payload = P.draft_payload(pos, k, tokens)
+        payload = P.draft_payload(pos, k, tokens, inv_t)
         passes = len(tokens) + k - 1
-        f = self.request(P.DRAFT, payload, timeout=self.timeout + passes * self.step_timeout)
+        f = self.request(P.DRAFT if inv_t is None else P.DRAFT_SAMPLED, payload,
+                         timeout=self.timeout + passes * self.step_timeout)
         try:
-            r = P.DraftReply.parse(f.payload, k, vocab_size)
+            r = P.DraftReply.parse(f.payload, k, vocab_size, sampled=inv_t is not None)
         except P.ProtocolError as e:
             raise DeviceError(f"{self.url}: {e}") from None
         if len(r.tokens) != k or r.pos != pos + passes:
             raise DeviceError(f"{self.url}: DRAFT reply has {len(r.tokens)} of {k} tokens at "
                               f"position {r.pos}, expected {pos + passes}")
         return r
+
+    def logits(self, vocab_size: int) -> list[int]:
+        """The last forward pass's Q8 logits (PROTOCOL.md, LOGITS), in LOGITS_MAX chunks."""
+        out: list[int] = []
+        while len(out) < vocab_size:
+            start, count = len(out), min(P.LOGITS_MAX, vocab_size - len(out))
+            f = self.request(P.LOGITS, P.LOGITS_HEAD_FMT.pack(start, count))
+            try:
+                out += P.parse_logits(f.payload, start, count)
+            except P.ProtocolError as e:
+                raise DeviceError(f"{self.url}: {e}") from None
+        return out
 
     def set_prompt(self, ids) -> None:
         ids = [int(t) for t in ids]
