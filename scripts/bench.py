@@ -112,45 +112,55 @@ def bench_speculative(ks=range(1, 9), n_tokens: int = 32) -> None:
     prompts = ["It was", "Mr. Darcy", "She could not", "Elizabeth", "The next morning", "Emma",
                "\"My dear", "Lady Catherine", "In the evening", "Her sister"]
     ids = [tok.encode(p, bos=True) for p in prompts]
-    alone_s = 0.0
-    for x in ids:
-        t = S.RunnerTarget(target.r)
-        S.speculate(None, t, x, n_tokens, 0)
-        alone_s += t.seconds
     clock = spec_cli.board_engine()["sys_clk_freq"]
-    print(f"speculative decoding (target {label}; draft: the baked model, cycles at the board's "
-          f"engine, {clock / 1e6:.0f} MHz): {len(ids)} prompts x {n_tokens} tokens; target alone "
-          f"{alone_s / (len(ids) * n_tokens) * 1e3:.2f} ms/token on this host")
-    rows = []
-    for k in ks:
+    temps = (0.0, 1.0)  # greedy, and speculative sampling at T = 1 (seeded per prompt)
+
+    def run(k, temp):
+        """All prompts at K drafts: (accepted, drafted, rounds, draft cycles, target seconds)."""
         acc = drafted = rounds = cycles = 0
         tsec = 0.0
-        for x in ids:
-            d, t = S.GoldenDraft(m), S.RunnerTarget(target.r)
-            r = S.speculate(d, t, x, n_tokens, k)
+        for i, x in enumerate(ids):
+            d, t = (S.GoldenDraft(m) if k else None), S.RunnerTarget(target.r)
+            r = S.speculate(d, t, x, n_tokens, k, temperature=temp, seed=i)
             acc, drafted, rounds = acc + r.accepted, drafted + r.drafted, rounds + r.rounds
             tsec += t.seconds
-            cycles += spec_cli.golden_draft_cycles(m.cfg, d.positions)
-        spec_s = cycles / clock + tsec
-        rows.append((k, acc / drafted, acc / rounds, len(ids) * n_tokens / rounds, alone_s / spec_s))
-        print(f"  K={k}: acceptance {acc / drafted:.3f}, {acc / rounds:.2f} accepted per target pass, "
-              f"{rounds / (len(ids) * n_tokens):.3f} target passes per token; draft "
-              f"{cycles / clock * 1e3:.1f} ms at the board, target {tsec:.2f} s; projected speedup "
-              f"over the target alone {alone_s / spec_s:.2f}x")
+            if d is not None:
+                cycles += spec_cli.golden_draft_cycles(m.cfg, d.positions, d.sampled)
+        return acc, drafted, rounds, cycles, tsec
+
+    alone = {temp: run(0, temp)[4] for temp in temps}
+    print(f"speculative decoding (target {label}; draft: the baked model, cycles at the board's "
+          f"engine, {clock / 1e6:.0f} MHz): {len(ids)} prompts x {n_tokens} tokens; target alone "
+          + ", ".join(f"{alone[t] / (len(ids) * n_tokens) * 1e3:.2f} ms/token at T={t:g}" for t in temps)
+          + " on this host")
+    rows = {temp: [] for temp in temps}
+    for temp in temps:
+        for k in ks:
+            acc, drafted, rounds, cycles, tsec = run(k, temp)
+            spec_s = cycles / clock + tsec
+            rows[temp].append((k, acc / drafted, acc / rounds, len(ids) * n_tokens / rounds,
+                               alone[temp] / spec_s))
+            print(f"  T={temp:g} K={k}: acceptance {acc / drafted:.3f}, {acc / rounds:.2f} accepted per "
+                  f"target pass, {rounds / (len(ids) * n_tokens):.3f} target passes per token; draft "
+                  f"{cycles / clock * 1e3:.1f} ms at the board, target {tsec:.2f} s; projected "
+                  f"speedup over the target alone {alone[temp] / spec_s:.2f}x")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r[0] for r in rows], [r[4] for r in rows], "o-", label="projected speedup")
-        ax.plot([r[0] for r in rows], [r[3] for r in rows], "s--", label="tokens per target pass")
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], "^:", label="acceptance rate")
-        ax.set_xlabel("draft tokens K")
-        ax.set_title(f"speculative decoding, target: {label[:40]}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+        for ax, temp in zip(axes, temps):
+            rr = rows[temp]
+            ax.plot([r[0] for r in rr], [r[4] for r in rr], "o-", label="projected speedup")
+            ax.plot([r[0] for r in rr], [r[3] for r in rr], "s--", label="tokens per target pass")
+            ax.plot([r[0] for r in rr], [r[1] for r in rr], "^:", label="acceptance rate")
+            ax.set_xlabel("draft tokens K")
+            ax.set_title(("greedy" if temp == 0 else f"sampling, T = {temp:g}")
+                         + f"; target: {label[:30]}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         out = REPO / "build" / "bench" / "speculative.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()

@@ -312,7 +312,7 @@ def test_bad_input_one_clear_line(tiny_ck, tiny_dir, tmp_path, capsys, case, exp
     rc = cli.run(_cli("--checkpoint", d, "--cache-dir", str(tiny_dir), "--max-tokens", "1", *extra,
                       "x"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
 # ----------------------------------------------------------------------------- partitions, projection

@@ -144,9 +144,10 @@ def encode_corpus(tok: Tokenizer, text: str) -> np.ndarray:
 
 
 def _state_args(args) -> dict:
-    """The settings a resumed run must share with the run that wrote the state."""
+    """The settings a resumed run must share with the run that wrote the state (not the thread
+    count: a run may go on with fewer threads when the machine is busy)."""
     return dict(preset=args.preset, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                corpus=args.corpus, tokenizer=args.tokenizer, threads=args.threads)
+                corpus=args.corpus, tokenizer=args.tokenizer)
 
 
 def main(argv=None) -> int:
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     state_path = Path(args.out) / "train-state.pt"  # resumable: written at every evaluation
     if args.resume and state_path.exists():
         st = torch.load(state_path, weights_only=False)
-        if st["args"] != _state_args(args):
+        if {k: v for k, v in st["args"].items() if k != "threads"} != _state_args(args):
             print(f"error: {state_path} was written with other settings ({st['args']})", file=sys.stderr)
             return 2
         model.load_state_dict(st["model"])

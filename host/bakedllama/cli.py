@@ -28,6 +28,10 @@ def _load(model_path, tokenizer_path):
 def prompt_ids(tok, prompt: str, seq_len: int, max_tokens: int) -> list[int]:
     if not prompt or not prompt.strip():
         raise UserError("the prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError("the prompt is not valid UTF-8 text") from None
     if max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
     ids = tok.encode(prompt, bos=True)
@@ -47,9 +51,27 @@ class TextStream:
         self.ids.append(t)
         text = self.tok.decode(self.ids)
         if self.enabled and not text.endswith("\ufffd"):
-            self.out.write(text[len(self.shown):])
-            self.out.flush()
+            self.write(text[len(self.shown):])
             self.shown = text
+
+    def write(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # a full disk, a closed terminal
+            raise UserError(f"cannot write the output: {e.strerror or e}") from None
+
+    def end_line(self) -> None:
+        """Before an error line: the streamed text (the prompt included) ends with a newline, so
+        the error is not glued to it."""
+        if self.enabled:
+            try:
+                self.out.write("\n")
+                self.out.flush()
+            except OSError:
+                pass
 
     def text(self) -> str:
         return self.tok.decode(self.ids)
@@ -68,9 +90,9 @@ def cmd_generate(args) -> int:
         return _generate_speculative(args, model, tok, ids)
     device = args.device or "sim"  # no --device: the Verilator SoC (built once, cached)
     stream = TextStream(tok, sys.stdout, not args.json)
-    if not args.json:
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
+    if args.top_k and device != "golden":
+        raise UserError("--top-k runs on the golden model only (the hardware sampler has no top-k)")
+    stream.write("" if args.json else args.prompt)
     cycles = chip = None
     t0 = time.perf_counter()
     if device == "golden":
@@ -81,13 +103,12 @@ def cmd_generate(args) -> int:
     else:
         from bakedllama.device import DeviceError, generate_on_device
 
-        if args.top_k:
-            raise UserError("--top-k runs on the golden model only (the hardware sampler has no top-k)")
         try:
             r = generate_on_device(None if device == "sim" else device, model, ids, args.max_tokens,
                                    args.temperature, args.seed, on_token=stream.push,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
         except DeviceError as e:
+            stream.end_line()
             raise UserError(str(e)) from None
         device, cycles, tps = r["device"], r["cycles_per_token"], r["tokens_per_s"]
         chip = dict(chip_cycles=r["chip_cycles"], chip_tokens_per_s=r["chip_tokens_per_s"],
@@ -115,14 +136,11 @@ def _generate_speculative(args, model, tok, ids) -> int:
     if args.top_k and not args.temperature:
         raise UserError("--top-k needs --temperature > 0 (greedy speculative decoding has no cut)")
     stream = TextStream(tok, sys.stdout, not args.json)
-    if not args.json:
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
+    stream.write("" if args.json else args.prompt)
     try:
         r = spec_cli.run(args, model, tok, ids, stream, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (ValueError, DeviceError) as e:
-        if stream.ids and not args.json:
-            print(file=sys.stdout)
+        stream.end_line()
         raise UserError(str(e)) from None
     r.update(prompt=args.prompt, prompt_tokens=ids, text=stream.text(), model_sha256=model.sha256,
              target=str(args.target))

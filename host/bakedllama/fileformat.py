@@ -92,6 +92,8 @@ def load(path: str | Path, kind: str | None = None) -> tuple[dict, dict[str, np.
         raise ModelFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ModelFileError(f"{path}: is a directory, not a model file") from None
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied") from None
     if len(raw) < 12 + 32 or raw[:4] != MAGIC:
         raise ModelFileError(f"{path}: not a bakedllama file (bad magic)")
     version, hlen = struct.unpack("<II", raw[4:12])
@@ -104,6 +106,7 @@ def load(path: str | Path, kind: str | None = None) -> tuple[dict, dict[str, np.
         header = json.loads(raw[12:12 + hlen])
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ModelFileError(f"{path}: header is not valid JSON") from None
+    _check_header(path, header)
     if kind is not None and header.get("kind") != kind:
         raise ModelFileError(f"{path}: is a '{header.get('kind')}' file, expected '{kind}'")
     start = 12 + hlen
@@ -116,6 +119,40 @@ def load(path: str | Path, kind: str | None = None) -> tuple[dict, dict[str, np.
         arr = np.frombuffer(raw[a:b], dtype=np.dtype(e["dtype"]).newbyteorder("<"))
         tensors[e["name"]] = arr.reshape(e["shape"]).astype(e["dtype"])
     return header, tensors, digest.hex()
+
+
+def _check_header(path, header) -> None:
+    """The header's structure, before anything is read through it: a checksum only proves that
+    the file is what its writer wrote, not that the writer followed the format."""
+    def bad(why):
+        raise ModelFileError(f"{path}: malformed header ({why})")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(header, dict):
+        bad(f"a JSON {type(header).__name__}, not an object")
+    if not isinstance(header.get("meta"), dict):
+        bad("no 'meta' object")
+    if not isinstance(header.get("tensors"), list):
+        bad("no 'tensors' list")
+    names = set()
+    for i, e in enumerate(header["tensors"]):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            bad(f"tensor entry {i} is not an object with a name")
+        n = e["name"]
+        if n in names:
+            bad(f"tensor '{n}' appears twice")
+        names.add(n)
+        if e.get("dtype") not in _DTYPES:
+            bad(f"tensor '{n}' has dtype {e.get('dtype')!r}")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all(count(d) for d in shape):
+            bad(f"tensor '{n}' has shape {shape!r}")
+        if not count(e.get("offset")) or not count(e.get("nbytes")):
+            bad(f"tensor '{n}' has offset {e.get('offset')!r}, nbytes {e.get('nbytes')!r}")
+        if e["nbytes"] != int(np.prod(shape, dtype=np.int64)) * np.dtype(e["dtype"]).itemsize:
+            bad(f"tensor '{n}': {e['nbytes']} bytes do not hold shape {shape} of {e['dtype']}")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -39,6 +39,10 @@ class Tokenizer:
             raw = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ModelFileError(f"{path}: no such tokenizer file") from None
+        except IsADirectoryError:
+            raise ModelFileError(f"{path}: is a directory, not a tokenizer file") from None
+        except PermissionError:
+            raise ModelFileError(f"{path}: permission denied") from None
         except UnicodeDecodeError:
             raise ModelFileError(f"{path}: tokenizer is not UTF-8 JSON") from None
         try:

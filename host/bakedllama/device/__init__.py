@@ -74,7 +74,7 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
     the system clock), tokens_per_s (end to end: request to last token, including the prompt)."""
     stack, dev, info = connect_checked(url, model, log)
     with stack:
-        g = dev.generate(prompt_ids, max_tokens, temperature, seed)
+        g = dev.generate(prompt_ids, max_tokens, temperature, seed, vocab_size=model.cfg.vocab_size)
         for t in g:
             if on_token is not None:
                 on_token(t)

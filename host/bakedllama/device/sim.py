@@ -86,6 +86,14 @@ def build_sim(core: str = "real", model_path: Path | str | None = None, *, force
     if not (REPO / "soc" / "sim.py").exists():
         raise DeviceError("the simulation needs the source tree (soc/, firmware/): run from a clone")
     model_path = Path(model_path) if model_path else None
+    if model_path is not None:  # a bad model must not cost the cached build of a good one
+        from bakedllama.fileformat import ModelFileError
+        from bakedllama.model import load_baked
+
+        try:
+            load_baked(model_path)
+        except ModelFileError as e:
+            raise DeviceError(f"cannot build the simulator: {e}") from None
     out = BUILD_ROOT / f"sim-{core}"
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
     with open(BUILD_ROOT / f"sim-{core}.lock", "w") as lock:
@@ -177,6 +185,15 @@ def launch(build_dir: Path, port: int = 0, boot_timeout: float = 120.0,
     (wait_ready=False: once it listens, without connecting)."""
     build_dir = Path(build_dir).resolve()
     gw = build_dir / "gateware"
+    if port:  # the simulator's own message for a taken port is buried in its log
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as e:
+                raise DeviceError(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e} "
+                                  f"(another simulation, or pick another --port)") from None
     runs = BUILD_ROOT / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     for old in runs.iterdir():  # left by a process that was killed: its simulator died with it
@@ -279,7 +296,7 @@ def main(argv=None) -> int:
         return 0
     except DeviceError as e:
         print(f"bakedllama: {e}", file=sys.stderr)
-        return 1
+        return 2 if str(e).startswith(("cannot build the simulator:", "cannot listen on")) else 1
 
 
 if __name__ == "__main__":

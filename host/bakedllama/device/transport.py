@@ -39,6 +39,7 @@ class Generation:
     t_first: float | None = None
     t_end: float | None = None
     aborted: bool | None = None  # after an early stop: the ABORT reply said a generation was running
+    vocab_size: int | None = None  # tokens at or above it are refused
     _it: object = None
     _cancel: bool = False
 
@@ -81,6 +82,7 @@ class Device:
         self.decoder = P.Decoder()
         self.pending: list = []
         self._seq = int.from_bytes(os.urandom(1), "little") % 255 + 1
+        self.vocab_size: int | None = None  # from the last INFO reply
         # What arrived that was not for us (for the error messages and the fuzz figures).
         self.noise = dict(bytes=0, bad_frames=0, stray_frames=0)
 
@@ -150,8 +152,16 @@ class Device:
             self._read(deadline)
 
     # Requests -------------------------------------------------------------------------------------
+    def _parse(self, parse, payload: bytes, *args):
+        """A reply's parser; a payload that breaks the protocol is a DeviceError (one line)."""
+        try:
+            return parse(payload, *args)
+        except P.ProtocolError as e:
+            raise DeviceError(f"{self.url}: {e}") from None
+
     def request(self, type_: int, payload: bytes = b"", timeout: float | None = None) -> P.Frame:
-        """Send a request until its reply arrives (retrying); ERROR replies raise DeviceError."""
+        """Send a request until its reply arrives (retrying); ERROR replies raise DeviceError, and
+        so does a reply of another type carrying this request's sequence number."""
         name = P.REQUEST_NAMES.get(type_, f"type 0x{type_:02x}")
         timeout = self.timeout if timeout is None else timeout
         last = None
@@ -165,7 +175,7 @@ class Device:
                     if f.type == type_ | P.REPLY:
                         return f
                     if f.type == P.ERROR:
-                        e = P.ErrorReply.parse(f.payload)
+                        e = self._parse(P.ErrorReply.parse, f.payload)
                         if e.code in P.RETRANSMIT_ERRORS:
                             last = DeviceError(f"{self.url}: {name} arrived damaged ({e.name})")
                             break
@@ -174,15 +184,20 @@ class Device:
                             self.abort()
                             break
                         raise DeviceError(f"{self.url}: device refused {name}: {e}")
+                    if f.type != P.STEP:  # a late STEP of an aborted generation may still come
+                        got = P.REQUEST_NAMES.get(f.type & ~P.REPLY, f"type 0x{f.type:02x}")
+                        raise DeviceError(f"{self.url}: answered {name} with a {got} "
+                                          f"{'reply' if f.type & P.REPLY else 'frame'}")
             except _Timeout as t:
                 last = t
         raise DeviceError(f"{last} (after {self.retries + 1} tries)")
 
     def info(self) -> P.Info:
-        info = P.Info.parse(self.request(P.INFO).payload)
+        info = self._parse(P.Info.parse, self.request(P.INFO).payload)
         if info.protocol != P.VERSION:
             raise DeviceError(f"{self.url}: device speaks protocol {info.protocol}, "
                               f"this host speaks {P.VERSION}")
+        self.vocab_size = info.vocab_size
         return info
 
     def reset(self, seed: int | None = None) -> None:
@@ -190,7 +205,7 @@ class Device:
         self.request(P.RESET, b"" if seed is None else struct.pack("<I", seed & 0xFFFFFFFF))
 
     def stats(self) -> P.Stats:
-        return P.Stats.parse(self.request(P.STATS).payload)
+        return self._parse(P.Stats.parse, self.request(P.STATS).payload)
 
     def echo(self, data: bytes) -> bytes:
         return self.request(P.ECHO, data).payload
@@ -222,10 +237,7 @@ class Device:
         passes = len(tokens) + k - 1
         f = self.request(P.DRAFT if inv_t is None else P.DRAFT_SAMPLED, payload,
                          timeout=self.timeout + passes * self.step_timeout)
-        try:
-            r = P.DraftReply.parse(f.payload, k, vocab_size, sampled=inv_t is not None)
-        except P.ProtocolError as e:
-            raise DeviceError(f"{self.url}: {e}") from None
+        r = self._parse(P.DraftReply.parse, f.payload, k, vocab_size, inv_t is not None)
         if len(r.tokens) != k or r.pos != pos + passes:
             raise DeviceError(f"{self.url}: DRAFT reply has {len(r.tokens)} of {k} tokens at "
                               f"position {r.pos}, expected {pos + passes}")
@@ -237,10 +249,7 @@ class Device:
         while len(out) < vocab_size:
             start, count = len(out), min(P.LOGITS_MAX, vocab_size - len(out))
             f = self.request(P.LOGITS, P.LOGITS_HEAD_FMT.pack(start, count))
-            try:
-                out += P.parse_logits(f.payload, start, count)
-            except P.ProtocolError as e:
-                raise DeviceError(f"{self.url}: {e}") from None
+            out += self._parse(P.parse_logits, f.payload, start, count)
         return out
 
     def set_prompt(self, ids) -> None:
@@ -258,18 +267,22 @@ class Device:
                 return
 
     def generate(self, prompt_ids, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-                 inv_temperature_q8: int | None = None) -> Generation:
-        """Send the prompt and start a generation; iterate the result for tokens."""
+                 inv_temperature_q8: int | None = None, vocab_size: int | None = None) -> Generation:
+        """Send the prompt and start a generation; iterate the result for tokens. Nothing the
+        device sends is trusted: more passes or tokens than asked, a token >= vocab_size (the
+        INFO reply's when not given), a pass out of order end in a DeviceError."""
         from bakedllama.numerics import temperature_q8
 
         if inv_temperature_q8 is None:
             inv_temperature_q8 = temperature_q8(temperature) if temperature > 0 else 0
         self.set_prompt(prompt_ids)
         g = Generation(len(prompt_ids), max_tokens)
+        g.vocab_size = vocab_size or self.vocab_size
         g._it = self._generate(g, P.generate_payload(max_tokens, inv_temperature_q8, seed))
         return g
 
     def _generate(self, g: Generation, payload: bytes):
+        passes = g.prompt_tokens + g.max_tokens - 1
         finished = False
         last = None
         silent = 0  # a device silent for a whole step_timeout gets one more chance, not more
@@ -287,15 +300,26 @@ class Device:
                     while True:
                         f = self._wait(seq, time.monotonic() + self.step_timeout,
                                        f"GENERATE: nothing within {self.step_timeout:g} s "
-                                       f"after {len(g.steps)} forward passes")
+                                       f"after {len(g.steps)} forward passes of this try "
+                                       f"({len(g.tokens)} of {g.max_tokens} tokens arrived)")
                         if g._cancel:
                             return
                         if f.type == P.STEP:
-                            s = P.Step.parse(f.payload)
+                            s = self._parse(P.Step.parse, f.payload)
                             if s.pos != len(g.steps):  # a STEP frame was lost on the way
                                 last = DeviceError(f"{self.url}: lost the STEP of pass {len(g.steps)}")
                                 self.abort()
                                 break
+                            if s.pos >= passes:
+                                raise DeviceError(f"{self.url}: sent more forward passes than the "
+                                                  f"{passes} asked ({len(g.tokens)} tokens arrived)")
+                            if s.generated != (s.pos >= g.prompt_tokens - 1):
+                                raise DeviceError(f"{self.url}: pass {s.pos} is marked "
+                                                  f"{'generated' if s.generated else 'prompt'} "
+                                                  f"with a {g.prompt_tokens}-token prompt")
+                            if g.vocab_size is not None and s.token_out >= g.vocab_size:
+                                raise DeviceError(f"{self.url}: sent token {s.token_out}, outside "
+                                                  f"the vocabulary of {g.vocab_size}")
                             g.steps.append(s)
                             if not s.generated:
                                 continue
@@ -311,7 +335,7 @@ class Device:
                                 yield s.token_out
                             n_here += 1
                         elif f.type == P.GENERATE | P.REPLY:
-                            d = P.Done.parse(f.payload)
+                            d = self._parse(P.Done.parse, f.payload)
                             if d.reason == P.DONE_HW_TIMEOUT:
                                 raise DeviceError(f"{self.url}: the accelerator stopped answering "
                                                   f"at pass {len(g.steps)}")
@@ -326,7 +350,7 @@ class Device:
                             finished = True
                             return
                         elif f.type == P.ERROR:
-                            e = P.ErrorReply.parse(f.payload)
+                            e = self._parse(P.ErrorReply.parse, f.payload)
                             if e.code in P.RETRANSMIT_ERRORS:
                                 last = DeviceError(f"{self.url}: GENERATE arrived damaged")
                                 break
@@ -338,6 +362,9 @@ class Device:
                                 raise DeviceError(f"{self.url}: the accelerator stopped answering "
                                                   f"at position {e.detail}")
                             raise DeviceError(f"{self.url}: device refused GENERATE: {e}")
+                        else:
+                            got = P.REQUEST_NAMES.get(f.type & ~P.REPLY, f"type 0x{f.type:02x}")
+                            raise DeviceError(f"{self.url}: answered GENERATE with a {got} frame")
                 except _Timeout as t:
                     last = t
                     silent += 1
@@ -345,6 +372,10 @@ class Device:
                         raise DeviceError(f"{t} (twice)") from None
                     self.abort()
             raise DeviceError(f"{last} (after {self.retries + 1} tries)")
+        except DeviceError as e:
+            if "tokens arrived" in str(e) or not g.tokens:
+                raise
+            raise DeviceError(f"{e} ({len(g.tokens)} of {g.max_tokens} tokens arrived)") from None
         finally:
             if not finished:
                 try:
@@ -363,6 +394,16 @@ def open_device(url: str, *, baudrate: int = P.DEFAULT_BAUDRATE, timeout: float 
     """Open a pyserial URL: socket://127.0.0.1:PORT (simulation), /dev/ttyUSB0 (board), ..."""
     import serial
 
+    if url.startswith("socket://"):  # pyserial's own errors for these are not readable
+        from urllib.parse import urlsplit
+
+        try:
+            port = urlsplit(url).port
+        except ValueError:
+            port = -1
+        if port is None or not 0 < port < 65536 or not urlsplit(url).hostname:
+            raise DeviceError(f"cannot open {url}: a socket URL needs a host and a port 1-65535 "
+                              f"(socket://127.0.0.1:PORT)")
     kwargs = dict(baudrate=baudrate, timeout=READ_SLICE, write_timeout=max(timeout, 1.0))
     if "://" not in url:
         kwargs["exclusive"] = True  # a second program on the same tty would steal bytes

@@ -248,7 +248,7 @@ def run(args) -> int:
     except (ModelFileError, partition.PartitionError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return 2  # like the rest of the CLI: a user's input that cannot run
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
