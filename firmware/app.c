@@ -184,8 +184,11 @@ static void do_stats(uint8_t seq)
 
 static void accel_reset(uint32_t seed)
 {
+	hw_loop_stop();
 	hw_accel_set_temperature(0);
 	hw_accel_reset(seed);
+	while (hw_accel_out_valid())                /* nothing of an earlier request stays queued */
+		hw_accel_take();
 	logits_valid = 0;
 }
 
@@ -345,8 +348,9 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 			logits_valid = 1;
 			t_tok = t;
 		} else {
-			if (stopped && !hw_accel_in_flight())
-				break;                          /* aborted: nothing more will come */
+			/* aborted: nothing runs (read first) and nothing landed since: all is out */
+			if (stopped && !hw_accel_in_flight() && !hw_accel_out_valid())
+				break;
 			if (!aborting && poll_during_generation(&abort_seq)) {
 				aborting = 1;
 				hw_loop_stop();
