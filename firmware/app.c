@@ -7,7 +7,7 @@
 #include "hw.h"
 #include "proto.h"
 
-#define FW_MAJOR 1
+#define FW_MAJOR 2
 #define FW_MINOR 0
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -59,9 +59,11 @@ static void put_byte(uint8_t c, void *ctx)
 }
 
 /* Send tx's payload (already at tx + PROTO_HEADER, n bytes) as a frame. */
+static uint8_t reply_version = PROTO_VERSION;
+
 static void send(uint8_t type, uint8_t seq, size_t n)
 {
-	cobs_write(tx, frame_build(tx, type, seq, tx + PROTO_HEADER, n), put_byte, 0);
+	cobs_write(tx, frame_build_v(tx, reply_version, type, seq, tx + PROTO_HEADER, n), put_byte, 0);
 }
 
 static void send_error(uint8_t seq, uint8_t code, uint8_t type, uint16_t detail)
@@ -89,7 +91,9 @@ static int reject_bad_frame(void)
 			return 0;
 		}
 		counters.frames_bad++;
+		reply_version = rx.buf[0] == 1 ? 1 : PROTO_VERSION;  /* a v1 host can read this one */
 		send_error(seq, E_BAD_VERSION, type, PROTO_VERSION);
+		reply_version = PROTO_VERSION;
 		return 1;
 	case RX_BAD_CRC:
 		counters.frames_bad++;
@@ -180,8 +184,11 @@ static void do_stats(uint8_t seq)
 
 static void accel_reset(uint32_t seed)
 {
+	hw_loop_stop();
 	hw_accel_set_temperature(0);
 	hw_accel_reset(seed);
+	while (hw_accel_out_valid())                /* nothing of an earlier request stays queued */
+		hw_accel_take();
 	logits_valid = 0;
 }
 
@@ -219,20 +226,6 @@ static void do_prompt(uint8_t seq, const uint8_t *p, size_t n)
 	send(T_PROMPT | T_REPLY, seq, 2);
 }
 
-static void send_step(uint8_t seq, uint32_t pos, uint16_t tin, uint16_t tout, uint8_t flags,
-                      uint32_t cycles)
-{
-	uint8_t *p = tx + PROTO_HEADER;
-
-	put_u16(p, (uint16_t)pos);
-	put_u16(p + 2, tin);
-	put_u16(p + 4, tout);
-	p[6] = flags;
-	p[7] = 0;
-	put_u32(p + 8, cycles);
-	send(T_STEP, seq, STEP_SIZE);
-}
-
 static void send_done(uint8_t seq, uint8_t reason)
 {
 	uint8_t *p = tx + PROTO_HEADER;
@@ -245,17 +238,6 @@ static void send_done(uint8_t seq, uint8_t reason)
 	put_u64(p + 14, last.decode_cycles);
 	put_u64(p + 22, last.wall_cycles);
 	send(T_GENERATE | T_REPLY, seq, DONE_SIZE);
-}
-
-/* golden.generate on the accelerator: prompt passes greedy (the sampler's generator does not
- * advance), the last prompt pass and the feed-back passes at the requested temperature.
- * The next token is fed as soon as the previous one is out, so the STEP frame of a pass goes out
- * over the link while the accelerator computes the next pass. */
-static void feed(uint32_t pos, uint32_t n, uint16_t token, uint16_t inv_t)
-{
-	if (pos == n - 1)
-		hw_accel_set_temperature(inv_t);
-	hw_accel_feed(token);
 }
 
 /* Wait for the running pass, reading the link meanwhile (an ABORT lets the pass finish first:
@@ -280,12 +262,48 @@ static int wait_pass(int *aborting, uint8_t *abort_seq)
 	return 0;
 }
 
+static void count_pass(uint32_t cycles, int prefill)
+{
+	if (prefill)
+		last.prefill_cycles += cycles;
+	else
+		last.decode_cycles += cycles;
+	if (cycles < last.min_cycles)
+		last.min_cycles = cycles;
+	if (cycles > last.max_cycles)
+		last.max_cycles = cycles;
+}
+
+/* TOKENS: u16 index of the batch's first generated token, u8 n, u8 0, u32 cycles (the passes that
+ * made them), u16 tokens[n]. */
+static uint16_t batch[TOKENS_BATCH];
+
+static void send_tokens(uint8_t seq, uint32_t first, uint32_t n, uint32_t cycles)
+{
+	uint8_t *p = tx + PROTO_HEADER;
+	uint32_t i;
+
+	put_u16(p, (uint16_t)first);
+	p[2] = (uint8_t)n;
+	p[3] = 0;
+	put_u32(p + 4, cycles);
+	for (i = 0; i < n; i++)
+		put_u16(p + TOKENS_HEAD + 2 * i, batch[i]);
+	send(T_TOKENS, seq, TOKENS_HEAD + 2 * n);
+}
+
+/* golden.generate on the accelerator: the prompt passes but the last are fed by the CPU, greedy
+ * (the sampler's generator does not advance); the last prompt token starts the hardware loop
+ * (LlamaPort) at the requested temperature: the accelerator feeds each token back itself, and
+ * the CPU only drains its FIFO into TOKENS frames of up to TOKENS_BATCH tokens (a batch also goes
+ * out when its first token has waited FLUSH_US). ABORT stops the loop; the pass in flight lands
+ * in the last batch. */
 static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t seed)
 {
-	uint32_t n = prompt_len, passes = n + max_tokens - 1, pos, cycles, t, t_last;
-	uint16_t tin, tout;
-	uint8_t flags, reason = DONE_COMPLETE, abort_seq = 0;
-	int aborting = 0;
+	uint32_t n = prompt_len, pos, c, t, t0, t_tok, t_batch = 0, nb = 0, first = 0, bcyc = 0;
+	uint32_t flush = hw_sys_clk_freq() / 1000000u * FLUSH_US;
+	uint8_t reason = DONE_COMPLETE, abort_seq = 0;
+	int aborting = 0, stopped = 0;
 
 	counters.generations++;
 	last.prompt_tokens = (uint16_t)n;
@@ -293,46 +311,77 @@ static void generate(uint8_t seq, uint16_t max_tokens, uint16_t inv_t, uint32_t 
 	last.min_cycles = 0xFFFFFFFFu;
 	last.max_cycles = 0;
 	last.prefill_cycles = last.decode_cycles = last.wall_cycles = 0;
-	t_last = hw_cycles_now();
+	t0 = hw_cycles_now();
 	accel_reset(seed);
 
-	tin = prompt[0];
-	feed(0, n, tin, inv_t);
-	for (pos = 0; pos < passes; pos++) {
+	for (pos = 0; pos + 1 < n; pos++) {
+		hw_accel_feed(prompt[pos]);
 		if (!wait_pass(&aborting, &abort_seq)) {
-			reason = DONE_HW_TIMEOUT;
 			send_error(seq, E_HW_TIMEOUT, T_GENERATE, (uint16_t)pos);
-			break;
+			reason = DONE_HW_TIMEOUT;
+			goto done;
 		}
-		cycles = hw_accel_cycles();
-		tout = hw_accel_take();
-		if (pos + 1 < passes && !aborting)
-			feed(pos + 1, n, pos + 1 < n ? prompt[pos + 1] : tout, inv_t);
-		flags = pos + 1 >= n ? STEP_GENERATED : 0;
-		if (pos < n)
-			last.prefill_cycles += cycles;
-		else
-			last.decode_cycles += cycles;
-		if (cycles < last.min_cycles)
-			last.min_cycles = cycles;
-		if (cycles > last.max_cycles)
-			last.max_cycles = cycles;
-		if (flags)
-			last.generated++;
-		send_step(seq, pos, tin, tout, flags, cycles);
-		t = hw_cycles_now();
-		last.wall_cycles += (uint32_t)(t - t_last);
-		t_last = t;
+		count_pass(hw_accel_cycles(), 1);
+		hw_accel_take();
 		if (aborting) {
 			reason = DONE_ABORTED;
-			break;
+			goto done;
 		}
-		tin = pos + 1 < n ? prompt[pos + 1] : tout;
 	}
+	hw_accel_set_temperature(inv_t);
+	hw_loop_start((uint16_t)(max_tokens - 1));
+	hw_accel_feed(prompt[n - 1]);
+	t_tok = hw_cycles_now();
+	while (last.generated < max_tokens) {
+		t = hw_cycles_now();
+		if (hw_accel_out_valid()) {
+			c = hw_accel_cycles();
+			if (nb == 0) {
+				first = last.generated;
+				bcyc = 0;
+				t_batch = t;
+			}
+			batch[nb++] = hw_accel_take();
+			count_pass(c, last.generated == 0);  /* the first token's pass is the last prompt pass */
+			bcyc += c;
+			last.generated++;
+			logits_valid = 1;
+			t_tok = t;
+		} else {
+			/* aborted: nothing runs (read first) and nothing landed since: all is out */
+			if (stopped && !hw_accel_in_flight() && !hw_accel_out_valid())
+				break;
+			if (!aborting && poll_during_generation(&abort_seq)) {
+				aborting = 1;
+				hw_loop_stop();
+				stopped = 1;
+			}
+			if ((uint32_t)(t - t_tok) > ACCEL_TIMEOUT_CYCLES) {
+				counters.hw_timeouts++;
+				hw_loop_stop();
+				accel_reset(0);
+				if (nb)
+					send_tokens(seq, first, nb, bcyc);
+				send_error(seq, E_HW_TIMEOUT, T_GENERATE, (uint16_t)(n - 1 + last.generated));
+				reason = DONE_HW_TIMEOUT;
+				goto done;
+			}
+		}
+		if (nb && (nb == TOKENS_BATCH || last.generated == max_tokens ||
+		           (!hw_accel_out_valid() && (uint32_t)(t - t_batch) >= flush))) {
+			send_tokens(seq, first, nb, bcyc);
+			nb = 0;
+		}
+	}
+	if (nb)
+		send_tokens(seq, first, nb, bcyc);
+	if (aborting)
+		reason = DONE_ABORTED;
+done:
+	hw_loop_stop();
 	if (last.min_cycles == 0xFFFFFFFFu)
 		last.min_cycles = 0;
-	t = hw_cycles_now();
-	last.wall_cycles += (uint32_t)(t - t_last);
+	last.wall_cycles = hw_cycles_now() - t0;
 	send_done(seq, reason);
 	if (aborting) {
 		tx[PROTO_HEADER] = 1;

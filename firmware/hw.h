@@ -28,9 +28,12 @@ void hw_accel_reset(uint32_t seed);              /* seed CSR, then ctrl.reset */
 void hw_accel_set_temperature(uint16_t inv_t_q8);
 void hw_accel_rewind(uint32_t pos);              /* rewind_pos CSR, then ctrl.rewind (pos <= current) */
 void hw_accel_feed(uint16_t token);              /* offer a token on the accelerator's sink */
-int hw_accel_out_valid(void);                    /* a next token is waiting on its source */
-uint16_t hw_accel_take(void);                    /* read it and let the accelerator go on */
-uint32_t hw_accel_cycles(void);                  /* cycles of the last forward pass */
+int hw_accel_out_valid(void);                    /* a token waits in the port's FIFO */
+uint16_t hw_accel_take(void);                    /* pop it from the FIFO */
+uint32_t hw_accel_cycles(void);                  /* cycles of the pass that made that token */
+void hw_loop_start(uint16_t n);                  /* feed the next n outputs back (LlamaPort) */
+void hw_loop_stop(void);
+int hw_accel_in_flight(void);                    /* a pass runs or its token is on the way */
 uint32_t hw_accel_pos(void);
 int hw_accel_has_draws(void);                    /* logit readback and draw CSRs present */
 int32_t hw_accel_logit(uint32_t i);              /* the last pass's Q8 logit i (not running) */

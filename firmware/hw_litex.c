@@ -125,7 +125,22 @@ uint16_t hw_accel_take(void)
 
 uint32_t hw_accel_cycles(void)
 {
-	return llama_cycles_read();
+	return llama_port_pass_cycles_read();
+}
+
+void hw_loop_start(uint16_t n)
+{
+	llama_port_loop_write(n);
+}
+
+void hw_loop_stop(void)
+{
+	llama_port_loop_write(0);
+}
+
+int hw_accel_in_flight(void)
+{
+	return (llama_port_status_read() >> CSR_LLAMA_PORT_STATUS_IN_FLIGHT_OFFSET) & 1;
 }
 
 uint32_t hw_accel_pos(void)

@@ -111,6 +111,12 @@ enum rx_result rx_byte(struct rx_state *s, uint8_t b)
 
 size_t frame_build(uint8_t *buf, uint8_t type, uint8_t seq, const uint8_t *payload, size_t n)
 {
+	return frame_build_v(buf, PROTO_VERSION, type, seq, payload, n);
+}
+
+size_t frame_build_v(uint8_t *buf, uint8_t version, uint8_t type, uint8_t seq,
+                     const uint8_t *payload, size_t n)
+{
 	size_t i;
 
 	if (payload && payload != buf + PROTO_HEADER) {
@@ -118,7 +124,7 @@ size_t frame_build(uint8_t *buf, uint8_t type, uint8_t seq, const uint8_t *paylo
 		for (i = n; i > 0; i--)
 			buf[PROTO_HEADER + i - 1] = payload[i - 1];
 	}
-	buf[0] = PROTO_VERSION;
+	buf[0] = version;
 	buf[1] = type;
 	buf[2] = seq;
 	put_u32(buf + PROTO_HEADER + n, crc32(buf, PROTO_HEADER + n));

@@ -1,4 +1,4 @@
-/* bakedllama serial protocol v1: constants, COBS + CRC-32 framing (see PROTOCOL.md).
+/* bakedllama serial protocol v2: constants, COBS + CRC-32 framing (see PROTOCOL.md).
  * Pure C, no hardware access: the same file builds for the SoC and natively for the tests. */
 #ifndef BAKEDLLAMA_PROTO_H
 #define BAKEDLLAMA_PROTO_H
@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PROTO_VERSION      1
+#define PROTO_VERSION      2
 #define PROTO_HEADER       3                    /* version, type, seq */
 #define PROTO_CRC          4
 #define PROTO_MAX_PAYLOAD  1024
@@ -27,7 +27,7 @@
 #define T_LOGITS    0x0A                        /* the last pass's Q8 logits */
 /* Replies: request | 0x80; streamed and error frames. */
 #define T_REPLY     0x80
-#define T_STEP      0x44
+#define T_TOKENS    0x45                        /* v2: a batch of generated tokens */
 #define T_ERROR     0xFF
 
 /* Error codes (ERROR payload: u8 code, u8 request type, u16 detail). */
@@ -47,14 +47,16 @@
 #define DONE_ABORTED    1
 #define DONE_HW_TIMEOUT 2
 
-/* STEP flags. */
-#define STEP_GENERATED  1
+/* TOKENS batches: at most TOKENS_BATCH tokens; a batch is sent once its first token waited
+ * FLUSH_US microseconds (of the system clock). */
+#define TOKENS_BATCH    32
+#define TOKENS_HEAD     8                       /* u16 first, u8 n, u8 0, u32 cycles */
+#define FLUSH_US        1000
 
 /* Payload sizes. */
 #define INFO_SIZE   48
 #define STATS_SIZE  64
 #define DONE_SIZE   30
-#define STEP_SIZE   12
 #define DRAFT_HEAD  12                          /* DRAFT reply before its u16 tokens */
 #define DRAFT_SAMPLED_ITEM 14                   /* u16 token, u32 base, weight, total */
 
@@ -86,6 +88,8 @@ enum rx_result rx_byte(struct rx_state *s, uint8_t byte);
 
 /* Frame builder: header + payload + CRC in buf; returns the decoded length. */
 size_t frame_build(uint8_t *buf, uint8_t type, uint8_t seq, const uint8_t *payload, size_t n);
+size_t frame_build_v(uint8_t *buf, uint8_t version, uint8_t type, uint8_t seq,
+                     const uint8_t *payload, size_t n);
 /* COBS-encode buf[0 .. len) through put(byte, ctx), then the 0x00 delimiter. */
 void cobs_write(const uint8_t *buf, size_t len, void (*put)(uint8_t, void *), void *ctx);
 

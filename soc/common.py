@@ -52,8 +52,16 @@ VLANES = 8
 # LlamaPort ----------------------------------------------------------------------------------------
 
 class LlamaPort(LiteXModule):
-    """One token at a time between the CPU and the accelerator's streams."""
-    def __init__(self, width=16):
+    """Tokens between the CPU and the accelerator's streams, and the generation loop in hardware.
+
+    The CPU offers a token with ``token_in``. Every token the accelerator produces goes into a
+    FIFO with the cycles of its pass (``token_out`` / ``pass_cycles``, ``ctrl.pop``). While
+    ``loop_left`` is not 0, each produced token is also fed straight back to the accelerator
+    (``loop_left`` counts down): a generation runs without the CPU in the token loop, which only
+    drains the FIFO into batched frames (protocol v2). Writing ``loop`` sets ``loop_left``;
+    writing 0 stops the loop (the pass in flight, ``status.in_flight``, still lands in the FIFO).
+    ``cycles`` is the accelerator's per-pass cycle counter (valid with its output token)."""
+    def __init__(self, cycles, width=16, depth=32):
         self.source = stream.Endpoint([("token", width)])  # -> accelerator sink
         self.sink   = stream.Endpoint([("token", width)])  # <- accelerator source
 
@@ -61,33 +69,65 @@ class LlamaPort(LiteXModule):
             description="Token for the accelerator: writing it offers it on the accelerator's sink "
                         "until accepted (``status.in_busy``). Write only when ``in_busy`` is 0.")
         self.token_out = CSRStatus(width,
-            description="Next token from the accelerator (valid when ``status.out_valid``).")
+            description="Oldest token in the FIFO (valid when ``status.out_valid``).")
+        self.pass_cycles = CSRStatus(32,
+            description="The cycles of the pass that produced ``token_out``.")
+        self.loop = CSRStorage(16,
+            description="Tokens to feed back automatically (sets ``loop_left``; 0 stops the loop).")
+        self.loop_left = CSRStatus(16, description="Tokens still to be fed back.")
         self.status = CSRStatus(fields=[
-            CSRField("in_busy",   size=1, description="``token_in`` waits for the accelerator."),
+            CSRField("in_busy",   size=1, description="A token waits for the accelerator."),
             CSRField("out_valid", size=1, description="``token_out`` holds a token."),
+            CSRField("in_flight", size=1, description="A pass runs or its token is on the way."),
         ])
         self.ctrl = CSRStorage(fields=[
-            CSRField("pop", size=1, pulse=True,
-                description="Consume ``token_out``: the accelerator may go on."),
+            CSRField("pop", size=1, pulse=True, description="Consume ``token_out``."),
         ])
 
         # # #
 
+        self.fifo = fifo = stream.SyncFIFO([("token", width), ("cycles", 32)], depth, buffered=True)
         pending = Signal()
+        fed     = Signal(width)      # the token offered: the CPU's or the one fed back
+        left    = Signal(16)
+        flight  = Signal()           # the accelerator accepted a token whose output is not in yet
+        take    = Signal()
+        self.comb += [
+            take.eq(self.sink.valid & fifo.sink.ready),
+            self.sink.ready.eq(fifo.sink.ready),
+            fifo.sink.valid.eq(self.sink.valid),
+            fifo.sink.token.eq(self.sink.token),
+            fifo.sink.cycles.eq(cycles),
+        ]
         self.sync += [
             If(self.token_in.re,
-                pending.eq(1),
+                pending.eq(1), fed.eq(self.token_in.storage),
+            ).Elif(take & (left != 0),
+                pending.eq(1), fed.eq(self.sink.token),
             ).Elif(self.source.ready,
                 pending.eq(0),
+            ),
+            If(self.loop.re,
+                left.eq(self.loop.storage),
+            ).Elif(take & (left != 0),
+                left.eq(left - 1),
+            ),
+            If(self.source.valid & self.source.ready,
+                flight.eq(1),
+            ).Elif(take,
+                flight.eq(0),
             ),
         ]
         self.comb += [
             self.source.valid.eq(pending),
-            self.source.token.eq(self.token_in.storage),
-            self.token_out.status.eq(self.sink.token),
+            self.source.token.eq(fed),
+            self.token_out.status.eq(fifo.source.token),
+            self.pass_cycles.status.eq(fifo.source.cycles),
+            self.loop_left.status.eq(left),
             self.status.fields.in_busy.eq(pending),
-            self.status.fields.out_valid.eq(self.sink.valid),
-            self.sink.ready.eq(self.ctrl.fields.pop),
+            self.status.fields.out_valid.eq(fifo.source.valid),
+            self.status.fields.in_flight.eq(flight | pending),
+            fifo.source.ready.eq(self.ctrl.fields.pop),
         ]
 
 # SoC mixin ----------------------------------------------------------------------------------------
@@ -97,7 +137,7 @@ class BakedLlamaSoC:
 
     def add_llama(self, core, board, testing=False):
         self.llama      = core
-        self.llama_port = LlamaPort()
+        self.llama_port = LlamaPort(core.cycles.status)
         self.comb += [
             self.llama_port.source.connect(core.sink),
             core.source.connect(self.llama_port.sink),

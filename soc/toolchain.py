@@ -78,5 +78,6 @@ def format_summary(s):
         lines.append(f"projected      {s['projected_tokens_per_s']:,.0f} tokens/s "
                      f"({s['cycles_per_token']:,} cycles/token at {target:.2f} MHz)")
     lines.append(f"UART link      {s['uart_baudrate']:,} baud: {s['link_tokens_per_s']:,.0f} tokens/s "
-                 f"({s['link_bytes_per_token']} bytes per token, 8N1)")
+                 f"({s['link_bytes_per_token']} bytes per token, 8N1)"
+                 + (f": {s['link_to_chip_ratio']}x the accelerator" if s.get("link_to_chip_ratio") else ""))
     return "\n".join(lines)

@@ -88,9 +88,10 @@ class BaseSoC(BakedLlamaSoC, SoCCore):
 # Build --------------------------------------------------------------------------------------------
 
 def link_figures(baudrate):
-    """Bytes per generated token on the wire (one STEP frame) and what the UART carries."""
-    step = len(P.encode(P.STEP, 1, bytes(P.STEP_FMT.size)))
-    return step, baudrate / (P.BITS_PER_BYTE * step)
+    """Bytes per generated token on the wire (protocol v2: full TOKENS batches) and the tokens/s
+    the UART carries."""
+    per = P.wire_bytes_per_token()
+    return round(per, 3), baudrate / (P.BITS_PER_BYTE * per)
 
 def expected_cycles_per_token(core, n_tokens=64):
     """The accelerator's analytic cycles per forward pass (gateware/cycle_model.py), mean over the
@@ -142,6 +143,8 @@ def build(output_dir=DEFAULT_OUTPUT_DIR, core_kind="real", model_path=None, lane
         uart_baudrate          = int(uart_baudrate),
         link_bytes_per_token   = step_bytes,
         link_tokens_per_s      = round(link_tps, 1),
+        link_to_chip_ratio     = round(link_tps / (min(r["fmax_mhz"], sys_clk_freq/1e6)*1e6/cpt), 1)
+                                 if cpt and r["fmax_mhz"] else None,
         model_id               = getattr(core, "model_id_value", None),
     )
     with open(os.path.join(output_dir, "report.json"), "w") as f:

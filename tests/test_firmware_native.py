@@ -83,8 +83,16 @@ def test_generate_matches_reference(fw, prompt):
         g = dev.generate(prompt, 20)
         assert list(g) == ref(prompt, 20)
         assert g.done.prompt_tokens == len(prompt) and g.done.generated == 20
-        assert len(g.steps) == len(prompt) + 19
-        assert [s.cycles for s in g.steps] == [64 + p for p in range(len(prompt) + 19)]
+        # protocol v2: TOKENS batches, contiguous, each with its passes' cycles (64 + pos here);
+        # the first generated token's pass is the last prompt pass
+        n = len(prompt)
+        assert [b.first for b in g.batches] == [sum(len(x.tokens) for x in g.batches[:i])
+                                                for i in range(len(g.batches))]
+        assert all(1 <= len(b.tokens) <= P.TOKENS_BATCH for b in g.batches)
+        assert sum(b.cycles for b in g.batches) == sum(64 + p for p in range(n - 1, n + 19))
+        assert g.done.prefill_cycles == sum(64 + p for p in range(n))
+        assert g.done.decode_cycles == sum(64 + p for p in range(n, n + 19))
+        assert g.done.wall_cycles > 0
         inv_t = temperature_q8(0.7)
         assert list(dev.generate(prompt, 20, temperature=0.7, seed=1234)) == ref(prompt, 20, inv_t, 1234)
         st = dev.stats()
@@ -228,6 +236,21 @@ def test_draft_sampled_logits_and_seeded_reset(fw):
         dev.reset(99)
         again = dev.draft(0, [1, 5, 300], 4, 512, inv_t)
         assert again.tokens == r.tokens and again.draws == r.draws
+
+
+def test_a_v1_host_gets_a_v1_error_it_can_read(fw):
+    """Protocol v2 firmware answers a v1 frame with a v1 ERROR frame (BAD_VERSION, detail 2):
+    what an old host prints is "device refused INFO: BAD_VERSION ... (detail 2)", not a timeout.
+    A v2 host talking to v1 firmware is told so at its first reply (transport._wait)."""
+    import zlib
+
+    with open_device(fw.url) as dev:
+        body = bytes((1, P.INFO, 9))
+        raw = body + struct.pack("<I", zlib.crc32(body))
+        dev.send_raw(b"\x00" + P.cobs_encode(raw) + b"\x00")
+        deadline = time.monotonic() + 5
+        with pytest.raises(DeviceError, match="speaks protocol 1, this host 2: load the bitstream"):
+            dev._wait(9, deadline, "the v1 reply")
 
 
 def test_abort_and_busy(fw):
@@ -383,9 +406,9 @@ class LossyLink:
 
 
 def test_generation_survives_a_lossy_link(fw):
-    """Damaged frames both ways: requests are retransmitted, lost STEPs make the host restart the
+    """Damaged frames both ways: requests are retransmitted, a lost TOKENS or DONE frame makes the host restart the
     (deterministic) generation, and the tokens are still exactly right."""
-    link = LossyLink(fw.url, every=1500, seed=3)
+    link = LossyLink(fw.url, every=250, seed=3)  # v2 batches: ~5x fewer bytes than v1
     try:
         with open_device(link.url, timeout=1.0, step_timeout=1.0, retries=8) as dev:
             retried = 0

@@ -79,7 +79,7 @@ def test_frame_layout():
 
 def test_decoder_splits_and_resyncs():
     rng = random.Random(2)
-    frames = [(rng.choice([P.STEP, P.ERROR, 0x81]), rng.randint(1, 255),
+    frames = [(rng.choice([P.TOKENS, P.ERROR, 0x81]), rng.randint(1, 255),
                bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 50)))) for _ in range(100)]
     stream = bytearray()
     for t, s, p in frames:
@@ -113,17 +113,24 @@ def test_bad_frames_are_classified():
     body = bytearray(P.frame_bytes(P.INFO, 1))
     body[-1] ^= 0x80
     assert P.decode_frame(P.cobs_encode(bytes(body))).reason == "crc"
-    body = bytes((2, P.INFO, 1))
-    assert P.decode_frame(P.cobs_encode(body + struct.pack("<I", P.crc32(body)))).reason == "version"
+    body = bytes((1, P.INFO, 1))
+    f = P.decode_frame(P.cobs_encode(body + struct.pack("<I", P.crc32(body))))
+    assert f.reason == "version" and f.version == 1
 
 
 def test_payload_structs():
     assert P.INFO_FMT.size == 48 and P.STATS_FMT.size == 64
-    assert P.DONE_FMT.size == 30 and P.STEP_FMT.size == 12
-    s = P.Step.parse(P.STEP_FMT.pack(5, 10, 20, 1, 0, 1234))
-    assert (s.pos, s.token_in, s.token_out, s.generated, s.cycles) == (5, 10, 20, True, 1234)
+    assert P.DONE_FMT.size == 30 and P.TOKENS_HEAD_FMT.size == 8
+    t = P.Tokens.parse(P.TOKENS_HEAD_FMT.pack(5, 3, 0, 1234) + struct.pack("<3H", 7, 8, 0x1FF))
+    assert (t.first, t.tokens, t.cycles) == (5, (7, 8, 0x1FF), 1234)
+    for bad in (P.TOKENS_HEAD_FMT.pack(0, 0, 0, 1), P.TOKENS_HEAD_FMT.pack(0, 2, 0, 1) + b"\x01\x00",
+                P.TOKENS_HEAD_FMT.pack(0, P.TOKENS_BATCH + 1, 0, 1) + bytes(2 * P.TOKENS_BATCH + 2)):
+        with pytest.raises(P.ProtocolError):
+            P.Tokens.parse(bad)
+    # full batches: 3 + 8 + 64 + 4 = 79 frame bytes, one COBS code byte, the delimiter
+    assert P.wire_bytes_per_token() == 81 / 32
     d = P.Done.parse(P.DONE_FMT.pack(4, 3, 0, 0, 400, 200, 9999))
-    assert d.passes == 6 and d.cycles_per_token == 100.0
+    assert d.passes == 6 and d.cycles_per_token == 100.0 and d.wall_cycles_per_token == 9999 / 6
     assert P.prompt_payload(2, [1, 0x1FF]) == b"\x02\x00\x01\x00\xff\x01"
     with pytest.raises(P.ProtocolError):
         P.prompt_payload(0, [0x10000])
@@ -144,12 +151,12 @@ def test_constants_match_proto_h():
     assert d["PROTO_MAX_PAYLOAD"] == P.MAX_PAYLOAD
     assert d["PROTO_CRC_RESIDUE"] == P.CRC_RESIDUE
     for name in ("INFO", "RESET", "PROMPT", "GENERATE", "STATS", "ABORT", "ECHO", "DRAFT",
-                 "DRAFT_SAMPLED", "LOGITS", "REPLY", "STEP", "ERROR"):
+                 "DRAFT_SAMPLED", "LOGITS", "REPLY", "TOKENS", "ERROR"):
         assert d[f"T_{name}"] == getattr(P, name), name
     for code, name in P.ERROR_NAMES.items():
         assert d[f"E_{name}"] == code, name
-    assert (d["INFO_SIZE"], d["STATS_SIZE"], d["DONE_SIZE"], d["STEP_SIZE"]) == (
-        P.INFO_FMT.size, P.STATS_FMT.size, P.DONE_FMT.size, P.STEP_FMT.size)
+    assert (d["INFO_SIZE"], d["STATS_SIZE"], d["DONE_SIZE"], d["TOKENS_HEAD"], d["TOKENS_BATCH"]) == (
+        P.INFO_FMT.size, P.STATS_FMT.size, P.DONE_FMT.size, P.TOKENS_HEAD_FMT.size, P.TOKENS_BATCH)
     assert (d["DRAFT_HEAD"], d["DRAFT_SAMPLED_ITEM"]) == (P.DRAFT_HEAD_FMT.size, P.DRAFT_ITEM_FMT.size)
     assert (d["DONE_COMPLETE"], d["DONE_ABORTED"], d["DONE_HW_TIMEOUT"]) == (
         P.DONE_COMPLETE, P.DONE_ABORTED, P.DONE_HW_TIMEOUT)

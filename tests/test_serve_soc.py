@@ -93,7 +93,7 @@ def test_generation_cancel_from_another_thread(sim, ref):
         threading.Timer(0.5, g.cancel).start()
         t0 = time.monotonic()
         assert list(g) == [] and g.aborted is True
-        assert time.monotonic() - t0 < 5 and 0 < len(g.steps) < 60, len(g.steps)
+        assert time.monotonic() - t0 < 5 and not g.batches  # stopped in the prompt passes
         assert dev.stats().generated == 0
         g = dev.generate(ref.tok.encode("It was"), 6)
         assert list(g) == ref("It was", 6) and g.aborted is None  # ran to the end: no ABORT

@@ -188,8 +188,9 @@ def test_cli_generate_uses_the_simulation(model):
 
 def test_uart_link_is_not_the_bottleneck(model):
     """With the simulated UART paced like the board's (DEFAULT_BAUDRATE at the SoC's clock, 8N1),
-    the firmware's cycles per forward pass stay within 10% of the accelerator's: the STEP frames go
-    out while the next pass runs. (Simulated cycles: deterministic, not wall time.)"""
+    the firmware's cycles per forward pass (GENERATE to DONE) stay within 10% of the
+    accelerator's: the hardware loop feeds the tokens back, the TOKENS batches go out while the
+    next passes run. (Simulated cycles: deterministic, not wall time.)"""
     from bakedllama.device.protocol import BITS_PER_BYTE, DEFAULT_BAUDRATE
 
     m, tok, g = model

@@ -68,7 +68,7 @@ def test_banner_is_kept_until_a_client_connects():
             deadline = time.monotonic() + 30
             while b"ready" not in data and time.monotonic() < deadline:
                 data += s.recv(256)
-        assert b"bakedllama firmware 1.0 protocol 1 ready" in data
+        assert f"bakedllama firmware 2.0 protocol {P.VERSION} ready".encode() in data
     finally:
         h.stop()
 
@@ -97,7 +97,9 @@ def test_generate_matches_reference(sim, prompt):
     with sim.open() as dev:
         g = dev.generate(prompt, 24)
         assert list(g) == ref(prompt, 24)
-        assert [s.cycles for s in g.steps] == [64 + p for p in range(len(prompt) + 23)]
+        n = len(prompt)  # the stand-in's counter is 64 + pos; v2 batches carry their passes'
+        assert sum(b.cycles for b in g.batches) == sum(64 + p for p in range(n - 1, n + 23))
+        assert g.done.prefill_cycles + g.done.decode_cycles == sum(64 + p for p in range(n + 23))
         assert list(dev.generate(prompt, 24, temperature=0.9, seed=99)) == \
             ref(prompt, 24, temperature_q8(0.9), 99)
 

@@ -43,8 +43,6 @@ static unsigned idle;
 static uint32_t pos, prng, seed_csr;
 static uint16_t inv_t, out_token, last_in;
 static uint32_t last_pos;
-static int out_valid;
-static uint32_t cycles;
 
 int hw_native_args(int argc, char **argv);
 
@@ -221,6 +219,44 @@ static uint32_t xorshift32(uint32_t x)
 	return x;
 }
 
+/* The port (soc/common.py LlamaPort): a FIFO of (token, cycles), the offered token, the loop. */
+#define NFIFO 32
+static uint16_t fifo_tok[NFIFO];
+static uint32_t fifo_cyc[NFIFO];
+static unsigned f_head, f_len;
+static int in_pending;
+static uint16_t in_token;
+static uint32_t loop_left;
+
+/* Run passes while a token is offered and the FIFO has room (an instant accelerator). */
+static void run(void)
+{
+	uint32_t mask = opt.vocab - 1, out;
+
+	while (in_pending && f_len < NFIFO) {
+		if (pos >= opt.seq_len || (long)pos == opt.stall_at)
+			return;                             /* not accepted / never answers */
+		out = opt.table[(in_token + pos) & mask];
+		if (inv_t) {
+			prng = xorshift32(prng);
+			out = (out + (prng >> 16) + inv_t) & mask;
+		}
+		out_token = (uint16_t)out;
+		last_in = in_token;
+		last_pos = pos;
+		fifo_tok[(f_head + f_len) % NFIFO] = (uint16_t)out;
+		fifo_cyc[(f_head + f_len) % NFIFO] = opt.latency + pos;
+		f_len++;
+		pos++;
+		if (loop_left) {
+			loop_left--;
+			in_token = (uint16_t)out;
+		} else {
+			in_pending = 0;
+		}
+	}
+}
+
 void hw_accel_reset(uint32_t seed)
 {
 	seed_csr = seed;
@@ -228,7 +264,9 @@ void hw_accel_reset(uint32_t seed)
 	prng = seed * 2654435761u + 0x6D2B79F5u;
 	if (!prng)
 		prng = 0x9E3779B9u;
-	out_valid = 0;
+	f_len = 0;
+	in_pending = 0;
+	loop_left = 0;
 }
 
 void hw_accel_rewind(uint32_t p)
@@ -244,39 +282,46 @@ void hw_accel_set_temperature(uint16_t v)
 
 void hw_accel_feed(uint16_t token)
 {
-	uint32_t mask = opt.vocab - 1, out;
-
-	if (pos >= opt.seq_len || (long)pos == opt.stall_at)
-		return;                                 /* not accepted / never answers */
-	out = opt.table[(token + pos) & mask];
-	if (inv_t) {
-		prng = xorshift32(prng);
-		out = (out + (prng >> 16) + inv_t) & mask;
-	}
-	out_token = (uint16_t)out;
-	last_in = token;
-	last_pos = pos;
-	cycles = opt.latency + pos;
-	out_valid = 1;
+	in_pending = 1;
+	in_token = token;
+	run();
 }
 
 int hw_accel_out_valid(void)
 {
-	return out_valid;
+	return f_len > 0;
 }
 
 uint16_t hw_accel_take(void)
 {
-	if (out_valid) {
-		out_valid = 0;
-		pos++;
+	uint16_t t = fifo_tok[f_head];
+
+	if (f_len) {
+		f_head = (f_head + 1) % NFIFO;
+		f_len--;
+		run();
 	}
-	return out_token;
+	return t;
 }
 
 uint32_t hw_accel_cycles(void)
 {
-	return cycles;
+	return fifo_cyc[f_head];
+}
+
+void hw_loop_start(uint16_t n)
+{
+	loop_left = n;
+}
+
+void hw_loop_stop(void)
+{
+	loop_left = 0;
+}
+
+int hw_accel_in_flight(void)
+{
+	return in_pending;
 }
 
 uint32_t hw_accel_pos(void)

@@ -112,7 +112,7 @@ def cmd_generate(args) -> int:
             raise UserError(str(e)) from None
         device, cycles, tps = r["device"], r["cycles_per_token"], r["tokens_per_s"]
         chip = dict(chip_cycles=r["chip_cycles"], chip_tokens_per_s=r["chip_tokens_per_s"],
-                    sys_clk_freq=r["sys_clk_freq"])
+                    wall_cycles_per_token=r["wall_cycles_per_token"], sys_clk_freq=r["sys_clk_freq"])
     n = len(stream.ids)
     result = dict(prompt=args.prompt, device=device, prompt_tokens=ids, tokens=stream.ids,
                   text=stream.text(), tokens_per_s=tps,

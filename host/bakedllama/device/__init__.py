@@ -84,6 +84,9 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
         return dict(
             tokens=list(g.tokens),
             cycles_per_token=round(cpt, 1) if cpt else None,
+            # the firmware timer over the whole generation per pass: the accelerator + firmware +
+            # link (protocol v2: the CPU is not in the token loop, the link carries batches)
+            wall_cycles_per_token=round(d.wall_cycles_per_token, 1) if d and d.passes else None,
             # the accelerator's own time: every forward pass's hardware counter, at the SoC clock
             chip_cycles=chip or None,
             chip_tokens_per_s=round(len(g.tokens) * info.sys_clk_freq / chip, 1) if chip else None,

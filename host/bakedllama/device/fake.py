@@ -6,10 +6,10 @@ broken board would.
         open_device(fake.url) ...
 
 Modes (None = behave):
-  endless      GENERATE streams STEP frames without end (pos counting up, all "generated")
+  endless      GENERATE streams TOKENS frames without end
   double       twice the asked tokens, then a DONE that says so
   bad_token    the first generated token is 60000
-  short_step   STEP frames 2 bytes short
+  short_step   TOKENS frames 2 bytes short
   short_info   an INFO reply of 40 bytes
   wrong_type   INFO answered with a STATS reply
   stale_seq    every reply carries the previous request's sequence number
@@ -147,26 +147,29 @@ class FakeDevice:
         toks += [toks[-1]] * (asked - len(toks))
         if m == "bad_token":
             toks[0] = 60000
-        pos, made = 0, 0
-        while True:
-            if m != "endless" and pos >= n + len(toks) - 1:
-                break
-            gen = pos >= n - 1
-            tin = self.prompt[pos] if pos < n else toks[min(pos - n, len(toks) - 1)]
-            tout = toks[min(made, len(toks) - 1)] if gen else self.prompt[min(pos + 1, n - 1)]
-            step = P.STEP_FMT.pack(pos & 0xFFFF, tin, tout & 0xFFFF, int(gen), 0, 1000 + pos)
-            self._send(conn, P.STEP, f.seq, step[:-2] if m == "short_step" else step)
-            made += gen
-            pos += 1
+        made, batch = 0, []
+
+        def flush():
+            tb = P.TOKENS_HEAD_FMT.pack(made - len(batch), len(batch), 0, 1000 * len(batch))
+            tb += struct.pack(f"<{len(batch)}H", *[t & 0xFFFF for t in batch])
+            self._send(conn, P.TOKENS, f.seq, tb[:-2] if m == "short_step" else tb)
+            batch.clear()
+
+        while m == "endless" or made < len(toks):
+            batch.append(toks[min(made, len(toks) - 1)])
+            made += 1
             if m in ("vanish", "stall") and made == 3:
-                if m == "vanish":
-                    return False
-                self._stop.wait()
+                flush()
+                if m == "stall":
+                    self._stop.wait()
                 return False
+            if len(batch) == 4 or made == len(toks):
+                flush()
             if m == "endless":
                 self._stop.wait(0.001)
                 if self._stop.is_set():
                     return False
+        pos = n + made - 1
         done = P.DONE_FMT.pack(n, made, P.DONE_COMPLETE, 0, 1000 * n, 1000 * made, 2000 * pos)
         self._send(conn, P.GENERATE | P.REPLY, f.seq, done)
         return True

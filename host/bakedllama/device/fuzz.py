@@ -151,7 +151,7 @@ def run_fuzz(dev: Device, info: P.Info, reference, prompts, rounds: int = 200, s
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_UNKNOWN_TYPE)
         elif kind == "bad_version":
-            f = _frame_raw(P.INFO, seq, b"", version=rng.choice([0, 2, 0x7F, 0xFF]))
+            f = _frame_raw(P.INFO, seq, b"", version=rng.choice([0, 3, 0x7F, 0xFF]))
             dev.send_raw(b"\x00" + P.cobs_encode(f) + b"\x00")
             expect = (seq, P.E_BAD_VERSION)
         elif kind == "bad_length":

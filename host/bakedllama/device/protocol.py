@@ -9,7 +9,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-VERSION = 1
+VERSION = 2  # v2: generation in a hardware loop, tokens in TOKENS batches (v1: STEP frames)
 HEADER = 3  # version, type, seq
 CRC_SIZE = 4
 MAX_PAYLOAD = 1024
@@ -18,12 +18,11 @@ MAX_FRAME = HEADER + MAX_PAYLOAD + CRC_SIZE
 MAX_ENCODED = MAX_FRAME + (MAX_FRAME + 253) // 254  # COBS overhead, without the delimiter
 CRC_RESIDUE = 0x2144DF1C
 
-# The ULX3S's FT231X runs up to 3 Mbaud (its 3 MHz base clock, divisor 1: exact). LiteX's UART
-# at the 25 MHz system clock makes it with 8.3 clocks per bit (it samples at ~0.7 bit, +-1 clock
-# = +-0.12 bit). A token is one 21-byte STEP frame: 3 Mbaud carries 14,285 tokens/s, above the
-# accelerator's rate at lanes=64 (~12,400 cycles per token, ~2,000 tokens/s at 25 MHz). 2 Mbaud
-# (9,523 tokens/s) is the fallback if a board's link is marginal: build with --uart-baudrate 2e6,
-# open with baudrate=.
+# The ULX3S's FT231X runs up to 3 Mbaud (its 3 MHz base clock, divisor 1: exact). Generated tokens
+# travel in TOKENS batches of up to TOKENS_BATCH (2 bytes each + 17 bytes of frame), 2.53 bytes per
+# token when batches are full: 3 Mbaud carries ~118,000 tokens/s (protocol v1's one 21-byte STEP
+# frame per pass carried 14,285). 2 Mbaud is the fallback if a board's link is marginal: build
+# with --uart-baudrate 2e6, open with baudrate=.
 DEFAULT_BAUDRATE = 3_000_000
 BITS_PER_BYTE = 10  # 8N1
 
@@ -31,7 +30,7 @@ BITS_PER_BYTE = 10  # 8N1
 INFO, RESET, PROMPT, GENERATE, STATS, ABORT, ECHO, DRAFT = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08
 DRAFT_SAMPLED, LOGITS = 0x09, 0x0A
 REPLY = 0x80
-STEP = 0x44
+TOKENS = 0x45  # v2: a batch of generated tokens (replaces v1's STEP frame per pass)
 ERROR = 0xFF
 REQUEST_NAMES = {INFO: "INFO", RESET: "RESET", PROMPT: "PROMPT", GENERATE: "GENERATE",
                  STATS: "STATS", ABORT: "ABORT", ECHO: "ECHO", DRAFT: "DRAFT",
@@ -47,14 +46,14 @@ ERROR_NAMES = {E_BAD_CRC: "BAD_CRC", E_BAD_FRAME: "BAD_FRAME", E_TOO_LONG: "TOO_
 RETRANSMIT_ERRORS = (E_BAD_CRC, E_BAD_FRAME, E_TOO_LONG)  # the request did not arrive intact
 
 DONE_COMPLETE, DONE_ABORTED, DONE_HW_TIMEOUT = 0, 1, 2
-STEP_GENERATED = 1
+TOKENS_BATCH = 32  # tokens per TOKENS frame at most (firmware/proto.h)
 
 BOARDS = {0: "native test build", 1: "Verilator simulation", 2: "ULX3S"}
 
 INFO_FMT = struct.Struct("<BBBBI8IIHBB")  # 48 bytes
 STATS_FMT = struct.Struct("<6IHHIII3Q")  # 64 bytes
 DONE_FMT = struct.Struct("<HHBB3Q")  # 30 bytes
-STEP_FMT = struct.Struct("<HHHBBI")  # 12 bytes
+TOKENS_HEAD_FMT = struct.Struct("<HBBI")  # TOKENS: first token's index, n, 0, cycles of the batch
 ERROR_FMT = struct.Struct("<BBH")
 GENERATE_FMT = struct.Struct("<HHI")
 DRAFT_HEAD_FMT = struct.Struct("<HHII")  # DRAFT reply: pos after, drafts, cycles, wall cycles
@@ -133,6 +132,7 @@ class BadFrame:
 
     reason: str  # "cobs", "short", "crc", "too_long", "version"
     raw: bytes  # the encoded bytes (at most MAX_ENCODED kept)
+    version: int | None = None  # a valid frame of another protocol version: that version
 
 
 def decode_frame(enc: bytes) -> Frame | BadFrame:
@@ -150,7 +150,7 @@ def decode_frame(enc: bytes) -> Frame | BadFrame:
     if crc32(f[:-4]) != struct.unpack("<I", f[-4:])[0]:
         return BadFrame("crc", enc)
     if f[0] != VERSION:
-        return BadFrame("version", enc)
+        return BadFrame("version", enc, f[0])
     return Frame(f[1], f[2], f[3:-4])
 
 
@@ -220,19 +220,26 @@ class Info:
 
 
 @dataclass(frozen=True)
-class Step:
-    pos: int
-    token_in: int
-    token_out: int
-    generated: bool
-    cycles: int
+class Tokens:
+    first: int  # index of the batch's first generated token
+    tokens: tuple
+    cycles: int  # the hardware counter over the passes that made them
 
     @classmethod
-    def parse(cls, p: bytes) -> "Step":
-        if len(p) != STEP_FMT.size:
-            raise ProtocolError(f"STEP of {len(p)} bytes, expected {STEP_FMT.size}")
-        pos, tin, tout, flags, _, cycles = STEP_FMT.unpack(p)
-        return cls(pos, tin, tout, bool(flags & STEP_GENERATED), cycles)
+    def parse(cls, p: bytes) -> "Tokens":
+        if len(p) < TOKENS_HEAD_FMT.size:
+            raise ProtocolError(f"TOKENS of {len(p)} bytes, expected at least {TOKENS_HEAD_FMT.size}")
+        first, n, _, cycles = TOKENS_HEAD_FMT.unpack_from(p)
+        if not 1 <= n <= TOKENS_BATCH or len(p) != TOKENS_HEAD_FMT.size + 2 * n:
+            raise ProtocolError(f"TOKENS of {len(p)} bytes says {n} tokens")
+        return cls(first, struct.unpack_from(f"<{n}H", p, TOKENS_HEAD_FMT.size), cycles)
+
+
+def wire_bytes_per_token(batch: int = TOKENS_BATCH) -> float:
+    """Bytes on the wire per generated token with full batches: header, TOKENS head, tokens and
+    CRC, COBS's code bytes (one per 254) and the delimiter."""
+    frame = HEADER + TOKENS_HEAD_FMT.size + 2 * batch + CRC_SIZE
+    return (frame + -(-frame // 254) + 1) / batch
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,12 @@ class Done:
     def cycles_per_token(self) -> float | None:
         """Mean hardware cycles of a forward pass over the whole generation (prompt included)."""
         return (self.prefill_cycles + self.decode_cycles) / self.passes if self.passes else None
+
+    @property
+    def wall_cycles_per_token(self) -> float | None:
+        """The firmware timer from GENERATE to DONE per forward pass: cycles_per_token plus the
+        firmware's and the link's share."""
+        return self.wall_cycles / self.passes if self.passes else None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ class Generation:
     prompt_tokens: int
     max_tokens: int
     tokens: list = field(default_factory=list)
-    steps: list = field(default_factory=list)  # Step per forward pass (last attempt)
+    batches: list = field(default_factory=list)  # Tokens frames of the last attempt
+    token_cycles: list = field(default_factory=list)  # per token: its batch's mean pass cycles
     done: P.Done | None = None
     retries: int = 0
     t_start: float = 0.0
@@ -55,8 +56,8 @@ class Generation:
             self._it.close()
 
     def cancel(self) -> None:
-        """Stop early from any thread: the iteration ends at the next frame from the device (within
-        one forward pass, prompt passes included) and the device aborts the generation."""
+        """Stop early from any thread: the iteration ends within one read slice (READ_SLICE), in
+        the prompt passes too, and the device aborts the generation."""
         self._cancel = True
 
     @property
@@ -127,14 +128,21 @@ class Device:
             self.noise["bytes"] += len(data)
             self.pending.extend(self.decoder.feed(data))
 
-    def _wait(self, seq: int, deadline: float, what: str) -> P.Frame:
-        """The next frame carrying `seq`, before the deadline."""
+    def _wait(self, seq: int, deadline: float, what: str, cancelled=None) -> P.Frame | None:
+        """The next frame carrying `seq`, before the deadline; None as soon as cancelled()."""
         got_bytes, got_frames = self.noise["bytes"], 0
         while True:
+            if cancelled is not None and cancelled():
+                return None
             while self.pending:
                 f = self.pending.pop(0)
                 if isinstance(f, P.BadFrame):
                     self.noise["bad_frames"] += 1
+                    if f.version is not None:
+                        raise DeviceError(
+                            f"{self.url}: the device speaks protocol {f.version}, this host "
+                            f"{P.VERSION}: " + ("load the bitstream (firmware) of this version"
+                                                if f.version < P.VERSION else "upgrade the host"))
                 elif f.seq == seq:
                     return f
                 else:
@@ -184,7 +192,7 @@ class Device:
                             self.abort()
                             break
                         raise DeviceError(f"{self.url}: device refused {name}: {e}")
-                    if f.type != P.STEP:  # a late STEP of an aborted generation may still come
+                    if f.type != P.TOKENS:  # late TOKENS of an aborted generation may still come
                         got = P.REQUEST_NAMES.get(f.type & ~P.REPLY, f"type 0x{f.type:02x}")
                         raise DeviceError(f"{self.url}: answered {name} with a {got} "
                                           f"{'reply' if f.type & P.REPLY else 'frame'}")
@@ -282,7 +290,6 @@ class Device:
         return g
 
     def _generate(self, g: Generation, payload: bytes):
-        passes = g.prompt_tokens + g.max_tokens - 1
         finished = False
         last = None
         silent = 0  # a device silent for a whole step_timeout gets one more chance, not more
@@ -294,56 +301,59 @@ class Device:
                 g.retries = attempt
                 seq = self._next_seq()
                 self._send(P.GENERATE, seq, payload)
-                g.steps = []
+                g.batches = []
                 n_here = 0  # generated tokens seen in this attempt
+                # the prompt passes come first, then a batch at least every TOKENS_BATCH passes
+                wait = self.step_timeout * max(1, g.prompt_tokens)
                 try:
                     while True:
-                        f = self._wait(seq, time.monotonic() + self.step_timeout,
-                                       f"GENERATE: nothing within {self.step_timeout:g} s "
-                                       f"after {len(g.steps)} forward passes of this try "
-                                       f"({len(g.tokens)} of {g.max_tokens} tokens arrived)")
-                        if g._cancel:
+                        f = self._wait(seq, time.monotonic() + wait,
+                                       f"GENERATE: nothing within {wait:g} s "
+                                       f"({len(g.tokens)} of {g.max_tokens} tokens arrived)",
+                                       cancelled=lambda: g._cancel)
+                        wait = self.step_timeout * max(1, min(P.TOKENS_BATCH,
+                                                              g.max_tokens - len(g.tokens)))
+                        if f is None or g._cancel:
                             return
-                        if f.type == P.STEP:
-                            s = self._parse(P.Step.parse, f.payload)
-                            if s.pos != len(g.steps):  # a STEP frame was lost on the way
-                                last = DeviceError(f"{self.url}: lost the STEP of pass {len(g.steps)}")
+                        if f.type == P.TOKENS:
+                            b = self._parse(P.Tokens.parse, f.payload)
+                            if b.first != n_here:  # a TOKENS frame was lost on the way
+                                last = DeviceError(f"{self.url}: lost the tokens from {n_here}")
                                 self.abort()
                                 break
-                            if s.pos >= passes:
-                                raise DeviceError(f"{self.url}: sent more forward passes than the "
-                                                  f"{passes} asked ({len(g.tokens)} tokens arrived)")
-                            if s.generated != (s.pos >= g.prompt_tokens - 1):
-                                raise DeviceError(f"{self.url}: pass {s.pos} is marked "
-                                                  f"{'generated' if s.generated else 'prompt'} "
-                                                  f"with a {g.prompt_tokens}-token prompt")
-                            if g.vocab_size is not None and s.token_out >= g.vocab_size:
-                                raise DeviceError(f"{self.url}: sent token {s.token_out}, outside "
+                            if n_here + len(b.tokens) > g.max_tokens:
+                                raise DeviceError(f"{self.url}: sent more tokens than the "
+                                                  f"{g.max_tokens} asked ({len(g.tokens)} tokens "
+                                                  f"arrived)")
+                            bad = [t for t in b.tokens if g.vocab_size is not None and t >= g.vocab_size]
+                            if bad:
+                                raise DeviceError(f"{self.url}: sent token {bad[0]}, outside "
                                                   f"the vocabulary of {g.vocab_size}")
-                            g.steps.append(s)
-                            if not s.generated:
-                                continue
-                            if n_here < len(g.tokens):  # a retry replays what we have
-                                if g.tokens[n_here] != s.token_out:
-                                    raise DeviceError(
-                                        f"{self.url}: the retried generation differs at token "
-                                        f"{n_here} ({s.token_out} != {g.tokens[n_here]})")
-                            else:
-                                g.tokens.append(s.token_out)
-                                if g.t_first is None:
-                                    g.t_first = time.monotonic()
-                                yield s.token_out
-                            n_here += 1
+                            g.batches.append(b)
+                            for t in b.tokens:
+                                if n_here < len(g.tokens):  # a retry replays what we have
+                                    if g.tokens[n_here] != t:
+                                        raise DeviceError(
+                                            f"{self.url}: the retried generation differs at token "
+                                            f"{n_here} ({t} != {g.tokens[n_here]})")
+                                else:
+                                    g.tokens.append(t)
+                                    g.token_cycles.append(b.cycles / len(b.tokens))
+                                    if g.t_first is None:
+                                        g.t_first = time.monotonic()
+                                    yield t
+                                n_here += 1
                         elif f.type == P.GENERATE | P.REPLY:
                             d = self._parse(P.Done.parse, f.payload)
                             if d.reason == P.DONE_HW_TIMEOUT:
                                 raise DeviceError(f"{self.url}: the accelerator stopped answering "
-                                                  f"at pass {len(g.steps)}")
+                                                  f"after {n_here} tokens")
                             if d.reason != P.DONE_COMPLETE:
                                 raise DeviceError(f"{self.url}: generation ended early "
                                                   f"({d.generated} of {g.max_tokens} tokens)")
-                            if d.generated != n_here or d.passes != len(g.steps):
-                                last = DeviceError(f"{self.url}: lost the last STEP frames")
+                            if d.generated != n_here or d.prompt_tokens != g.prompt_tokens:
+                                last = DeviceError(f"{self.url}: DONE says {d.generated} tokens, "
+                                                   f"{n_here} arrived")
                                 break
                             g.done = d
                             g.t_end = time.monotonic()

@@ -119,7 +119,7 @@ class DeviceBackend:
             g.cancel()
         try:
             for t in g:
-                yield t, g.steps[-1].cycles
+                yield t, g.token_cycles[-1]
         finally:
             g.close()  # not finished: ABORT (the transport waits for its reply)
             self._figures(job, g)
@@ -133,9 +133,8 @@ class DeviceBackend:
             s["chip_cycles"] = chip
             if chip:
                 s["chip_tokens_per_s"] = round(len(g.tokens) * self.info["sys_clk_freq"] / chip, 1)
-        elif g.steps:
-            cyc = sum(st.cycles for st in g.steps)
-            s["cycles_per_token"] = round(cyc / len(g.steps), 1)
+        elif g.token_cycles:
+            s["cycles_per_token"] = round(sum(g.token_cycles) / len(g.token_cycles), 1)
         if len(g.tokens) > 1 and g.t_first is not None:
             end = g.t_end or time.monotonic()
             s["device_tokens_per_s"] = (len(g.tokens) - 1) / max(end - g.t_first, 1e-9)
