@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from migen import run_simulation
+from migen import Signal, run_simulation
 
 from soc.common import LlamaPort
 from soc.testing_core import MODEL_CFG_FIELDS, StandInCore, lookup_table, reference_generate
@@ -110,9 +110,22 @@ def test_testing_core_full_and_cfg():
     assert seen["cfg"]["vocab_size"] == 32 and seen["cfg"]["seq_len"] == 3 and seen["cfg"]["dim"] == 0
 
 
-def test_llama_port_handshake():
-    port = LlamaPort()
+def test_llama_port_handshake_fifo_and_loop():
+    """LlamaPort (protocol v2): a CPU token is offered until the accelerator takes it; every output
+    lands in the FIFO with its pass's cycles (the CPU pops it); while `loop_left` is not 0 each
+    output is also fed straight back, counting down; `in_flight` covers a pass and its feed."""
+    cycles = Signal(32)
+    port = LlamaPort(cycles)
     got = {}
+
+    def accel_output(token, cyc):
+        yield cycles.eq(cyc)
+        yield port.sink.token.eq(token)
+        yield port.sink.valid.eq(1)
+        yield
+        yield port.sink.valid.eq(0)
+        for _ in range(3):  # the FIFO's buffered output
+            yield
 
     def gen():
         # CPU writes a token: offered until the accelerator takes it.
@@ -130,18 +143,48 @@ def test_llama_port_handshake():
         yield
         yield port.source.ready.eq(0)
         yield
-        got["after"] = ((yield port.source.valid), (yield port.status.fields.in_busy))
-        # Accelerator offers a token: visible to the CPU, consumed by `pop`.
-        yield port.sink.valid.eq(1)
-        yield port.sink.token.eq(77)
-        yield
-        got["out"] = ((yield port.status.fields.out_valid), (yield port.token_out.status))
-        got["ready_before_pop"] = yield port.sink.ready
+        got["after"] = ((yield port.source.valid), (yield port.status.fields.in_flight))
+        # the pass ends: its token and cycles queue up; no loop, so nothing is fed back
+        got["sink_ready"] = yield port.sink.ready
+        yield from accel_output(77, 1234)
+        got["out"] = ((yield port.status.fields.out_valid), (yield port.token_out.status),
+                      (yield port.pass_cycles.status), (yield port.source.valid),
+                      (yield port.status.fields.in_flight))
         yield port.ctrl.fields.pop.eq(1)
         yield
-        got["ready_on_pop"] = yield port.sink.ready
+        yield port.ctrl.fields.pop.eq(0)
+        yield
+        got["popped"] = yield port.status.fields.out_valid
+        # the loop: two more feeds; each output is offered back to the accelerator
+        yield port.loop.storage.eq(2)
+        yield port.loop.re.eq(1)
+        yield
+        yield port.loop.re.eq(0)
+        yield
+        fed = []
+        for tok in (5, 6, 7):
+            yield from accel_output(tok, 100 + tok)
+            fed.append(((yield port.source.valid), (yield port.source.token), (yield port.loop_left.status)))
+            yield port.source.ready.eq(1)
+            yield
+            yield port.source.ready.eq(0)
+            yield
+        got["fed"] = fed
+        queue = []
+        while (yield port.status.fields.out_valid):
+            queue.append(((yield port.token_out.status), (yield port.pass_cycles.status)))
+            yield port.ctrl.fields.pop.eq(1)
+            yield
+            yield port.ctrl.fields.pop.eq(0)
+            yield
+        got["queue"] = queue
 
     run_simulation(port, gen())
     assert got["busy"] == (1, 1) and got["token"] == 0x1AB and got["still"] == 1
-    assert got["after"] == (0, 0)
-    assert got["out"] == (1, 77) and got["ready_before_pop"] == 0 and got["ready_on_pop"] == 1
+    assert got["after"] == (0, 1) and got["sink_ready"] == 1  # taken; its pass is in flight
+    assert got["out"] == (1, 77, 1234, 0, 0)
+    assert got["popped"] == 0
+    # 5 and 6 are fed back (loop_left 1, then 0); 7 is not
+    assert [f[0] for f in got["fed"]] == [1, 1, 0] and [f[1] for f in got["fed"][:2]] == [5, 6]
+    assert [f[2] for f in got["fed"]] == [1, 0, 0]
+    assert got["queue"] == [(5, 105), (6, 106), (7, 107)]
