@@ -28,7 +28,7 @@ weights:    ## train the tiny model (torch, ~40 min on 2 cores), bake and evalua
 	$(PY) -m weights.train --out weights/tiny $(if $(CORPUS),--corpus $(CORPUS))
 	$(PY) -m weights.quantize --dir weights/tiny --compare $(if $(CORPUS),--corpus $(CORPUS))
 
-target:     ## train the speculative-decoding target (8.3x the baked model; ~20 min uncontended on 2 threads, 76 min here busy; resumable)
+target:     ## train the speculative-decoding target (8.3x the baked model; ~35 min on 2 idle cores (1.0 s per step measured), 76 min here busy; resumable)
 	@EXTRAS=dev,train bash scripts/setup.sh
 	$(PY) -m weights.train --preset target --threads $(or $(THREADS),2) --resume --eval-every 250
 
