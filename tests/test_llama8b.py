@@ -410,3 +410,25 @@ def test_gguf_checkpoint_reads_like_hf(tiny_ck, tmp_path):
         a, b = g.tensor(name, layer), tiny_ck.tensor(name, layer)
         assert np.array_equal(a, b.astype(np.float16).astype(np.float32) if name == "w2" else b)
     assert g.tokenizer().encode("Hi").ids == [72, 105]
+
+
+@pytest.mark.parametrize("G", [32, 256, 1023, 2048])
+def test_batched_products_are_exact_at_the_extremes(G):
+    """runner.matmul_rows' grouped BLAS products (float32 while a group's sums stay below 2^24,
+    float64 beyond) equal numerics.matvec's integers with every operand at +-128 / 127."""
+    from bakedllama import numerics as nx
+    from bakedllama.llama8b import runner as R
+
+    rng = np.random.default_rng(G)
+    rows, cols, T = 40, G * 3, 7
+    q = rng.choice([-128, 127, -127, 5], size=(rows, cols)).astype(np.int8)
+    m = rng.integers(1, 511, size=(rows, cols // G)).astype(np.uint16)
+    a = rng.choice([-128, 127], size=(T, cols)).astype(np.int64)
+
+    class P:
+        group = G
+
+    g = R.grouped(q, m, G)
+    assert g[0].dtype == (np.float32 if G <= R.F32_MAX_GROUP else np.float64)
+    want = nx.matvec(nx.QTensor(q[3:30], m[3:30], 0, 8, G), a)
+    assert np.array_equal(R.matmul_rows(P, a, 3, 30, g), want)

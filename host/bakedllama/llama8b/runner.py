@@ -53,14 +53,34 @@ class Step:
     pass_seconds: list = field(default_factory=list)
 
 
+# float32 sums of int8 x int8 products are exact while |sum| < 2^24: a group of G products is below
+# G * 128 * 128, so groups up to this size take float32 BLAS (else float64, exact below 2^53)
+F32_MAX_GROUP = (1 << 24) // (128 * 128) - 1
+GROUPED_CACHE_BYTES = 1 << 30  # grouped float weights kept across batched passes
+
+
+def grouped(q: np.ndarray, m: np.ndarray, group: int):
+    """(qg, m): q as (groups, rows, group) floats for batched products, m as int64 (rows, groups)."""
+    rows, cols = q.shape
+    dt = np.float32 if group <= F32_MAX_GROUP else np.float64
+    qg = np.ascontiguousarray(q.reshape(rows, cols // group, group).transpose(1, 0, 2), dtype=dt)
+    return qg, m.astype(np.int64)
+
+
 def matmul_rows(p, a, r0: int, r1: int, unpacked=None) -> np.ndarray:
     """Accumulators of rows [r0, r1) of a packed matrix for T activation rows: (T, r1 - r0).
     T = 1 runs the packed kernel; T > 1 (a prompt, or a speculative pass) multiplies the whole
-    block at once from the unpacked weights (numerics.matvec: exact integer sums)."""
+    block at once, one BLAS matrix-matrix product per weight group on the grouped weights
+    (`grouped`; every partial sum exact), then the group multipliers in int64: the same integers
+    as numerics.matvec."""
     if len(a) == 1:
         return matvec_packed(p, a[0], r0, r1)[None]
-    q, m = unpacked if unpacked is not None else unpack(p)
-    return nx.matvec(nx.QTensor(q[r0:r1], m[r0:r1], int(p.shift), p.bits, p.group), a)
+    qg, m = unpacked if unpacked is not None else grouped(*unpack(p), p.group)
+    a = np.asarray(a)
+    T, ng = a.shape[0], qg.shape[0]
+    ag = a.reshape(T, ng, p.group).transpose(1, 2, 0).astype(qg.dtype)  # (groups, group, T)
+    partial = np.matmul(qg[:, r0:r1], ag).astype(np.int64)  # (groups, rows, T), exact
+    return np.einsum("grt,rg->tr", partial, m[r0:r1])
 
 
 def linear_rows(p, a, frac_a, frac_out: int, bits: int, r0: int, r1: int, unpacked=None):
@@ -77,6 +97,7 @@ class Runner:
         inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         self.rope_cos, self.rope_sin = nx.rope_table(np.arange(c.seq_len), inv)
         self._unpacked_cache: dict = {}
+        self._cache_bytes = 0
 
     def new_state(self) -> RunState:
         c = self.cfg
@@ -187,13 +208,19 @@ class Runner:
             raise ValueError(f"unknown piece {n}")
 
     def _unpacked(self, n: str, l, p):
-        """The unpacked (q, m) of a matrix, kept for batched passes (not while streaming)."""
-        if self.streaming:
-            return unpack(p)
+        """The grouped weights of a matrix (`grouped`), kept for batched passes (not while
+        streaming)."""
         key = (n, l)
-        if key not in self._unpacked_cache:
-            self._unpacked_cache[key] = unpack(p)
-        return self._unpacked_cache[key]
+        if key in self._unpacked_cache:
+            return self._unpacked_cache[key]
+        g = grouped(*unpack(p), p.group)
+        size = g[0].nbytes + g[1].nbytes
+        # kept while they fit a budget (a small target: all of it; the 8B: the first few, the rest
+        # re-made per pass, one matrix at a time)
+        if not self.streaming and self._cache_bytes + size <= GROUPED_CACHE_BYTES:
+            self._unpacked_cache[key] = g
+            self._cache_bytes += size
+        return g
 
     def _attention(self, s: RunState, st: Step, l: int):
         """golden.attention_core between the qkv projections and wo, position by position (each
