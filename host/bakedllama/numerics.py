@@ -284,15 +284,19 @@ def score_scale(head_dim: int) -> int:
     return int(round(2.0**15 / math.sqrt(head_dim)))
 
 
-def attention_head(q8, fq, k8, v8, e_k: int, e_v: int, head_dim: int):
+def attention_head(q8, fq, k8, v8, e_k: int, e_v: int, head_dim: int, mask=None):
     """One head at one position over T cached positions.
 
     q8 (..., hd) int8 frac fq (per vector); k8, v8 (..., T, hd) int8 frac e_k / e_v.
-    Returns the head output (..., hd), frac ATT_OUT_FRAC."""
+    mask (..., T) bool, optional: the positions a query sees (several positions of one sequence
+    at once, causally); the others get weight 0 and do not enter the max, exactly as if they
+    were not there. Returns the head output (..., hd), frac ATT_OUT_FRAC."""
     q8 = np.asarray(q8, dtype=np.int64)
     dot = np.einsum("...d,...td->...t", q8, np.asarray(k8, dtype=np.int64))
     fq = np.asarray(fq, dtype=np.int64)[..., None]
     s = round_shift(dot * score_scale(head_dim), fq + e_k + 15 - SCORE_FRAC)  # Q8 scores
+    if mask is not None:
+        s = np.where(mask, s, np.iinfo(np.int64).min // 4)  # exp_neg(max - s) = 0 there
     e = exp_neg(s.max(axis=-1, keepdims=True) - s)  # Q15 weights, the max is exactly 1.0
     total = e.sum(axis=-1)
     out = np.einsum("...t,...td->...d", e, np.asarray(v8, dtype=np.int64))
