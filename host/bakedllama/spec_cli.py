@@ -60,6 +60,10 @@ def run(args, model, tok, ids, stream, log) -> dict:
         sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         res = S.speculate(draft, target, ids, args.max_tokens, k, on_token=stream.push, **sampling)
         wall = time.perf_counter() - t0
+        # the target alone, for the projection, under the same conditions (a running simulation
+        # takes a core from the host's runner)
+        alone = S.RunnerTarget(target.r)
+        ref = S.speculate(None, alone, ids, args.max_tokens, 0, **sampling)
     out = dict(res.as_dict(), draft_tokens=k, device=device, draft_passes=draft.passes if draft else 0,
                temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                draft_reruns=draft.reruns if draft else 0,
@@ -73,8 +77,6 @@ def run(args, model, tok, ids, stream, log) -> dict:
         else:
             cycles, clock = (golden_draft_cycles(model.cfg, draft.positions, draft.sampled),
                              board_engine()["sys_clk_freq"])
-        alone = S.RunnerTarget(target.r)
-        ref = S.speculate(None, alone, ids, args.max_tokens, 0, **sampling)
         if not args.temperature and ref.tokens != res.tokens:  # greedy: cannot happen, the loop
             raise RuntimeError("speculative output differs from the target alone")  # accepts agreement
         spec_s = cycles / clock + target.seconds
