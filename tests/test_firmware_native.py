@@ -184,8 +184,7 @@ def _table_draft_sampled(pos, tokens, k, inv_t, rng):
     """DRAFT_SAMPLED on the stand-in: the context passes greedy but the last, the drafts sampled
     (hw_native.c's model); each draft with its pass's draw (token, pos + 1, vocab + pos)."""
     mask = len(TABLE) - 1
-    for t in tokens[:-1]:
-        pos += 1
+    pos += len(tokens) - 1  # the context passes before the last
     t, out = tokens[-1], []
     while len(out) < k:
         o = (TABLE[(t + pos) & mask] + (rng.next() >> 16) + inv_t) & mask
@@ -406,8 +405,8 @@ class LossyLink:
 
 
 def test_generation_survives_a_lossy_link(fw):
-    """Damaged frames both ways: requests are retransmitted, a lost TOKENS or DONE frame makes the host restart the
-    (deterministic) generation, and the tokens are still exactly right."""
+    """Damaged frames both ways: requests are retransmitted, a lost TOKENS or DONE frame makes the
+    host restart the (deterministic) generation, and the tokens are still exactly right."""
     link = LossyLink(fw.url, every=250, seed=3)  # v2 batches: ~5x fewer bytes than v1
     try:
         with open_device(link.url, timeout=1.0, step_timeout=1.0, retries=8) as dev:

@@ -221,7 +221,7 @@ def test_sample_counts_are_the_draws_of_sample():
         def next(self):
             return self.r
 
-    for trial in range(20):
+    for _ in range(20):
         q8 = rng.integers(-3000, 3000, size=int(rng.integers(2, 40)))
         inv_t = int(rng.integers(64, 1024))
         top_k = int(rng.integers(0, 6))
