@@ -84,21 +84,35 @@ class LayerWeights:
     e_v: int
 
 
-def attention_core(c, f: dict, q, k, v, key_cache, value_cache, pos: int, cos, sin, e_k: int, e_v: int):
+def attention_core(c, f: dict, q, k, v, key_cache, value_cache, pos: int, cos, sin, e_k: int, e_v: int,
+                   consecutive: bool = False):
     """Between the q/k/v projections and wo: RoPE, KV cache write, scores, softmax, weighted sum.
 
     q (B, n_heads, hd), k (B, n_kv_heads, hd) int16 frac f_qk; v (B, kv_dim) int8 frac e_v.
+    B sequences at position `pos` (cos, sin: that position's rows); or, consecutive=True, B
+    consecutive positions pos .. pos + B - 1 of the caches' one sequence (cos, sin: (B, hd/2)),
+    each query over the positions up to its own: the same integers as B calls in turn.
     Returns the attention output (B, dim), frac ATT_OUT_FRAC."""
     B, hd = q.shape[0], c.head_dim
+    if consecutive:
+        cos, sin = cos[:, None], sin[:, None]
     q, k = nx.rope(q, cos, sin), nx.rope(k, cos, sin)
-    key_cache[:, pos] = nx.saturate(nx.round_shift(k, f["f_qk"] - e_k), 8).reshape(B, -1)
-    value_cache[:, pos] = v
+    k8 = nx.saturate(nx.round_shift(k, f["f_qk"] - e_k), 8).reshape(B, -1)
+    if consecutive:
+        key_cache[0, pos:pos + B], value_cache[0, pos:pos + B] = k8, v
+    else:
+        key_cache[:, pos], value_cache[:, pos] = k8, v
+    n = pos + B if consecutive else pos + 1  # cached positions read
+    S = key_cache.shape[0]  # sequences in the caches
     q8, kq = nx.quantize_act(q.reshape(B, c.dim))  # one shift for all heads of q
     q8 = q8.reshape(B, c.n_kv_heads, c.kv_mul, hd)  # query heads grouped by their kv head
-    kk = key_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-    vv = value_cache[:, :pos + 1].reshape(B, pos + 1, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
+    kk = key_cache[:, :n].reshape(S, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
+    vv = value_cache[:, :n].reshape(S, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
     fq = (f["f_qk"] - kq)[:, None, None]
-    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], e_k, e_v, hd)
+    mask = None
+    if consecutive and B > 1:  # query i sees positions 0 .. pos + i
+        mask = (np.arange(n)[None, :] <= (pos + np.arange(B))[:, None])[:, None, None, :]
+    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], e_k, e_v, hd, mask)
     return att.reshape(B, c.dim)
 
 

@@ -62,8 +62,9 @@ def run(args, model, tok, ids, stream, log) -> dict:
         wall = time.perf_counter() - t0
         # the target alone, for the projection, under the same conditions (a running simulation
         # takes a core from the host's runner)
-        alone = S.RunnerTarget(target.r)
-        ref = S.speculate(None, alone, ids, args.max_tokens, 0, **sampling)
+        if draft is not None:
+            alone = S.RunnerTarget(target.r)
+            ref = S.speculate(None, alone, ids, args.max_tokens, 0, **sampling)
     out = dict(res.as_dict(), draft_tokens=k, device=device, draft_passes=draft.passes if draft else 0,
                temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                draft_reruns=draft.reruns if draft else 0,

@@ -100,19 +100,18 @@ class GoldenDraft(_Rewinding):
         logits = None
         for t in context[n:]:
             logits = self._feed(t)
-        out, self.draws, self._q8 = [], [], []
+        out, self.draws, self._q = [], [], []
         for i in range(k):
             if inv_t:
                 q8 = logits.q8()[0]
                 out.append(nx.sample(q8, inv_t, self.rng))
                 self.sampled[-1] = out[-1]  # the pass drew it (the board's sampler cycles)
-                self._q8.append(q8)
-                self.draws.append(int(nx.sample_counts(q8, inv_t)[out[-1]]))
+                self._q.append(nx.sample_counts(q8, inv_t))
+                self.draws.append(int(self._q[-1][out[-1]]))
             else:
                 out.append(int(nx.argmax(logits.acc)[0]))
             if i + 1 < k:
                 logits = self._feed(out[-1])
-        self._inv_t = inv_t
         self._first, self._seq = len(context) - 1, list(context) + out
         return out
 
@@ -121,7 +120,6 @@ class GoldenDraft(_Rewinding):
         golden path kept its logits; the chip runs that pass again, so the pass is counted here
         too (at its position, greedy) and both drafts show the same passes."""
         n = self._first + j
-        self._set_pos(n)
         del self.fed[n:]
         self.fed.append(self._seq[n])
         self.positions.append(n)
@@ -129,7 +127,7 @@ class GoldenDraft(_Rewinding):
         self.passes += 1
         self.reruns += 1
         self.s.pos = n + 1
-        return nx.sample_counts(self._q8[j], self._inv_t)
+        return self._q[j]
 
 
 class DeviceDraft(_Rewinding):

@@ -223,31 +223,14 @@ class Runner:
         return g
 
     def _attention(self, s: RunState, st: Step, l: int):
-        """golden.attention_core between the qkv projections and wo, for the T positions at once:
-        RoPE, the K/V cache writes of all of them, then every query over the positions up to its
-        own (numerics.attention_head's causal mask), the same integers as T calls in turn."""
+        """golden.attention_core between the qkv projections and wo, for the T positions of the
+        pass at once (consecutive: each query over the positions up to its own)."""
         c, f = self.cfg, self.fmt
-        T, p0, hd, e_k = len(st.tokens), s.pos, c.head_dim, f["e_k"][l]
-        if T == 1:
-            return attention_core(c, f, st.q.reshape(1, c.n_heads, hd),
-                                  st.k.reshape(1, c.n_kv_heads, hd), st.v, s.key_cache[l],
-                                  s.value_cache[l], p0, self.rope_cos[p0], self.rope_sin[p0], e_k,
-                                  f["e_v"][l])
-        cos, sin = self.rope_cos[p0:p0 + T][:, None], self.rope_sin[p0:p0 + T][:, None]
-        q = nx.rope(st.q.reshape(T, c.n_heads, hd), cos, sin)
-        k = nx.rope(st.k.reshape(T, c.n_kv_heads, hd), cos, sin)
-        kc, vc = s.key_cache[l], s.value_cache[l]  # (1, seq_len, kv_dim)
-        kc[0, p0:p0 + T] = nx.saturate(nx.round_shift(k, f["f_qk"] - e_k), 8).reshape(T, -1)
-        vc[0, p0:p0 + T] = st.v
-        q8, kq = nx.quantize_act(q.reshape(T, c.dim))  # one shift per position for all heads
-        q8 = q8.reshape(T, c.n_kv_heads, c.kv_mul, hd)
-        n = p0 + T
-        kk = kc[:, :n].reshape(1, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-        vv = vc[:, :n].reshape(1, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-        fq = (f["f_qk"] - kq)[:, None, None]
-        mask = (np.arange(n)[None, :] <= (p0 + np.arange(T))[:, None])[:, None, None, :]
-        att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], e_k, f["e_v"][l], hd, mask)
-        return att.reshape(T, c.dim)
+        T, p0 = len(st.tokens), s.pos
+        return attention_core(c, f, st.q.reshape(T, c.n_heads, c.head_dim),
+                              st.k.reshape(T, c.n_kv_heads, c.head_dim), st.v, s.key_cache[l],
+                              s.value_cache[l], p0, self.rope_cos[p0:p0 + T],
+                              self.rope_sin[p0:p0 + T], f["e_k"][l], f["e_v"][l], consecutive=True)
 
 
 def peak_rss_bytes() -> int:
