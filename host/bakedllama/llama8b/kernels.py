@@ -32,6 +32,7 @@ from functools import lru_cache
 import numpy as np
 
 from bakedllama import numerics as nx
+from bakedllama.llama8b import simd
 
 LANES = 64  # rows per block (at 8/6/4 bits): one column of a block is 64 contiguous weights
 CHUNK = 32  # columns summed in float32 before widening (32 * 127 * 127 < 2^24)
@@ -348,11 +349,20 @@ def _bias32(bits: int) -> np.ndarray:
 
 
 def matvec_packed(p: Packed, a, r0: int = 0, r1: int | None = None) -> np.ndarray:
-    """acc for rows [r0, r1) of p: int64, exactly numerics.matvec(q[r0:r1], a) for 1-D int8 a."""
+    """acc for rows [r0, r1) of p: int64, exactly numerics.matvec(q[r0:r1], a) for 1-D int8 a.
+
+    4-bit layouts (w4, w3) run on simd.c's integer kernel where the machine has it (the float
+    decoding below is bound by unpacking nibbles, not by memory); the others on the numba kernel
+    (8-bit: memory-bound already)."""
     r1 = p.rows if r1 is None else r1
     a = np.asarray(a)
     if a.ndim != 1 or a.shape[0] != p.cols:
         raise ValueError(f"activation of shape {a.shape} for a matrix of {p.cols} columns")
+    if p.store_bits == 4 and simd.supports(p):  # nibbles: the integer kernel is memory-bound
+        import numba
+
+        big = (-(-r1 // p.lanes) - r0 // p.lanes) * p.lanes * p.cols >= SERIAL_BELOW
+        return simd.matmat(p, a[None], r0, r1, numba.get_num_threads() if big else 1)[0]
     rb0, rb1 = p.block_range(r0, r1)
     out = np.empty((rb1 - rb0) * p.lanes, np.float64)
     pl = [np.asarray(x).reshape(-1).view(np.int8) for x in p.planes] + [_EMPTY] * (3 - len(p.planes))

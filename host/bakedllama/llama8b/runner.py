@@ -20,6 +20,7 @@ import numpy as np
 
 from bakedllama import numerics as nx
 from bakedllama.golden import Logits, attention_core, embed
+from bakedllama.llama8b import simd
 from bakedllama.llama8b.kernels import matvec_packed, unpack
 from bakedllama.llama8b.partition import Partition
 from bakedllama.llama8b.quant import QuantModel
@@ -38,6 +39,7 @@ class Step:
     decoding): the pass-to-pass activations, one row per position."""
 
     tokens: list
+    last_only: bool = False  # the classifier for the last position only
     x: np.ndarray | None = None  # (T, dim) residual, int16 values, frac f_x
     a: np.ndarray | None = None  # (T, cols) int8 activations of the current matrix group
     fa: np.ndarray | None = None  # (T,) their frac
@@ -70,11 +72,16 @@ def grouped(q: np.ndarray, m: np.ndarray, group: int):
 def matmul_rows(p, a, r0: int, r1: int, unpacked=None) -> np.ndarray:
     """Accumulators of rows [r0, r1) of a packed matrix for T activation rows: (T, r1 - r0).
     T = 1 runs the packed kernel; T > 1 (a prompt, or a speculative pass) multiplies the whole
-    block at once, one BLAS matrix-matrix product per weight group on the grouped weights
-    (`grouped`; every partial sum exact), then the group multipliers in int64: the same integers
-    as numerics.matvec."""
+    block at once: on simd.c's integer kernel straight from the packed layout (each weight
+    decoded once for all T rows), or else one BLAS matrix-matrix product per weight group on the
+    grouped weights (`grouped`; every partial sum exact), then the group multipliers in int64.
+    Either way the same integers as numerics.matvec."""
     if len(a) == 1:
         return matvec_packed(p, a[0], r0, r1)[None]
+    if unpacked is None and simd.supports(p):
+        import numba
+
+        return simd.matmat(p, a, r0, r1, numba.get_num_threads())
     qg, m = unpacked if unpacked is not None else grouped(*unpack(p), p.group)
     a = np.asarray(a)
     T, ng = a.shape[0], qg.shape[0]
@@ -109,10 +116,12 @@ class Runner:
         """One position: token -> classifier logits, running every partition in turn."""
         return self.forward_many(s, [token])
 
-    def forward_many(self, s: RunState, tokens) -> Logits:
+    def forward_many(self, s: RunState, tokens, last_only: bool = False) -> Logits:
         """T consecutive positions in one pass over the weights (matrix-matrix products; the
         attention runs position by position): logits (T, vocab), identical to T calls of
-        forward(). Unpacked weights are kept for the batched products (resident runs only)."""
+        forward(); with last_only the classifier runs for the last position only (a prompt's
+        prefill needs no other): logits (1, vocab). Where the packed layout has no simd kernel,
+        unpacked weights are kept for the batched products (resident runs only)."""
         c = self.cfg
         tokens = [int(t) for t in tokens]
         if not tokens:
@@ -123,7 +132,7 @@ class Runner:
         for t in tokens:
             if not 0 <= t < c.vocab_size:
                 raise ValueError(f"token {t} is outside the vocabulary of {c.vocab_size}")
-        st = Step(tokens)
+        st = Step(tokens, last_only=last_only)
         for part in self.parts:
             t = time.perf_counter()
             for pc in part.pieces:
@@ -174,11 +183,13 @@ class Runner:
                 st.h1 = np.zeros((T, c.hidden_dim), np.int64)
                 st.h3 = np.zeros((T, c.hidden_dim), np.int64)
             else:
-                st.logits = np.zeros((T, c.vocab_size), np.int64)
+                if st.last_only:
+                    st.a, st.fa = st.a[-1:], st.fa[-1:]
+                st.logits = np.zeros((len(st.a), c.vocab_size), np.int64)
             return
         p = qm.mats[(n, l)]
         r0, r1 = pc.r0, pc.r1
-        u = self._unpacked(n, l, p) if T > 1 else None
+        u = self._unpacked(n, l, p) if T > 1 and not simd.supports(p) else None
         if n in ("wq", "wk"):
             (st.q if n == "wq" else st.k)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_qk"], 16, r0, r1, u)
         elif n == "wv":
@@ -237,24 +248,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+PREFILL_CHUNK = 64  # prompt positions per batched pass (the kernels' token tile)
+
+
 def generate(r: Runner, prompt_ids: list[int], max_tokens: int, stop_ids=(),
-             keep_logits: bool = False) -> dict:
-    """Greedy generation (argmax, lowest index on ties): prefill one position at a time, then
-    decode. Returns tokens, per-step seconds (prefill and decode) and optionally the logits."""
+             keep_logits: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> dict:
+    """Greedy generation (argmax, lowest index on ties): the prompt in batched passes of up to
+    prefill_chunk positions (Runner.forward_many: identical to one position at a time;
+    prefill_chunk=1 runs it so), then decode. Returns tokens, per-step seconds (prefill: each
+    position gets its pass's time / positions) and optionally the logits of every position."""
     if not prompt_ids:
         raise ValueError("empty prompt")
     if len(prompt_ids) + max_tokens > r.cfg.seq_len:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + {max_tokens} new tokens exceeds the "
                          f"context of {r.cfg.seq_len}")
+    if prefill_chunk < 1:
+        raise ValueError("prefill_chunk must be at least 1")
     s = r.new_state()
     out = dict(tokens=[], prefill_seconds=[], decode_seconds=[], logits=[], pass_seconds=[])
     logits = None
-    for t in prompt_ids:
+    for i in range(0, len(prompt_ids), prefill_chunk):
+        chunk = prompt_ids[i:i + prefill_chunk]
         t0 = time.perf_counter()
-        logits = r.forward(s, t)
-        out["prefill_seconds"].append(time.perf_counter() - t0)
+        lg = r.forward_many(s, chunk, last_only=not keep_logits)
+        out["prefill_seconds"] += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
         if keep_logits:
-            out["logits"].append(logits)
+            out["logits"] += [Logits(lg.acc[j:j + 1], lg.frac[j:j + 1]) for j in range(len(chunk))]
+        logits = Logits(lg.acc[-1:], lg.frac[-1:])
     for _ in range(max_tokens):
         tok = int(nx.argmax(logits.acc)[0])
         out["tokens"].append(tok)

@@ -1,0 +1,191 @@
+/* Exact integer kernels (AVX2) for the packed lanes layout of kernels.py.
+
+   acc[t][r] = sum_g m[r][g] * sum_{j in g} q[r][j] * a[t][j]          (exact, int64)
+
+   for T activation rows at once (T = 1: a decode step; T > 1: a prompt). A row block holds
+   L = 64 rows; a column of a block is one byte per lane (8-bit layout) or one nibble per lane
+   (4-bit layout: byte l holds lane l in its low nibble, stored q + 8, and lane 32 + l in its
+   high nibble, q as signed 4 bits). Group multipliers m: uint16 (n_blocks, n_groups, 64).
+
+   The products are 8-bit integer multiply-adds (vpmaddubsw: unsigned x signed bytes, adjacent
+   pairs summed to int16), never saturating here:
+     4-bit: (q + 8) in [0, 15] times a in [-127, 127]: a pair is at most 3,810 in magnitude, and
+            eight pairs (16 columns) are summed in int16 (30,480 < 32,767) before widening;
+            sum (q + 8) a - 8 sum a = sum q a.
+     8-bit: |q| times sign(q) a (vpsignb), |q|, |a| <= 127: a pair is at most 32,258; two pairs
+            are widened and summed by vpmaddwd into int32 at once.
+   Group sums fit int32 (cols * 127 * 127 < 2^31 for cols < 133,000); m * sum is int64.
+   Columns are visited in pairs; after the byte interleave (vpunpck*bw, within 128-bit halves)
+   a vector's 16 results are the lanes [b, b + 8) and [b + 16, b + 24) of its 32-lane half. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define L 64
+
+int bk_has_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* add 16 int16 results (lanes [b, b+8) and [b+16, b+24)) to int32 sums s[64] */
+static inline void widen_add(int32_t *s, int b, __m256i x)
+{
+    __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(x));
+    __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(x, 1));
+    _mm256_storeu_si256((__m256i *)(s + b), _mm256_add_epi32(_mm256_loadu_si256((__m256i *)(s + b)), lo));
+    _mm256_storeu_si256((__m256i *)(s + b + 16),
+                        _mm256_add_epi32(_mm256_loadu_si256((__m256i *)(s + b + 16)), hi));
+}
+
+/* columns per decoded tile: the largest divisor of group that is a multiple of `step` and at
+   most TILE (the tile's decoded pairs stay in L1 while every token of the call uses them) */
+#define TILE 256
+static int tile_cols(int group, int step)
+{
+    for (int t = TILE; t >= step; t -= step)
+        if (group % t == 0)
+            return t;
+    return step;
+}
+
+/* tot[64] (int64) += m[64] (int64) * (s[64] - bias) */
+static inline void apply_m64(int64_t *tot, const int64_t *m, const int32_t *s, int32_t bias)
+{
+    __m256i bb = _mm256_set1_epi32(bias);
+    for (int l = 0; l < L; l += 8) {
+        __m256i sv = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)(s + l)), bb);
+        __m256i s0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(sv));
+        __m256i s1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(sv, 1));
+        __m256i m0 = _mm256_loadu_si256((const __m256i *)(m + l));
+        __m256i m1 = _mm256_loadu_si256((const __m256i *)(m + l + 4));
+        __m256i *t = (__m256i *)(tot + l);
+        _mm256_storeu_si256(t, _mm256_add_epi64(_mm256_loadu_si256(t), _mm256_mul_epi32(s0, m0)));
+        _mm256_storeu_si256(t + 1, _mm256_add_epi64(_mm256_loadu_si256(t + 1), _mm256_mul_epi32(s1, m1)));
+    }
+}
+
+static inline void widen_m(int64_t *mw, const uint16_t *m)
+{
+    for (int l = 0; l < L; l++)
+        mw[l] = m[l];
+}
+
+/* 4-bit layout. planes: (nb, cols, 32) bytes; a: (T, cols) int8; asum: (T, ng) int32 sums of a
+   over each group; out: (T, ldo) int64, rows (rb - rb0) * 64 + lane. group % 16 == 0. */
+void bk_mm4(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+            int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
+{
+    const int ng = cols / group, tc = tile_cols(group, 16);
+    const __m256i m0f = _mm256_set1_epi8(0x0F), x8 = _mm256_set1_epi8(0x08);
+    int32_t s[T][L] __attribute__((aligned(32)));
+    int64_t tot[T][L] __attribute__((aligned(32)));
+    int64_t mw[L] __attribute__((aligned(32)));
+    __m256i P[TILE / 2][4];
+    for (int rb = rb0; rb < rb1; rb++) {
+        memset(tot, 0, sizeof(tot));
+        const uint8_t *blk = planes + (size_t)rb * cols * 32;
+        for (int g = 0; g < ng; g++) {
+            memset(s, 0, sizeof(s));
+            for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
+                for (int p = 0; p < tc / 2; p++) {  /* decode the tile's pairs: q + 8 per lane */
+                    const uint8_t *b = blk + (size_t)(c0 + 2 * p) * 32;
+                    __m256i b0 = _mm256_loadu_si256((const __m256i *)b);
+                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + 32));
+                    __m256i lo0 = _mm256_and_si256(b0, m0f), lo1 = _mm256_and_si256(b1, m0f);
+                    __m256i hi0 = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(b0, 4), m0f), x8);
+                    __m256i hi1 = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m0f), x8);
+                    P[p][0] = _mm256_unpacklo_epi8(lo0, lo1);  /* lanes 0-7, 16-23 */
+                    P[p][1] = _mm256_unpackhi_epi8(lo0, lo1);  /* lanes 8-15, 24-31 */
+                    P[p][2] = _mm256_unpacklo_epi8(hi0, hi1);  /* lanes 32-39, 48-55 */
+                    P[p][3] = _mm256_unpackhi_epi8(hi0, hi1);  /* lanes 40-47, 56-63 */
+                }
+                for (int t = 0; t < T; t++) {
+                    const int16_t *ap = (const int16_t *)(a + (size_t)t * cols + c0);
+                    for (int p0 = 0; p0 < tc / 2; p0 += 8) {  /* 8 pairs in int16, then widened */
+                        __m256i y0 = _mm256_setzero_si256(), y1 = y0, y2 = y0, y3 = y0;
+                        for (int p = p0; p < p0 + 8; p++) {
+                            __m256i av = _mm256_set1_epi16(ap[p]);  /* (a_j, a_j+1) */
+                            y0 = _mm256_add_epi16(y0, _mm256_maddubs_epi16(P[p][0], av));
+                            y1 = _mm256_add_epi16(y1, _mm256_maddubs_epi16(P[p][1], av));
+                            y2 = _mm256_add_epi16(y2, _mm256_maddubs_epi16(P[p][2], av));
+                            y3 = _mm256_add_epi16(y3, _mm256_maddubs_epi16(P[p][3], av));
+                        }
+                        widen_add(s[t], 0, y0);
+                        widen_add(s[t], 8, y1);
+                        widen_add(s[t], 32, y2);
+                        widen_add(s[t], 40, y3);
+                    }
+                }
+            }
+            widen_m(mw, m + ((size_t)rb * ng + g) * L);
+            for (int t = 0; t < T; t++)
+                apply_m64(tot[t], mw, s[t], 8 * asum[(size_t)t * ng + g]);
+        }
+        for (int t = 0; t < T; t++)
+            memcpy(out + (size_t)t * ldo + (size_t)(rb - rb0) * L, tot[t], sizeof(tot[t]));
+    }
+}
+
+/* 8-bit layout. planes: (nb, cols, 64) int8; as bk_mm4 otherwise (asum unused). group % 4 == 0. */
+void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int cols,
+            int group, int rb0, int rb1, int64_t *out, int ldo)
+{
+    const int ng = cols / group, tc = tile_cols(group, 4);
+    int32_t s[T][L] __attribute__((aligned(32)));
+    int64_t tot[T][L] __attribute__((aligned(32)));
+    int64_t mw[L] __attribute__((aligned(32)));
+    static const int base[4] = {0, 8, 32, 40};
+    __m256i U[TILE / 2][4], A[TILE / 2][4];
+    for (int rb = rb0; rb < rb1; rb++) {
+        memset(tot, 0, sizeof(tot));
+        const int8_t *blk = planes + (size_t)rb * cols * L;
+        for (int g = 0; g < ng; g++) {
+            memset(s, 0, sizeof(s));
+            for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
+                for (int p = 0; p < tc / 2; p++) {  /* columns c0 + 2p, c0 + 2p + 1 */
+                    const int8_t *b = blk + (size_t)(c0 + 2 * p) * L;
+                    __m256i b00 = _mm256_loadu_si256((const __m256i *)b);
+                    __m256i b01 = _mm256_loadu_si256((const __m256i *)(b + 32));
+                    __m256i b10 = _mm256_loadu_si256((const __m256i *)(b + L));
+                    __m256i b11 = _mm256_loadu_si256((const __m256i *)(b + L + 32));
+                    U[p][0] = _mm256_unpacklo_epi8(b00, b10);
+                    U[p][1] = _mm256_unpackhi_epi8(b00, b10);
+                    U[p][2] = _mm256_unpacklo_epi8(b01, b11);
+                    U[p][3] = _mm256_unpackhi_epi8(b01, b11);
+                    for (int k = 0; k < 4; k++)
+                        A[p][k] = _mm256_abs_epi8(U[p][k]);
+                }
+                for (int t = 0; t < T; t++) {
+                    const int16_t *ap = (const int16_t *)(a + (size_t)t * cols + c0);
+                    const __m256i one = _mm256_set1_epi16(1);
+                    for (int k = 0; k < 4; k++) {  /* the tile's pairs for 16 lanes, int32 sums */
+                        __m256i lo = _mm256_setzero_si256(), hi = lo;
+                        for (int p = 0; p < tc / 2; p += 2) {
+                            __m256i a0 = _mm256_set1_epi16(ap[p]), a1 = _mm256_set1_epi16(ap[p + 1]);
+                            __m256i x = _mm256_maddubs_epi16(A[p][k], _mm256_sign_epi8(a0, U[p][k]));
+                            __m256i y = _mm256_maddubs_epi16(A[p + 1][k], _mm256_sign_epi8(a1, U[p + 1][k]));
+                            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(x, y), one));
+                            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(x, y), one));
+                        }
+                        /* lo: lanes b+0..3, b+16..19; hi: lanes b+4..7, b+20..23 */
+                        int32_t *sb = s[t] + base[k];
+                        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 4);
+                        __m128i *p2 = (__m128i *)(sb + 16), *p3 = (__m128i *)(sb + 20);
+                        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(lo)));
+                        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_castsi256_si128(hi)));
+                        _mm_storeu_si128(p2, _mm_add_epi32(_mm_loadu_si128(p2), _mm256_extracti128_si256(lo, 1)));
+                        _mm_storeu_si128(p3, _mm_add_epi32(_mm_loadu_si128(p3), _mm256_extracti128_si256(hi, 1)));
+                    }
+                }
+            }
+            widen_m(mw, m + ((size_t)rb * ng + g) * L);
+            for (int t = 0; t < T; t++)
+                apply_m64(tot[t], mw, s[t], 0);
+        }
+        for (int t = 0; t < T; t++)
+            memcpy(out + (size_t)t * ldo + (size_t)(rb - rb0) * L, tot[t], sizeof(tot[t]));
+    }
+}

@@ -1,0 +1,135 @@
+"""The AVX2 integer kernels of simd.c: compiled once per machine with the system C compiler, loaded
+with ctypes, threaded over row blocks (ctypes releases the GIL).
+
+    available() -> bool
+    matmat(p, a (T, cols) int8-valued, r0, r1, threads) -> (T, r1 - r0) int64
+
+Exact: the same integers as numerics.matvec (tests/test_llama8b_simd.py). Packed layouts of 4 bits
+(w4, w3 in nibbles) and 8 bits (w8, 5..7-bit weights in bytes) run here; the others, or a machine
+without AVX2 or a C compiler, use the numba kernels (kernels.matvec_packed)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+SRC = Path(__file__).with_name("simd.c")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c11"]
+TOKEN_TILE = 64  # activation rows per call (the kernel's int32 / int64 sums live on its stack)
+LAYOUTS = (4, 8)  # store_bits with a kernel here
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bakedllama"
+
+
+@lru_cache(maxsize=None)
+def _lib():
+    """The compiled library, or None (not x86-64, no compiler, no AVX2)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or os.environ.get("BAKEDLLAMA_NO_SIMD"):
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = SRC.read_bytes()
+    tag = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"simd-{tag}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SRC)], capture_output=True, text=True)
+            if r.returncode != 0:
+                return None
+            os.replace(tmp, so)  # atomic: a concurrent process sees the old file or the new one
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(so))
+    if not lib.bk_has_avx2():
+        return None
+    P = ctypes.c_void_p
+    I = ctypes.c_int
+    lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
+    lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
+    lib.bk_mm4.restype = lib.bk_mm8.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def supports(p) -> bool:
+    """A kernel here for this packed matrix (and the machine has them)."""
+    step = 16 if p.store_bits == 4 else 4
+    return (p.store_bits in LAYOUTS and len(p.planes) == 1 and p.lanes == 64
+            and p.group % step == 0 and available())
+
+
+_pool: dict = {}
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    if n not in _pool:
+        _pool[n] = ThreadPoolExecutor(n, thread_name_prefix="bk-simd")
+    return _pool[n]
+
+
+def matmat(p, a, r0: int, r1: int, threads: int = 1) -> np.ndarray:
+    """Accumulators of rows [r0, r1) of packed matrix p for each activation row of a: (T, r1 - r0)
+    int64, exactly numerics.matvec (|a| <= 127)."""
+    lib = _lib()
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[1] != p.cols:
+        raise ValueError(f"activations of shape {a.shape} for a matrix of {p.cols} columns")
+    if np.abs(a).max(initial=0) > 127:
+        raise ValueError("activations outside [-127, 127]")
+    a8 = np.ascontiguousarray(a, dtype=np.int8)
+    T = a8.shape[0]
+    rb0, rb1 = p.block_range(r0, r1)
+    nblk = rb1 - rb0
+    ldo = nblk * 64
+    out = np.empty((T, ldo), np.int64)
+    planes = np.ascontiguousarray(p.planes[0])
+    m = np.ascontiguousarray(p.m)
+    ng = p.cols // p.group
+    asum = (a8.reshape(T, ng, p.group).sum(-1, dtype=np.int64).astype(np.int32)
+            if p.store_bits == 4 else None)
+    n = max(1, min(threads, nblk))
+    cuts = [rb0 + nblk * i // n for i in range(n + 1)]
+
+    def run(i: int, t0: int, t1: int) -> None:
+        b0, b1 = cuts[i], cuts[i + 1]
+        if b0 == b1:
+            return
+        o = out[t0:t1, (b0 - rb0) * 64:]
+        args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
+        if p.store_bits == 4:
+            lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
+                       o.ctypes.data, ldo)
+        else:
+            lib.bk_mm8(*args, t1 - t0, p.cols, p.group, b0, b1, o.ctypes.data, ldo)
+
+    tiles = [(t0, min(T, t0 + TOKEN_TILE)) for t0 in range(0, T, TOKEN_TILE)]
+    jobs = [(i, t0, t1) for t0, t1 in tiles for i in range(n)]
+    if n == 1:
+        for j in jobs:
+            run(*j)
+    else:
+        for f in [_executor(n).submit(run, *j) for j in jobs]:
+            f.result()
+    o = r0 - rb0 * 64
+    return out[:, o:o + r1 - r0]
