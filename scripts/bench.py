@@ -1,7 +1,8 @@
 """make bench: performance figures with their bounds. Nothing here asserts; it measures and prints.
 
   1. golden model tokens/s (host numpy reference; no bound, for scale)
-  2. 8B integer kernel: packed GEMV read rate vs this machine's measured read bandwidth (goal 1.5x)
+  2. 8B integer kernel: packed GEMV read rate vs this machine's measured read bandwidth (goal 1.5x);
+     simd.c's kernels: decode steps (4-bit vs 8-bit) and a prompt's batched pass per token
   3. the Verilator SoC: a 16-token prompt + 128 generated, tokens/s of chip time
   4. speculative decoding: acceptance and projected speedup over the target alone, K = 1..8
   5. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
@@ -51,6 +52,48 @@ def bench_kernel() -> None:
         bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
         print(f"8B kernel int{bits}: {nbytes / best / 1e9:.2f} GB/s of packed weights; machine read "
               f"bandwidth {bw / 1e9:.2f} GB/s; time / bound = {best / (nbytes / bw):.2f} (goal <= 1.5)")
+
+
+def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
+    """8B kernels per token, side by side on one Llama 3.1 8B FFN matrix (14336 x 4096): a decode
+    step (one activation row) on the numba float kernel and on simd.c's integer kernel, and a
+    prompt's batched pass (`prompt` rows at once, simd.c) per prompt token; the 4-bit layout
+    against the 8-bit one, and each decode against this machine's read bandwidth."""
+    import numba
+
+    from bakedllama import numerics as nx
+    from bakedllama.llama8b import simd
+    from bakedllama.llama8b.kernels import matvec_numba, matvec_packed, pack, read_bandwidth
+
+    if not simd.available():
+        print("8B simd kernels: not available on this machine (no AVX2 or no C compiler)")
+        return
+    rng = np.random.default_rng(0)
+    rows, cols = 14336, 4096
+    mats = {}
+    for bits, group in ((8, cols), (4, 32), (3, 32)):
+        q = rng.integers(-nx.qmax(bits), nx.qmax(bits) + 1, (rows, cols), dtype=np.int8)
+        m = rng.integers(1, 1 << nx.M_BITS, (rows, cols // group)).astype(np.uint16)
+        mats[bits] = pack(q, m, 10, bits, group, 4 if bits < 8 else 8)
+    a1 = rng.integers(-127, 128, cols)
+    ap = rng.integers(-127, 128, (prompt, cols))
+    n0 = numba.get_num_threads()
+    bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
+    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; read bandwidth {bw / 1e9:.2f} GB/s):")
+    print("  threads  bits  decode numba  decode (default)  bound  prefill x%d (per token)  "
+          "decode / prefill" % prompt)
+    try:
+        for th in threads:
+            numba.set_num_threads(th)
+            for bits, p in mats.items():
+                tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
+                td = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
+                tp = min(_timed(lambda p=p: simd.matmat(p, ap, 0, rows, th)) for _ in range(2))
+                bound = p.nbytes() / bw
+                print(f"  {th:7d}  {bits:4d}  {tn * 1e3:12.2f}  {td * 1e3:16.2f}  {bound * 1e3:5.2f}  "
+                      f"{tp / prompt * 1e3:23.3f}  {td / (tp / prompt):16.1f}x")
+    finally:
+        numba.set_num_threads(n0)
 
 
 def bench_soc(prompt_len: int = 16, gen: int = 128) -> None:
@@ -233,6 +276,7 @@ def _timed(f) -> float:
 def main() -> None:
     bench_golden()
     bench_kernel()
+    bench_simd()
     bench_soc()
     bench_speculative()
     from gateware import bench as gw_bench

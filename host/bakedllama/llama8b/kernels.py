@@ -363,6 +363,11 @@ def matvec_packed(p: Packed, a, r0: int = 0, r1: int | None = None) -> np.ndarra
 
         big = (-(-r1 // p.lanes) - r0 // p.lanes) * p.lanes * p.cols >= SERIAL_BELOW
         return simd.matmat(p, a[None], r0, r1, numba.get_num_threads() if big else 1)[0]
+    return matvec_numba(p, a, r0, r1)
+
+
+def matvec_numba(p: Packed, a: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """matvec_packed on the numba kernel, whatever the layout (the benchmark compares both)."""
     rb0, rb1 = p.block_range(r0, r1)
     out = np.empty((rb1 - rb0) * p.lanes, np.float64)
     pl = [np.asarray(x).reshape(-1).view(np.int8) for x in p.planes] + [_EMPTY] * (3 - len(p.planes))
