@@ -13,7 +13,7 @@
             eight pairs (16 columns) are summed in int16 (30,480 < 32,767) before widening;
             sum (q + 8) a - 8 sum a = sum q a.
      8-bit: |q| times sign(q) a (vpsignb), |q|, |a| <= 127: a pair is at most 32,258; two pairs
-            are widened and summed by vpmaddwd into int32 at once.
+            (four columns of a lane) are widened and summed by vpmaddwd into int32 at once.
    Group sums fit int32 (cols * 127 * 127 < 2^31 for cols < 133,000); m * sum is int64.
    Columns are visited in pairs; after the byte interleave (vpunpck*bw, within 128-bit halves)
    a vector's 16 results are the lanes [b, b + 8) and [b + 16, b + 24) of its 32-lane half. */
@@ -129,55 +129,61 @@ void bk_mm4(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int
     }
 }
 
-/* 8-bit layout. planes: (nb, cols, 64) int8; as bk_mm4 otherwise (asum unused). group % 4 == 0. */
+/* 8-bit layout. planes: (nb, cols, 64) int8; as bk_mm4 otherwise (asum unused). group % 4 == 0.
+   A tile's columns are interleaved once, four at a time, so that each 32-bit slot holds one
+   lane's four weights (vpunpck*bw, then *wd): one vpmaddubsw + vpmaddwd per token then gives
+   each lane its four products summed in int32. Vector k of a 32-lane half h holds the lanes
+   [B[k], B[k] + 4) in its low 128 bits and [B[k] + 16, B[k] + 20) in its high ones, + 32 h. */
 void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int cols,
             int group, int rb0, int rb1, int64_t *out, int ldo)
 {
+    static const int B[4] = {0, 4, 8, 12};
     const int ng = cols / group, tc = tile_cols(group, 4);
+    const __m256i one = _mm256_set1_epi16(1);
     int32_t s[T][L] __attribute__((aligned(32)));
     int64_t tot[T][L] __attribute__((aligned(32)));
     int64_t mw[L] __attribute__((aligned(32)));
-    static const int base[4] = {0, 8, 32, 40};
-    __m256i U[TILE / 2][4], A[TILE / 2][4];
+    __m256i W[TILE / 4][8], A[TILE / 4][8];
     for (int rb = rb0; rb < rb1; rb++) {
         memset(tot, 0, sizeof(tot));
         const int8_t *blk = planes + (size_t)rb * cols * L;
         for (int g = 0; g < ng; g++) {
             memset(s, 0, sizeof(s));
             for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
-                for (int p = 0; p < tc / 2; p++) {  /* columns c0 + 2p, c0 + 2p + 1 */
-                    const int8_t *b = blk + (size_t)(c0 + 2 * p) * L;
-                    __m256i b00 = _mm256_loadu_si256((const __m256i *)b);
-                    __m256i b01 = _mm256_loadu_si256((const __m256i *)(b + 32));
-                    __m256i b10 = _mm256_loadu_si256((const __m256i *)(b + L));
-                    __m256i b11 = _mm256_loadu_si256((const __m256i *)(b + L + 32));
-                    U[p][0] = _mm256_unpacklo_epi8(b00, b10);
-                    U[p][1] = _mm256_unpackhi_epi8(b00, b10);
-                    U[p][2] = _mm256_unpacklo_epi8(b01, b11);
-                    U[p][3] = _mm256_unpackhi_epi8(b01, b11);
-                    for (int k = 0; k < 4; k++)
-                        A[p][k] = _mm256_abs_epi8(U[p][k]);
+                for (int q = 0; q < tc / 4; q++) {  /* columns c0 + 4q .. c0 + 4q + 3 */
+                    const int8_t *b = blk + (size_t)(c0 + 4 * q) * L;
+                    for (int h = 0; h < 2; h++) {
+                        __m256i x0 = _mm256_loadu_si256((const __m256i *)(b + 32 * h));
+                        __m256i x1 = _mm256_loadu_si256((const __m256i *)(b + L + 32 * h));
+                        __m256i x2 = _mm256_loadu_si256((const __m256i *)(b + 2 * L + 32 * h));
+                        __m256i x3 = _mm256_loadu_si256((const __m256i *)(b + 3 * L + 32 * h));
+                        __m256i l01 = _mm256_unpacklo_epi8(x0, x1), l23 = _mm256_unpacklo_epi8(x2, x3);
+                        __m256i h01 = _mm256_unpackhi_epi8(x0, x1), h23 = _mm256_unpackhi_epi8(x2, x3);
+                        __m256i *w = W[q] + 4 * h;
+                        w[0] = _mm256_unpacklo_epi16(l01, l23);
+                        w[1] = _mm256_unpackhi_epi16(l01, l23);
+                        w[2] = _mm256_unpacklo_epi16(h01, h23);
+                        w[3] = _mm256_unpackhi_epi16(h01, h23);
+                        for (int k = 0; k < 4; k++)
+                            A[q][4 * h + k] = _mm256_abs_epi8(w[k]);
+                    }
                 }
                 for (int t = 0; t < T; t++) {
-                    const int16_t *ap = (const int16_t *)(a + (size_t)t * cols + c0);
-                    const __m256i one = _mm256_set1_epi16(1);
-                    for (int k = 0; k < 4; k++) {  /* the tile's pairs for 16 lanes, int32 sums */
-                        __m256i lo = _mm256_setzero_si256(), hi = lo;
-                        for (int p = 0; p < tc / 2; p += 2) {
-                            __m256i a0 = _mm256_set1_epi16(ap[p]), a1 = _mm256_set1_epi16(ap[p + 1]);
-                            __m256i x = _mm256_maddubs_epi16(A[p][k], _mm256_sign_epi8(a0, U[p][k]));
-                            __m256i y = _mm256_maddubs_epi16(A[p + 1][k], _mm256_sign_epi8(a1, U[p + 1][k]));
-                            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(x, y), one));
-                            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(x, y), one));
-                        }
-                        /* lo: lanes b+0..3, b+16..19; hi: lanes b+4..7, b+20..23 */
-                        int32_t *sb = s[t] + base[k];
-                        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 4);
-                        __m128i *p2 = (__m128i *)(sb + 16), *p3 = (__m128i *)(sb + 20);
-                        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(lo)));
-                        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_castsi256_si128(hi)));
-                        _mm_storeu_si128(p2, _mm_add_epi32(_mm_loadu_si128(p2), _mm256_extracti128_si256(lo, 1)));
-                        _mm_storeu_si128(p3, _mm_add_epi32(_mm_loadu_si128(p3), _mm256_extracti128_si256(hi, 1)));
+                    const int32_t *ap = (const int32_t *)(a + (size_t)t * cols + c0);
+                    __m256i acc[8];
+                    for (int k = 0; k < 8; k++)
+                        acc[k] = _mm256_setzero_si256();
+                    for (int q = 0; q < tc / 4; q++) {
+                        __m256i a4 = _mm256_set1_epi32(ap[q]);  /* (a_j .. a_j+3) */
+                        for (int k = 0; k < 8; k++)
+                            acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(A[q][k], _mm256_sign_epi8(a4, W[q][k])), one));
+                    }
+                    for (int k = 0; k < 8; k++) {
+                        int32_t *sb = s[t] + 32 * (k / 4) + B[k % 4];
+                        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 16);
+                        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(acc[k])));
+                        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_extracti128_si256(acc[k], 1)));
                     }
                 }
             }
