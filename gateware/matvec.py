@@ -33,7 +33,9 @@ class WeightRom(Module):
     address bits (level 2, next to its block RAMs). The segment's word is chosen after the read,
     by the high address bits registered alongside. All copies are kept apart in synthesis. Direct
     reads (the embedding) go through the same registers: the engine puts their address on
-    `adr_next` (lat.EMBED_RAW)."""
+    `adr_next` (lat.EMBED_RAW). A last segment that holds at most half a segment's words is
+    half as deep (a DP16KD of 512 x 36 holds what two of 1K x 18 would, half empty: at lanes 128
+    the 4-bit bank is 3.5 segments deep)."""
 
     def __init__(self, width: int, words: list, slice_bits: int = 72, seg_depth: int = 1024):
         assert lat.ROM_ADR == 2
@@ -45,6 +47,7 @@ class WeightRom(Module):
         seg_depth = min(seg_depth, 1 << ab)
         sb = ubits(seg_depth - 1)  # low address bits inside a segment
         nseg = -(-depth // seg_depth)
+        words_in = words
         words = list(words) + [0] * (nseg * seg_depth - len(words))
         for lo in range(0, width, slice_bits):
             w = min(slice_bits, width - lo)
@@ -53,11 +56,14 @@ class WeightRom(Module):
             outs = []
             for sg in range(nseg):
                 seg = words[sg * seg_depth:(sg + 1) * seg_depth]
-                mem = Memory(w, seg_depth, init=[(v >> lo) & ((1 << w) - 1) for v in seg])
+                sbs = sb  # address bits of this segment
+                if sg == nseg - 1 and nseg > 1 and len(words_in) - sg * seg_depth <= seg_depth // 2:
+                    sbs, seg = sb - 1, seg[:seg_depth // 2]
+                mem = Memory(w, len(seg), init=[(v >> lo) & ((1 << w) - 1) for v in seg])
                 port = mem.get_port()
-                adr2 = Signal(sb, attr={("keep", 1)})
+                adr2 = Signal(sbs, attr={("keep", 1)})
                 self.specials += mem, port
-                self.sync += adr2.eq(adr1[:sb])
+                self.sync += adr2.eq(adr1[:sbs])
                 self.comb += port.adr.eq(adr2)
                 outs.append(port.dat_r)
             if nseg == 1:

@@ -16,6 +16,40 @@ from gateware.matvec import MatVec
 from gateware.testutil import TINY, argmax_indices, baked, drive_sampler, pack, recv, send, unpack
 
 
+# ----------------------------------------------------------------------------- weight ROM
+@pytest.mark.parametrize("depth", [40, 48, 33, 16, 5])
+def test_weight_rom_reads_every_word(depth):
+    """WeightRom in segments of 16 words (the last one half as deep when it holds at most 8:
+    depths 40, 33), column slices of 24 bits: every address reads its word lat.ROM_ADR + 1
+    cycles later, in a random order."""
+    from migen import Module
+
+    from gateware import latency as lat
+    from gateware.matvec import WeightRom
+
+    rng = np.random.default_rng(depth)
+    width = 60
+    words = [int.from_bytes(rng.bytes(8), "little") & ((1 << width) - 1) for _ in range(depth)]
+    m = Module()
+    rom = WeightRom(width, words, slice_bits=24, seg_depth=16)
+    m.submodules += rom
+    from migen import Memory
+    depths = {mem.depth for mem in rom._fragment.specials if isinstance(mem, Memory)}
+    assert ({8, 16} <= depths) == (depth > 16 and 0 < depth % 16 <= 8)  # a half-deep last segment
+    order = [int(a) for a in rng.integers(0, depth, 3 * depth)] + list(range(depth))
+    got = []
+
+    def gen():
+        for a in order + [0] * (lat.ROM_ADR + 2):
+            yield rom.adr_next.eq(a)
+            yield
+            got.append((yield rom.dat_r))
+
+    run_simulation(m, gen())
+    d = lat.ROM_ADR + 1  # set before clock edge n, read after edge n + d
+    assert got[d:d + len(order)] == [words[a] for a in order]
+
+
 # ----------------------------------------------------------------------------- round_shift
 @pytest.mark.parametrize("lo,hi", [(28, 35), (-3, 4), (0, 9), (5, 5)])
 def test_round_shift_runtime_amount(lo, hi):
