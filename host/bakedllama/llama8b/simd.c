@@ -67,6 +67,10 @@ static inline void apply_m64(int64_t *tot, const int64_t *m, const int32_t *s, i
     }
 }
 
+/* an activation pair / quad as one integer (memcpy: no aliasing of the int8 buffer) */
+static inline int16_t load16(const int8_t *p) { int16_t v; memcpy(&v, p, 2); return v; }
+static inline int32_t load32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
 static inline void widen_m(int64_t *mw, const uint16_t *m)
 {
     for (int l = 0; l < L; l++)
@@ -103,11 +107,11 @@ void bk_mm4(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int
                     P[p][3] = _mm256_unpackhi_epi8(hi0, hi1);  /* lanes 40-47, 56-63 */
                 }
                 for (int t = 0; t < T; t++) {
-                    const int16_t *ap = (const int16_t *)(a + (size_t)t * cols + c0);
+                    const int8_t *ap = a + (size_t)t * cols + c0;
                     for (int p0 = 0; p0 < tc / 2; p0 += 8) {  /* 8 pairs in int16, then widened */
                         __m256i y0 = _mm256_setzero_si256(), y1 = y0, y2 = y0, y3 = y0;
                         for (int p = p0; p < p0 + 8; p++) {
-                            __m256i av = _mm256_set1_epi16(ap[p]);  /* (a_j, a_j+1) */
+                            __m256i av = _mm256_set1_epi16(load16(ap + 2 * p));  /* (a_j, a_j+1) */
                             y0 = _mm256_add_epi16(y0, _mm256_maddubs_epi16(P[p][0], av));
                             y1 = _mm256_add_epi16(y1, _mm256_maddubs_epi16(P[p][1], av));
                             y2 = _mm256_add_epi16(y2, _mm256_maddubs_epi16(P[p][2], av));
@@ -169,12 +173,12 @@ void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int
                     }
                 }
                 for (int t = 0; t < T; t++) {
-                    const int32_t *ap = (const int32_t *)(a + (size_t)t * cols + c0);
+                    const int8_t *ap = a + (size_t)t * cols + c0;
                     __m256i acc[8];
                     for (int k = 0; k < 8; k++)
                         acc[k] = _mm256_setzero_si256();
                     for (int q = 0; q < tc / 4; q++) {
-                        __m256i a4 = _mm256_set1_epi32(ap[q]);  /* (a_j .. a_j+3) */
+                        __m256i a4 = _mm256_set1_epi32(load32(ap + 4 * q));  /* (a_j .. a_j+3) */
                         for (int k = 0; k < 8; k++)
                             acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(
                                 _mm256_maddubs_epi16(A[q][k], _mm256_sign_epi8(a4, W[q][k])), one));
