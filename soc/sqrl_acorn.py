@@ -254,7 +254,9 @@ def build(output_dir=DEFAULT_OUTPUT_DIR, core_kind="real", model_path=None, vari
 
 def format_summary(s):
     lines = [f"{s['board']} ({s['device']}): gateware generated in {s['generate_s']} s in {s['gateware_dir']}/"]
-    lines.append("  " + ", ".join(s["generated"]))
+    inits = [f for f in s["generated"] if f.endswith(".init")]
+    lines.append("  " + ", ".join(f for f in s["generated"] if not f.endswith(".init"))
+                 + f" and {len(inits)} memory images (*.init: weight ROMs, tables)")
     if s.get("geometry"):
         g = s["geometry"]
         lines.append(f"  accelerator: lanes {g['lanes']}, vlanes {g['vlanes']}, kv_par {g['kv_par']}, "
