@@ -454,3 +454,21 @@ def test_cli_bad_pcie_urls(device_url, pattern, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert pattern in lines[0]
+
+
+def test_serve_backend_on_a_csr_device(model, monkeypatch):
+    """bakedllama serve's DeviceBackend takes pcie:// / litex:// URLs: connect, generate (with the
+    per-token cycles it streams), the figures."""
+    from bakedllama.serve.backends import DeviceBackend
+    from bakedllama.serve.scheduler import Job
+
+    dev, _ = device(model)
+    monkeypatch.setattr("bakedllama.device.csr.open_any", lambda url, **kw: dev)
+    b = DeviceBackend("pcie://01:00.0", model)
+    info = b.connect()
+    assert info["lanes"] == 64 and info["firmware"] == "none (host CSR loop)"
+    job = Job([1, 2, 3], 8)
+    got = list(b.generate(job))
+    assert [t for t, _ in got] == golden(model, [1, 2, 3], 8)
+    assert all(c > 1000 for _, c in got) and job.stats["cycles_per_token"] > 1000
+    b.stop()
