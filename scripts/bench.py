@@ -79,19 +79,26 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
     ap = rng.integers(-127, 128, (prompt, cols))
     n0 = numba.get_num_threads()
     bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
-    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; read bandwidth {bw / 1e9:.2f} GB/s):")
-    print("  threads  bits  decode numba  decode (default)  bound  prefill x%d (per token)  "
-          "decode / prefill" % prompt)
+    ks = simd.kernels()
+    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; read bandwidth {bw / 1e9:.2f} GB/s; "
+          f"simd.c instruction sets here: {', '.join(ks)}, default {ks[0]}):")
+    print("  threads  bits  bound  decode numba  " + "  ".join(f"decode {k:>4}" for k in ks) + "  "
+          + "  ".join(f"prefill x{prompt} {k:>4}" for k in ks) + "  decode / prefill (default)")
     try:
         for th in threads:
             numba.set_num_threads(th)
             for bits, p in mats.items():
                 tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
-                td = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
-                tp = min(_timed(lambda p=p: simd.matmat(p, ap, 0, rows, th)) for _ in range(2))
+                td = [min(_timed(lambda p=p, k=k: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
+                      for k in ks]
+                tp = [min(_timed(lambda p=p, k=k: simd.matmat(p, ap, 0, rows, th, k)) for _ in range(2)) / prompt
+                      for k in ks]
+                tdef = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
                 bound = p.nbytes() / bw
-                print(f"  {th:7d}  {bits:4d}  {tn * 1e3:12.2f}  {td * 1e3:16.2f}  {bound * 1e3:5.2f}  "
-                      f"{tp / prompt * 1e3:23.3f}  {td / (tp / prompt):16.1f}x")
+                print(f"  {th:7d}  {bits:4d}  {bound * 1e3:5.2f}  {tn * 1e3:12.2f}  "
+                      + "  ".join(f"{t * 1e3:11.2f}" for t in td) + "  "
+                      + "  ".join(f"{t * 1e3:{13 + len(str(prompt))}.3f}" for t in tp)
+                      + f"  {tdef * 1e3:.2f} / {tp[0] * 1e3:.3f} = {tdef / tp[0]:.1f}x")
     finally:
         numba.set_num_threads(n0)
 
