@@ -89,9 +89,9 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
             numba.set_num_threads(th)
             for bits, p in mats.items():
                 tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
-                td = [min(_timed(lambda p=p, k=k: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
+                td = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
                       for k in ks]
-                tp = [min(_timed(lambda p=p, k=k: simd.matmat(p, ap, 0, rows, th, k)) for _ in range(2)) / prompt
+                tp = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, ap, 0, rows, th, k)) for _ in range(2)) / prompt
                       for k in ks]
                 tdef = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
                 bound = p.nbytes() / bw
