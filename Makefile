@@ -32,8 +32,8 @@ target:     ## train the speculative-decoding target (8.3x the baked model; ~35 
 	@EXTRAS=dev,train bash scripts/setup.sh
 	$(PY) -m weights.train --preset target --threads $(or $(THREADS),2) --resume --eval-every 250
 
-build:      ## bitstream for BOARD (ulx3s) with yosys/nextpnr/ecppack from PyPI; prints utilisation, Fmax
-	$(PY) -m soc.$(BOARD) --build $(if $(MODEL),--model $(MODEL))
+build:      ## bitstream for BOARD (ulx3s) with yosys/nextpnr/ecppack from PyPI; prints utilisation, Fmax. BOARD=sqrl_acorn: PCIe gateware + Vivado scripts (ESTIMATE=1: yosys resource estimate)
+	$(PY) -m soc.$(BOARD) --build $(if $(MODEL),--model $(MODEL)) $(if $(ESTIMATE),--estimate)
 
 load:       ## program the board with openFPGALoader (SRAM; FLASH=1 writes the SPI flash)
 	$(PY) -m soc.$(BOARD) --load $(if $(FLASH),--flash)
