@@ -37,7 +37,8 @@ def bench_golden() -> None:
 
 def bench_kernel() -> None:
     from bakedllama import numerics as nx
-    from bakedllama.llama8b.kernels import matvec_packed, pack, read_bandwidth
+    from bakedllama.llama8b import bandwidth
+    from bakedllama.llama8b.kernels import matvec_packed, pack
 
     rng = np.random.default_rng(0)
     rows, cols = 14336, 4096  # one Llama 3.1 8B FFN matrix
@@ -49,7 +50,7 @@ def bench_kernel() -> None:
         matvec_packed(p, a)  # compile
         best = min(_timed(lambda p=p, a=a: matvec_packed(p, a)) for _ in range(3))
         nbytes = p.nbytes()
-        bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
+        bw = bandwidth.measure(nbytes).bytes_per_s  # resident, these threads, best of passes
         print(f"8B kernel int{bits}: {nbytes / best / 1e9:.2f} GB/s of packed weights; machine read "
               f"bandwidth {bw / 1e9:.2f} GB/s; time / bound = {best / (nbytes / bw):.2f} (goal <= 1.5)")
 
@@ -60,10 +61,9 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
     prompt's batched pass (`prompt` rows at once, simd.c) per prompt token; the 4-bit layout
     against the 8-bit one, and each decode against this machine's read bandwidth."""
     import numba
-
     from bakedllama import numerics as nx
-    from bakedllama.llama8b import simd
-    from bakedllama.llama8b.kernels import matvec_numba, matvec_packed, pack, read_bandwidth
+    from bakedllama.llama8b import bandwidth, simd
+    from bakedllama.llama8b.kernels import matvec_numba, matvec_packed, pack
 
     if not simd.available():
         print("8B simd kernels: not available on this machine (no AVX2 or no C compiler)")
@@ -78,16 +78,17 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
     a1 = rng.integers(-127, 128, cols)
     ap = rng.integers(-127, 128, (prompt, cols))
     n0 = numba.get_num_threads()
-    bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
     ks = simd.kernels()
-    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; read bandwidth {bw / 1e9:.2f} GB/s; "
-          f"simd.c instruction sets here: {', '.join(ks)}, default {ks[0]}):")
+    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; bound: its bytes at the read "
+          f"bandwidth measured on the same threads, llama8b/bandwidth.py; simd.c instruction sets "
+          f"here: {', '.join(ks)}, default {ks[0]}):")
     print("  threads  bits  bound  decode numba  " + "  ".join(f"decode {k:>4}" for k in ks) + "  "
           + "  ".join(f"prefill x{prompt} {k:>4}" for k in ks) + "  decode / prefill (default)")
     try:
         for th in threads:
-            numba.set_num_threads(th)
             for bits, p in mats.items():
+                bw = bandwidth.measure(p.nbytes(), th).bytes_per_s  # (restores the thread count)
+                numba.set_num_threads(th)
                 tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
                 td = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
                       for k in ks]
@@ -101,6 +102,33 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
                       + f"  {tdef * 1e3:.2f} / {tp[0] * 1e3:.3f} = {tdef / tp[0]:.1f}x")
     finally:
         numba.set_num_threads(n0)
+
+
+def bench_decode_bound(threads=(1, 2), schemes=("w8", "w4"), steps: int = 8) -> None:
+    """Whole decode steps (Runner.forward, resident) of a synthetic model of random packed weights
+    (~60 MiB at w8, about twice a 32 MiB LLC) against the memory bound measured the way the decode
+    reads (llama8b/bandwidth.py), per thread count and scheme: tokens/s and the ratio to the bound
+    (>= 1.0 always; a warning names the reason if not)."""
+    from bakedllama.config import ModelConfig
+    from bakedllama.llama8b import bandwidth
+
+    cfg = ModelConfig(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=3584,
+                      vocab_size=8192, seq_len=steps + 2, tied_embeddings=False)
+    print("8B runner decode vs the memory bound (synthetic dim 1024, 4 layers, ffn 3584, vocab 8192):")
+    print("  scheme  threads  MiB/step  decode ms (best, median)  tok/s  bound ms  GB/s  ratio")
+    for scheme in schemes:
+        qm = bandwidth.timing_model(cfg, scheme)
+        nb = bandwidth.decode_bytes(qm)
+        for th in threads:
+            ds = bandwidth.time_decode(qm, th, steps)
+            b = bandwidth.best(bandwidth.measure(nb, th), bandwidth.measure(nb, th))
+            c = bandwidth.compare(float(np.median(ds)), nb, b)  # the median step (as run8b: mean)
+            med = float(np.median(ds))
+            print(f"  {scheme:6s}  {th:7d}  {nb / 2**20:8.1f}  {min(ds) * 1e3:11.2f} {med * 1e3:11.2f}"
+                  f"  {1 / med:5.1f}  {c['bound_seconds_per_token'] * 1e3:8.2f}  "
+                  f"{b.bytes_per_s / 1e9:4.1f}  {c['ratio_to_bound']:5.2f}")
+            if c["warning"]:
+                print(f"    warning: {c['warning']}")
 
 
 def bench_soc(prompt_len: int = 16, gen: int = 128) -> None:
@@ -284,6 +312,7 @@ def main() -> None:
     bench_golden()
     bench_kernel()
     bench_simd()
+    bench_decode_bound()
     bench_soc()
     bench_speculative()
     from gateware import bench as gw_bench

@@ -315,6 +315,52 @@ def test_bad_input_one_clear_line(tiny_ck, tiny_dir, tmp_path, capsys, case, exp
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
 
 
+# ----------------------------------------------------------------------------- the memory bound
+@pytest.fixture(scope="module")
+def timing_model():
+    """Random packed w8 weights, ~60 MiB (about twice a 32 MiB last-level cache: decode and bound
+    both stream from DRAM here, as the 8B does); built directly, no checkpoint (~2 s)."""
+    from bakedllama.llama8b import bandwidth
+
+    cfg = ModelConfig(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=3584,
+                      vocab_size=8192, seq_len=16, tied_embeddings=False)
+    return bandwidth.timing_model(cfg, "w8", seed=5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bound_is_not_below_the_measured_decode_time(timing_model, threads):
+    """The bytes a decode step reads, at the read bandwidth bandwidth.measure reports (resident
+    buffer, the same threads, best of passes), take no longer than a measured decode step on the
+    same threads: the bound is one. Both measured here, three interleaved rounds, the best of each
+    (a busy 2-core machine slows either; the physical inequality holds for their best runs)."""
+    from bakedllama.llama8b import bandwidth
+
+    qm = timing_model
+    nbytes = bandwidth.decode_bytes(qm)
+    # every packed matrix + the gains + one embedding row (int8 weights, uint16 multipliers)
+    assert nbytes == sum(p.nbytes() for p in qm.mats.values()) + (2 * 4 + 1) * 1024 * 2 \
+        + 1024 + 2 * qm.embed.m.shape[1]
+    decode, bound = [], None
+    for _ in range(3):
+        decode += bandwidth.time_decode(qm, threads, steps=2)
+        b = bandwidth.measure(nbytes, threads)
+        bound = b if bound is None else bandwidth.best(bound, b)
+    assert bound.threads == threads and bound.runs == 3 * bandwidth.RUNS
+    assert bound.buffer_bytes == bandwidth.buffer_bytes(nbytes)
+    assert bound.seconds_for(nbytes) <= min(decode), (bound, decode)
+
+
+def test_a_decode_faster_than_its_bound_is_reported_with_its_reason():
+    from bakedllama.llama8b import bandwidth
+
+    b = bandwidth.Bound(1e9, 1 << 20, 2, 2, 1, 32 << 20, ((2, (1 << 20) / 1e9),), 3.5)
+    ok = bandwidth.compare(2e-3, 10 ** 6, b)  # 1 ms of reading: 2 ms is 2x the bound
+    assert ok["ratio_to_bound"] == pytest.approx(2.0) and ok["warning"] is None
+    bad = bandwidth.compare(0.5e-3, 10 ** 6, b)
+    assert bad["ratio_to_bound"] == pytest.approx(0.5)
+    assert "ratio 0.500 < 1" in bad["warning"] and "load average 3.5" in bad["warning"]
+
+
 # ----------------------------------------------------------------------------- partitions, projection
 def test_partitioner_8b_shapes():
     from bakedllama.llama8b.arch import LLAMA31_8B, from_hf_config
