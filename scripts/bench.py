@@ -78,21 +78,28 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
     a1 = rng.integers(-127, 128, cols)
     ap = rng.integers(-127, 128, (prompt, cols))
     n0 = numba.get_num_threads()
+    ks = simd.kernels()
     print(f"8B kernels on a {rows} x {cols} matrix (ms per token; bound: its bytes at the read "
-          f"bandwidth measured on the same threads, llama8b/bandwidth.py):")
-    print("  threads  bits  decode numba  decode (default)  bound  prefill x%d (per token)  "
-          "decode / prefill" % prompt)
+          f"bandwidth measured on the same threads, llama8b/bandwidth.py; simd.c instruction sets "
+          f"here: {', '.join(ks)}, default {ks[0]}):")
+    print("  threads  bits  bound  decode numba  " + "  ".join(f"decode {k:>4}" for k in ks) + "  "
+          + "  ".join(f"prefill x{prompt} {k:>4}" for k in ks) + "  decode / prefill (default)")
     try:
         for th in threads:
             for bits, p in mats.items():
                 bw = bandwidth.measure(p.nbytes(), th).bytes_per_s  # (restores the thread count)
                 numba.set_num_threads(th)
                 tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
-                td = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
-                tp = min(_timed(lambda p=p, th=th: simd.matmat(p, ap, 0, rows, th)) for _ in range(2))
+                td = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
+                      for k in ks]
+                tp = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, ap, 0, rows, th, k)) for _ in range(2)) / prompt
+                      for k in ks]
+                tdef = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
                 bound = p.nbytes() / bw
-                print(f"  {th:7d}  {bits:4d}  {tn * 1e3:12.2f}  {td * 1e3:16.2f}  {bound * 1e3:5.2f}  "
-                      f"{tp / prompt * 1e3:23.3f}  {td / (tp / prompt):16.1f}x")
+                print(f"  {th:7d}  {bits:4d}  {bound * 1e3:5.2f}  {tn * 1e3:12.2f}  "
+                      + "  ".join(f"{t * 1e3:11.2f}" for t in td) + "  "
+                      + "  ".join(f"{t * 1e3:{13 + len(str(prompt))}.3f}" for t in tp)
+                      + f"  {tdef * 1e3:.2f} / {tp[0] * 1e3:.3f} = {tdef / tp[0]:.1f}x")
     finally:
         numba.set_num_threads(n0)
 

@@ -112,7 +112,8 @@ def cmd_generate(args) -> int:
             raise UserError(str(e)) from None
         device, cycles, tps = r["device"], r["cycles_per_token"], r["tokens_per_s"]
         chip = dict(chip_cycles=r["chip_cycles"], chip_tokens_per_s=r["chip_tokens_per_s"],
-                    wall_cycles_per_token=r["wall_cycles_per_token"], sys_clk_freq=r["sys_clk_freq"])
+                    wall_cycles_per_token=r["wall_cycles_per_token"], sys_clk_freq=r["sys_clk_freq"],
+                    **({"bus": r["bus"]} if "bus" in r else {}))  # CSR devices: words per token
     n = len(stream.ids)
     result = dict(prompt=args.prompt, device=device, prompt_tokens=ids, tokens=stream.ids,
                   text=stream.text(), tokens_per_s=tps,
@@ -230,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt")
     g.add_argument("--device", help="sim (default: the Verilator SoC) | golden | "
-                   "socket://127.0.0.1:PORT | /dev/ttyUSB0")
+                   "socket://127.0.0.1:PORT | /dev/ttyUSB0 | pcie://BDF | litex://HOST:PORT "
+                   "(?csr=PATH) | sim-bridge (the PCIe target's CSR path in Verilator)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=0)
@@ -246,14 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="model, numerics, identity and block-RAM budget")
     i.add_argument("--device", help="read the identity from a device instead "
-                   "(sim | socket://127.0.0.1:PORT | /dev/ttyUSB0)")
+                   "(sim | socket://127.0.0.1:PORT | /dev/ttyUSB0 | pcie://BDF | litex://HOST:PORT "
+                   "| sim-bridge)")
     i.add_argument("--json", action="store_true")
     model_args(i)
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("serve", help="OpenAI-compatible completions server and playground page")
     s.add_argument("--device", help="sim (default: the Verilator SoC) | golden | "
-                   "socket://127.0.0.1:PORT | /dev/ttyUSB0")
+                   "socket://127.0.0.1:PORT | /dev/ttyUSB0 | pcie://BDF | litex://HOST:PORT")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     s.add_argument("--max-queue", type=int, default=16,

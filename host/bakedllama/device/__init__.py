@@ -1,4 +1,5 @@
-"""Talking to a bakedllama device: the ULX3S over its FTDI UART or the Verilator simulation.
+"""Talking to a bakedllama device: the ULX3S over its FTDI UART, the PCIe board over its CSRs
+(csr.py: pcie://BDF, litex://HOST:PORT, sim-bridge) or the Verilator simulation.
 
     from bakedllama.device import open_device, start_sim
     with start_sim() as sim, sim.open() as dev:          # or open_device("/dev/ttyUSB0")
@@ -28,8 +29,14 @@ def _connect(url, log):
         if url is None:
             sim = stack.enter_context(start_sim(log=log))
             dev = stack.enter_context(sim.open())
-        else:
-            dev = stack.enter_context(open_device(url))
+        elif url == "sim-bridge":  # the PCIe target's CSR host path, in Verilator over UARTBone
+            from bakedllama.device.csr import start_bridge_sim
+
+            dev = stack.enter_context(start_bridge_sim(log=log))
+        else:  # pcie:// and litex:// drive the accelerator's CSRs (csr.py), the rest is serial
+            from bakedllama.device.csr import open_any
+
+            dev = stack.enter_context(open_any(url))
     except BaseException:
         stack.close()
         raise
@@ -97,4 +104,14 @@ def generate_on_device(url, model, prompt_ids, max_tokens, temperature=0.0, seed
             device=dev.url,
             wall_s=round(g.wall_s, 3),
             retries=g.retries,
+            **_bus_figures(g),
         )
+
+
+def _bus_figures(g) -> dict:
+    """A CSR device's bus traffic per generated token (csr.CSRGeneration), else nothing."""
+    if not hasattr(g, "empty_polls") or not g.tokens:
+        return {}
+    n = len(g.tokens)
+    return dict(bus=dict(reads_per_token=round(g.reads / n, 2), writes_per_token=round(g.writes / n, 2),
+                         empty_polls=g.empty_polls))

@@ -66,7 +66,8 @@ class DeviceBackend:
 
     def connect(self) -> dict:
         """(Re)open the device, check it carries our model; raises DeviceError."""
-        from bakedllama.device import check_model, open_device
+        from bakedllama.device import check_model
+        from bakedllama.device.csr import open_any
         from bakedllama.device.sim import SIM_STEP_TIMEOUT, SIM_TIMEOUT, build_sim, launch
 
         self.close()
@@ -78,7 +79,7 @@ class DeviceBackend:
                 self.sim = launch(build_sim("real", log=self.log), boot_timeout=300)
             dev = self.sim.open()
         else:
-            dev = open_device(self.url)
+            dev = open_any(self.url)  # a serial URL, or pcie:// / litex:// (CSR host loop)
         try:
             info = dev.info()
             check_model(info, self.model, dev.url)
