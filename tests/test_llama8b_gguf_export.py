@@ -30,6 +30,8 @@ def _blocks(a):
 
 
 def test_f32_reads_back_exactly(tiny_ck, written):
+    """F32: every tensor as HFCheckpoint.tensor() gives it (the export reads the safetensors with
+    its own pread path; wq / wk in interleaved RoPE pairs, as llama.cpp's converter writes them)."""
     g = checkpoint.GGUFCheckpoint(written["f32"]["path"], 64)
     assert g.cfg == tiny_ck.cfg  # dims, eps, theta, and Llama 3.1's rope scaling from rope_freqs
     assert g.special.bos == tiny_ck.special.bos == 384 and g.special.stop == tiny_ck.special.stop[:1]
@@ -111,15 +113,15 @@ def test_failed_write_leaves_nothing(tiny_ck, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--type"):
         gguf_export.write_gguf(tiny_ck, out, "q5_k", show_progress=False)
     calls = []
-    real = type(tiny_ck).tensor
+    real = gguf_export._SafetensorsRows.rows
 
-    def failing(self, name, layer=None, rows=None):
+    def failing(self, name, layer, r0, r1):  # a read error halfway through the tensors
         calls.append(name)
         if len(calls) > 5:
             raise OSError("disk read failed")
-        return real(self, name, layer, rows)
+        return real(self, name, layer, r0, r1)
 
-    monkeypatch.setattr(type(tiny_ck), "tensor", failing)
+    monkeypatch.setattr(gguf_export._SafetensorsRows, "rows", failing)
     with pytest.raises(OSError, match="disk read failed"):
         gguf_export.write_gguf(tiny_ck, out, "q8_0", show_progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary

@@ -12,8 +12,9 @@ the one type, like the w8 / w4 schemes). That is llama.cpp's "convert + quantize
   tokenizer  the checkpoint's tokenizer.json as a "gpt2" BPE vocabulary, pre-tokenizer llama-bpe;
              a vocabulary without merges (the synthetic one) gets one placeholder merge, since
              llama.cpp refuses a BPE vocabulary with no merges key
-  memory     tensors are read, quantized and written in row chunks (~64 MiB of float32 at a
-             time per thread), never a whole tensor; written to a temporary name, then renamed
+  memory     tensors are read (pread, not the checkpoint's memory map), quantized and written in
+             row chunks (~64 MiB of float32 at a time per thread; wq / wk whole), never the model;
+             written to a temporary name, fsync'd, then renamed
 
 The llama.cpp side (llama-cpp-python, the optional `bench` extra): `quantize` times
 llama_model_quantize on an F16/BF16 GGUF, `decode` measures greedy decode steps; both run as
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,10 @@ from bakedllama.llama8b.checkpoint import (
     GGUF_GLOBAL,
     GGUF_LAYER,
     Checkpoint,
+    HFCheckpoint,
+    hf_name,
     open_checkpoint,
+    permute_reverse,
     tensor_list,
     tensor_shape,
 )
@@ -112,7 +117,57 @@ def _plan(ck: Checkpoint, qtype):
     return out
 
 
-def _chunks(ck: Checkpoint, src, shape, qtype, threads: int):
+class _SafetensorsRows:
+    """Rows of a Hugging Face checkpoint's tensors read with pread, as float32.
+
+    HFCheckpoint.tensor() reads through safetensors' memory map, whose touched pages stay in the
+    process's resident set until the checkpoint is closed (16 GB for the 8B in bf16); pread keeps
+    the export at its chunks. Values are HFCheckpoint.tensor()'s (wq / wk un-permuted the same way)."""
+
+    _DT = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+    def __init__(self, ck: HFCheckpoint):
+        import ml_dtypes  # noqa: F401  (numpy's bfloat16)
+
+        self.ck, self.where, self.fds = ck, {}, {}
+        for f in sorted(ck.path.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    self.where[k] = (f, 8 + n + v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
+
+    def rows(self, name: str, layer: int | None, r0: int, r1: int) -> np.ndarray:
+        import ml_dtypes
+
+        f, off, dt, shape = self.where[hf_name(name, layer)]
+        dtype = np.dtype(ml_dtypes.bfloat16) if dt == "BF16" else np.dtype(self._DT[dt])
+        cols = int(np.prod(shape[1:]))
+        fd = self.fds.get(f)
+        if fd is None:
+            fd = self.fds[f] = os.open(f, os.O_RDONLY)
+        lo, n = off + r0 * cols * dtype.itemsize, (r1 - r0) * cols * dtype.itemsize
+        buf = os.pread(fd, n, lo)
+        if len(buf) != n:
+            raise ModelFileError(f"{f}: truncated tensor '{hf_name(name, layer)}'")
+        os.posix_fadvise(fd, lo, n, os.POSIX_FADV_DONTNEED)  # read once: leave the page cache be
+        w = np.frombuffer(buf, dtype).astype(np.float32).reshape((r1 - r0,) + tuple(shape[1:]))
+        return w
+
+    def tensor(self, name: str, layer: int | None) -> np.ndarray:
+        w = self.rows(name, layer, 0, self.where[hf_name(name, layer)][3][0])
+        if name in ("wq", "wk"):
+            w = permute_reverse(w, self.ck.cfg.n_heads if name == "wq" else self.ck.cfg.n_kv_heads)
+        return np.ascontiguousarray(w)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def _chunks(ck: Checkpoint, src, shape, qtype, threads: int, reader=None):
     """The tensor's bytes in row chunks, quantized `threads` chunks at a time in parallel."""
     import gguf
 
@@ -120,14 +175,17 @@ def _chunks(ck: Checkpoint, src, shape, qtype, threads: int):
         yield gguf.quants.quantize(src, qtype).tobytes()
         return
     name, layer = src
+    whole = reader.tensor if reader else ck.tensor
     if len(shape) == 1:
-        yield gguf.quants.quantize(ck.tensor(name, layer), qtype).tobytes()
+        yield gguf.quants.quantize(whole(name, layer), qtype).tobytes()
         return
     rows, cols = shape
     step = max(1, CHUNK_FLOATS // cols)
-    if name in ("wq", "wk"):  # Checkpoint.tensor() un-permutes whole: read it once
-        w = ck.tensor(name, layer)
+    if name in ("wq", "wk"):  # un-permuted whole: read once
+        w = whole(name, layer)
         get = lambda r0: w[r0:r0 + step]  # noqa: E731
+    elif reader:
+        get = lambda r0: reader.rows(name, layer, r0, min(rows, r0 + step))  # noqa: E731
     else:
         get = lambda r0: ck.tensor(name, layer, slice(r0, min(rows, r0 + step)))  # noqa: E731
 
@@ -191,6 +249,7 @@ def write_gguf(ck: Checkpoint, out: str | Path, qtype: str = "q8_0", threads: in
     for gname, shape, t, _src in plan:
         w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=t)
     total = sum(_nbytes(shape, t) for _, shape, t, _ in plan)
+    reader = _SafetensorsRows(ck) if isinstance(ck, HFCheckpoint) else None
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -205,7 +264,7 @@ def write_gguf(ck: Checkpoint, out: str | Path, qtype: str = "q8_0", threads: in
             for gname, shape, t, src in plan:
                 assert f.tell() - base == offset, gname
                 n = 0
-                for b in _chunks(ck, src, shape, t, threads):
+                for b in _chunks(ck, src, shape, t, threads, reader):
                     f.write(b)
                     n += len(b)
                     bar.update(len(b))
@@ -221,6 +280,9 @@ def write_gguf(ck: Checkpoint, out: str | Path, qtype: str = "q8_0", threads: in
         w.close()
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if reader:
+            reader.close()
     return dict(path=str(out), bytes=out.stat().st_size, seconds=round(time.perf_counter() - t_start, 2),
                 type=qtype, tensors=len(plan), threads=threads)
 
