@@ -6,12 +6,14 @@ thread pool at the run's thread count, the threads taking row blocks in dynamic 
 resident bytes, so the bound is measured on exactly that:
 
   - a buffer allocated and written before any timing (every page touched: no page faults, no
-    shared zero page behind an untouched allocation),
+    shared zero page behind an untouched allocation; numpy may give it huge pages where the
+    mapped weights have 4 KiB ones, which only makes the buffer faster: still a bound),
   - of the decode's own size up to CAP (at least 8 x the last-level cache): a model larger than
     the LLC streams from DRAM on every step, and so does the buffer; a model that fits the LLC is
     bounded by the LLC's rate, measured the same way,
   - read on the same threads (numba.get_num_threads()), in blocks and dynamic chunks like the
-    kernels,
+    kernels, and on one thread too (the faster counts: the fastest read with at most the run's
+    threads; small products run on one thread in the kernels as well),
   - best of several passes in this process (a pass slowed by another process is discarded).
 
 bound seconds per token = decode_bytes / best rate; the run reports its decode time as a ratio to

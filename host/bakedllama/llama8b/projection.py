@@ -130,7 +130,7 @@ def _widest(cfg: ModelConfig, formats: dict, chip: ChipSpec) -> compiler.Geometr
     nothing fits."""
     first = None
     lanes = chip.lanes
-    while lanes >= max(2, chip.lanes >> 8):
+    while lanes >= 2:
         vl = chip.vlanes
         while vl >= 2:
             for kp in range(min(chip.kv_par, cfg.n_kv_heads), 0, -1):
@@ -150,9 +150,10 @@ def engine(cfg: ModelConfig, fmt: dict, chip: ChipSpec) -> Engine:
     the 8B's 6,144 qkv rows are not a multiple of, so 2^16 lanes are used then).
 
     Two adaptations, both without effect on the cycles: (1) the core's 16-bit token / config
-    fields are a limit of its CSRs, not of the engine: a vocab_size or seq_len beyond them (the
-    8B's 128,256 tokens) is folded below with the same residue modulo 2^15 (`_fold`: the same
-    padding) and the padded size is added back; (2) the engine runs wq/wk/wv (and w1/w3) as one
+    fields are a limit of its CSRs, not of the engine: a vocab_size beyond them (the 8B's 128,256
+    tokens) is folded below with the same residue modulo 2^15 (`_fold`: the same padding) and the
+    padded size is added back, a seq_len beyond them clamped (it only sizes the attention
+    accumulator, in the ECP5 multiplier budget); (2) the engine runs wq/wk/wv (and w1/w3) as one
     matrix in one format: where a scheme gives them different ones (w3/6's 6-bit wv) they are
     laid out in the widest (the cycles depend on the tile and the groups, not on the bits)."""
     key = (repr(cfg), repr(fmt.get("weights")), chip)
