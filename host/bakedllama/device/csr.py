@@ -467,10 +467,11 @@ class CSRDevice:
         g._it = self._generate(g, ids, int(inv_temperature_q8) & 0xFFFF, int(seed) & 0xFFFFFFFF)
         return g
 
-    def _wait_token(self, g: CSRGeneration, deadline: float, what: str, est: float):
-        """(token, cycles) of the next FIFO entry, popped; None if cancelled. Polls with waits that
-        let about BATCH tokens accumulate (est: the seconds per pass seen so far)."""
-        wait = est * 0.5 if est else 0.0005
+    def _wait_token(self, g: CSRGeneration, deadline: float, what: str, est: float, batch: int = 1):
+        """(token, cycles) of the next FIFO entry, popped; None if cancelled. An empty FIFO is
+        polled again after `batch` passes (est: the seconds per pass seen so far; the generated
+        tokens let up to BATCH accumulate, so that most polls find tokens), then after each pass."""
+        wait = est * (batch - 0.5) if est else 0.0005
         while True:
             s = self._port_status()
             if self._bit(s, self._out_valid):
@@ -492,7 +493,7 @@ class CSRDevice:
                 time.sleep(min(READ_SLICE, max(0.0, end - time.monotonic())))
             if g._cancel:
                 return None
-            wait = est * BATCH if est else min(wait * 2, MAX_SLEEP)
+            wait = est if est else min(wait * 2, MAX_SLEEP)
 
     def _generate(self, g: CSRGeneration, ids, inv_t: int, seed: int):
         finished = running = False
@@ -518,7 +519,8 @@ class CSRDevice:
             t_last = t_first = time.monotonic()
             while len(g.tokens) < g.max_tokens:
                 r = self._wait_token(g, t_last + self.step_timeout + MAX_SLEEP,
-                                     f"token {len(g.tokens)}", est)
+                                     f"token {len(g.tokens)}", est,
+                                     min(BATCH, g.max_tokens - len(g.tokens)))
                 if r is None:
                     return
                 tok, cyc = r
