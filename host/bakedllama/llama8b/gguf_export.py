@@ -206,14 +206,15 @@ def write_gguf(ck: Checkpoint, out: str | Path, qtype: str = "q8_0", threads: in
                show_progress: bool = True) -> dict:
     """Write `ck` as a llama.cpp GGUF of matrix type `qtype` (see qtypes()) to `out`.
 
-    Returns {path, bytes, seconds, type, tensors}. Streams tensor by tensor; the file appears
-    under its name only when complete (a temporary name, fsync, rename)."""
+    Returns {path, bytes, seconds, cpu_seconds (all threads), type, tensors, threads}. Streams
+    tensor by tensor; the file appears under its name only when complete (temporary name, fsync,
+    rename)."""
     import gguf
     from tqdm import tqdm
 
     if qtype not in qtypes():
         raise ValueError(f"--type must be one of {', '.join(qtypes())} (got {qtype!r})")
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     mtype, ftype = qtypes()[qtype]
     threads = threads or os.cpu_count() or 1
     out = Path(out)
@@ -284,7 +285,8 @@ def write_gguf(ck: Checkpoint, out: str | Path, qtype: str = "q8_0", threads: in
         if reader:
             reader.close()
     return dict(path=str(out), bytes=out.stat().st_size, seconds=round(time.perf_counter() - t_start, 2),
-                type=qtype, tensors=len(plan), threads=threads)
+                cpu_seconds=round(time.process_time() - cpu_start, 2), type=qtype, tensors=len(plan),
+                threads=threads)
 
 
 # ----------------------------------------------------------------------------- llama.cpp (optional)
@@ -309,7 +311,7 @@ def llamacpp_quantize(src: str | Path, dst: str | Path, qtype: str = "q8_0", thr
     p.ftype = int(qtypes()[qtype][1])
     p.nthread = threads
     p.pure = pure
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), p)
         if rc != 0:
@@ -318,7 +320,8 @@ def llamacpp_quantize(src: str | Path, dst: str | Path, qtype: str = "q8_0", thr
     finally:
         tmp.unlink(missing_ok=True)
     return dict(path=str(dst), bytes=dst.stat().st_size, seconds=round(time.perf_counter() - t, 2),
-                type=qtype, threads=threads or os.cpu_count())
+                cpu_seconds=round(time.process_time() - cpu, 2), type=qtype,
+                threads=threads or os.cpu_count())
 
 
 def llamacpp_decode(path: str | Path, prompt_ids: list[int], max_tokens: int, threads: int,
