@@ -6,7 +6,7 @@ BOARD   ?= ulx3s
 PROMPT  ?= It was
 SIM_PORT ?= 4321
 
-.PHONY: help setup demo test test-all weights target build load sim report bench lint clean
+.PHONY: help setup demo test test-all weights target build load sim report bench bench-extra lint clean
 
 help:       ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,9 @@ report:     ## utilisation, Fmax and token rates of the last `make build`
 
 bench: setup ## performance figures against their bounds (prints, never asserts)
 	$(PY) scripts/bench.py
+
+bench-extra: ## llama.cpp for bench's side-by-side: setup with the bench extra (llama-cpp-python compiled for this CPU, ~30 min)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(or $(JOBS),2) EXTRAS=dev,bench nice bash scripts/setup.sh
 
 lint:       ## ruff on host/, weights/, tests/
 	$(VENV)/bin/ruff check host weights tests

@@ -21,6 +21,7 @@ from migen import *
 from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
+from bakedllama import steps
 
 from gateware import latency as lat
 from gateware.hw import (SHARED_A, SHARED_B, SHARED_P, absval, bit_length, clip, const_mul, field,
@@ -123,15 +124,17 @@ class Attention(Module):
         qs = lanes_of(self, qg, HP * hd, 8, False)  # raw bits: plane_dot slices them
         ks = lanes_of(self, kr.dat_r, W, 8)
         scale = nx.score_scale(hd)
-        sh_lo = f_qk - q_k_max + min(e_k) + 15 - nx.SCORE_FRAC
-        sh_hi = f_qk + max(e_k) + 15 - nx.SCORE_FRAC
+        # the score shift of layer l is steps.score_base(f_qk, e_k[l]) - kq (it grows with e_k):
+        # score_base(f_qk, 0) wired in, e_k[l] added in hardware (a per-layer mux of e_k)
+        sh_lo = steps.score_base(f_qk, min(e_k)) - q_k_max
+        sh_hi = steps.score_base(f_qk, max(e_k))
         dot_max = hd * 127 * 128
         s_max = max(-(-(dot_max * scale) >> sh_lo) if sh_lo >= 0 else (dot_max * scale) << -sh_lo, 1)
         s_bits = sbits(s_max) + 1
         ek = Signal((sbits(min(e_k), max(e_k)) + 1, True))
         self.comb += ek.eq(Array([Constant(v, (len(ek), True)) for v in e_k])[self.layer])
         shift = Signal((sbits(sh_lo, sh_hi) + 1, True))
-        self.comb += shift.eq(f_qk + 15 - nx.SCORE_FRAC + ek - kq)
+        self.comb += shift.eq(steps.score_base(f_qk, 0) + ek - kq)
         self.submodules.softmax = sm = Softmax(HP, s_bits, S)
         # operands registered at the KV cache's output (its clock-to-out is ~6 ns)
         # (lat.KV_READ registers: yosys folds the first into the block RAM's output register, so
@@ -257,7 +260,7 @@ class Attention(Module):
         hsh = (hd // P).bit_length() - 1
         self.comb += rcur.eq(Array(recip)[ob[hsh:] if hsh else ob])
         rl = [rcur] * P
-        sho = [nx.ATT_RECIP_BITS + ev - nx.ATT_OUT_FRAC for ev in e_v]
+        sho = [steps.att_out_shift(ev) for ev in e_v]
         osh = Signal((sbits(min(sho), max(sho)) + 1, True))
         self.comb += osh.eq(Array([Constant(v, (len(osh), True)) for v in sho])[self.layer])
         prod1 = [Signal((aw + len(recip[0]) + 1, True)) for _ in range(P)]

@@ -9,6 +9,9 @@
                row's group multiplier, so one word is what the lanes consume in one cycle
     tables     lookup tables from bakedllama.numerics (rsqrt, exp, sigmoid, RoPE cos/sin, norm
                gains) - generated there, never copied here
+    steps      every shift of the pass (bakedllama.steps.make_steps: requantization bases, the
+               embedding, key cache, score and attention output shifts, norm gain fracs), the
+               same constants the golden model and the 8B runner apply
     schedule   the fixed sequence of steps of one forward pass (which matrix, which unit, when)
 
 Nothing here touches Migen, so the cycle model (and the 8B projection) can import it cheaply.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bakedllama import numerics as nx
+from bakedllama import steps as st
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 
@@ -338,7 +342,7 @@ class Plan:
     fmt: dict  # the baked model's numerics formats
     banks: list  # [Bank]
     place: dict  # key -> Placement (cls, emb, qkv{l}, wo{l}, w13{l}, w2{l})
-    shifts: dict  # key -> per-row-segment weight shift(s)
+    steps: st.Steps  # every shift / format constant of the pass (bakedllama.steps)
     acc_bits: int  # matrix-vector accumulator width (numerics.matvec_acc_bits, max over matrices)
     tables: dict  # numerics tables (see compile_model)
     schedule: list  # [Step]
@@ -455,14 +459,7 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
     if brams is not None:
         check_bram_budget(c, geo, formats, brams)
     banks, place = build_banks(c, geo, formats, model.weights)
-    W = model.weights
-    wcls = model.wcls
-    shifts = {"cls": int(wcls.shift), "emb": int(W["tok_embeddings"].shift)}
-    for l in range(c.n_layers):
-        shifts[f"qkv{l}"] = (int(W["wq"].shift[l]), int(W["wk"].shift[l]), int(W["wv"].shift[l]))
-        shifts[f"wo{l}"] = int(W["wo"].shift[l])
-        shifts[f"w13{l}"] = (int(W["w1"].shift[l]), int(W["w3"].shift[l]))
-        shifts[f"w2{l}"] = int(W["w2"].shift[l])
+    steps = st.model_steps(model)
     pf = padded_formats(c, formats, geo.hidden)
     acc_bits = max(nx.matvec_acc_bits(*pf[fn], k) for _, _, k, fn in virtual_matrices(c, geo))
     inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
@@ -470,8 +467,6 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
     N = model.norms
     gains = [N["rms_att_weight"][l] if i == 0 else N["rms_ffn_weight"][l]
              for l in range(c.n_layers) for i in range(2)] + [N["rms_final_weight"]]
-    f_g = [f["f_g_rms_att_weight"][l] if i == 0 else f["f_g_rms_ffn_weight"][l]
-           for l in range(c.n_layers) for i in range(2)] + [f["f_g_rms_final_weight"]]
     tables = dict(
         rsqrt=[int(v) for v in nx.RSQRT_TABLE],
         exp_hi=[int(v) for v in nx.EXP_HI],
@@ -479,13 +474,13 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
         sigmoid=[int(v) for v in nx.SIGMOID_TABLE],
         rope_cos=cos.astype(np.int64), rope_sin=sin.astype(np.int64),
         gains=np.stack([np.asarray(g, dtype=np.int64) for g in gains]),  # (2L+1, dim) int16
-        f_g=[int(v) for v in f_g],
+        f_g=steps.norm_fracs(),  # in the order of norm_select
         score_scale=nx.score_scale(c.head_dim),
-        eps_int=int(f["eps_int"]),
+        eps_int=steps.eps_int,
     )
     for b in banks:
         assert all(0 <= w < (1 << b.width) for w in b.words)
-    return Plan(c, geo, model.identity(), f, banks, place, shifts, acc_bits, tables,
+    return Plan(c, geo, model.identity(), f, banks, place, steps, acc_bits, tables,
                 make_schedule(c, with_sampling))
 
 

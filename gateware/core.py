@@ -38,7 +38,7 @@ _KINDS = {"qkv": KIND_QKV, "wo": KIND_WO, "w13": KIND_W13, "w2": KIND_W2, "cls":
 def make_units(plan: compiler.Plan) -> dict:
     """The datapath's units, built from the plan (the Datapath wires them; gateware.area
     synthesizes each one alone for the per-unit area table)."""
-    c, g, f, t = plan.cfg, plan.geo, plan.fmt, plan.tables
+    c, g, f, t = plan.cfg, plan.geo, plan.steps, plan.tables  # f: the pass's constants
     D, H, V, P, Q = c.dim, g.hidden, g.vocab, g.vlanes, g.post  # hidden, vocab: padded
     kmax = max(D, H)
     return dict(
@@ -46,9 +46,10 @@ def make_units(plan: compiler.Plan) -> dict:
                   dsp_pairs=g.dsp_pairs, share=g.share),
         rms=RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"]),
         aq=ActQuant(kmax, Q, P),
-        att=Attention(c, f["e_k"], f["e_v"], f["f_qk"], g.kv_par, P, Q, mul_ext=g.share),
+        att=Attention(c, [s.e_k for s in f.layers], [s.e_v for s in f.layers], f.layers[0].q_frac,
+                      g.kv_par, P, Q, mul_ext=g.share),  # (one q_frac, h_frac for all layers)
         rope=Rope(Q),
-        swiglu=SwiGLU(Q, f["f_h"]),
+        swiglu=SwiGLU(Q, f.layers[0].h_frac),
         argmax=Argmax(Q, plan.acc_bits, V, n_valid=c.vocab_size),  # never a pad row
         sampler=Sampler(c.vocab_size, Q, n_fill=V),
     )
@@ -58,7 +59,7 @@ class Datapath(Module):
     """Everything with memories (weight ROMs, KV cache, tables) lives here, outside the AutoCSR core."""
 
     def __init__(self, plan: compiler.Plan, sink, source, with_trace: bool = False):
-        c, g, f = plan.cfg, plan.geo, plan.fmt
+        c, g, f = plan.cfg, plan.geo, plan.steps  # f: every shift of the pass (steps.Steps)
         D, KVD, S, NL = c.dim, c.kv_dim, c.seq_len, c.n_layers
         H, V = g.hidden, g.vocab  # padded to the tile (compiler.make_geometry)
         hd = c.head_dim
@@ -210,7 +211,7 @@ class Datapath(Module):
             emb_m.append(mg)
         e_emit = Signal()
         e_b = Signal(ubits(D // P))
-        e_sh = plan.shifts["emb"] - f["f_x"]
+        e_sh = f.embed
         evals = []
         ewq = Signal(P * be.bits)
         self.comb += ewq.eq(Array([Cat(*emb_q[b * P:(b + 1) * P]) for b in range(D // P)])[e_b])
@@ -296,19 +297,20 @@ class Datapath(Module):
         self.comb += src.ready.eq(1)
         r0 = Signal(ubits(max(V, 2 * H, D + 2 * KVD)))
         self.comb += r0.eq(src.beat * Q)
-        # requantization constants C[kind][layer][seg]: shift = C - k_act
+        # requantization constants C[kind][layer][seg]: shift = C - k_act (steps.Requant.base;
+        # the segments of qkv are q, k, v, those of w13 h1, h3)
         Cs = {}
         for l in range(NL):
-            sq, sk, sv = plan.shifts[f"qkv{l}"]
-            Cs[(KIND_QKV, l, 0)] = sq + nx.NORM_OUT_FRAC - f["f_qk"]
-            Cs[(KIND_QKV, l, 1)] = sk + nx.NORM_OUT_FRAC - f["f_qk"]
-            Cs[(KIND_QKV, l, 2)] = sv + nx.NORM_OUT_FRAC - f["e_v"][l]
-            Cs[(KIND_WO, l, 0)] = plan.shifts[f"wo{l}"] + nx.ATT_OUT_FRAC - f["f_x"]
-            s1, s3 = plan.shifts[f"w13{l}"]
-            Cs[(KIND_W13, l, 0)] = s1 + nx.NORM_OUT_FRAC - f["f_h"]
-            Cs[(KIND_W13, l, 1)] = s3 + nx.NORM_OUT_FRAC - f["f_h"]
-            Cs[(KIND_W2, l, 0)] = plan.shifts[f"w2{l}"] + f["f_h"] - f["f_x"]
-        Cs[(KIND_CLS, 0, 0)] = plan.shifts["cls"] + nx.NORM_OUT_FRAC - nx.SCORE_FRAC
+            sq, sk, sv = f.layers[l].wq, f.layers[l].wk, f.layers[l].wv
+            Cs[(KIND_QKV, l, 0)] = sq.base
+            Cs[(KIND_QKV, l, 1)] = sk.base
+            Cs[(KIND_QKV, l, 2)] = sv.base
+            Cs[(KIND_WO, l, 0)] = f.layers[l].wo.base
+            s1, s3 = f.layers[l].w1, f.layers[l].w3
+            Cs[(KIND_W13, l, 0)] = s1.base
+            Cs[(KIND_W13, l, 1)] = s3.base
+            Cs[(KIND_W2, l, 0)] = f.layers[l].w2.base
+        Cs[(KIND_CLS, 0, 0)] = f.cls.base
         c_lo, c_hi = min(Cs.values()), max(Cs.values())
         k_hi = max(rms.k_max, 16 - 7, att.k_max)
         seg = Signal(2)
@@ -377,11 +379,11 @@ class Datapath(Module):
             rp_r0.append(b_)
             rp_last.append(c_)
         rv = lanes_of(self, rope.source.x, Q, 16)
-        ekl = Array([Constant(f["f_qk"] - e, (8, True)) for e in f["e_k"]])
+        ekl = Array([Constant(f.layers[l].k_cache, (8, True)) for l in range(NL)])  # k -> key cache
         kshift = Signal((8, True))
         self.comb += kshift.eq(ekl[layer])
-        ks_lo = min(f["f_qk"] - e for e in f["e_k"])
-        ks_hi = max(f["f_qk"] - e for e in f["e_k"])
+        ks_lo = min(f.layers[l].k_cache for l in range(NL))
+        ks_hi = max(f.layers[l].k_cache for l in range(NL))
         kq8 = [saturate(self, round_shift(self, v, kshift, (ks_lo, ks_hi)), 8) for v in rv]
         rvalid = rope.source.valid
         qkv_seg, qkv_r0, qkv_last = rp_seg[-1], rp_r0[-1], rp_last[-1]

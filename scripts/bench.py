@@ -37,7 +37,8 @@ def bench_golden() -> None:
 
 def bench_kernel() -> None:
     from bakedllama import numerics as nx
-    from bakedllama.llama8b.kernels import matvec_packed, pack, read_bandwidth
+    from bakedllama.llama8b import bandwidth
+    from bakedllama.llama8b.kernels import matvec_packed, pack
 
     rng = np.random.default_rng(0)
     rows, cols = 14336, 4096  # one Llama 3.1 8B FFN matrix
@@ -49,7 +50,7 @@ def bench_kernel() -> None:
         matvec_packed(p, a)  # compile
         best = min(_timed(lambda p=p, a=a: matvec_packed(p, a)) for _ in range(3))
         nbytes = p.nbytes()
-        bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
+        bw = bandwidth.measure(nbytes).bytes_per_s  # resident, these threads, best of passes
         print(f"8B kernel int{bits}: {nbytes / best / 1e9:.2f} GB/s of packed weights; machine read "
               f"bandwidth {bw / 1e9:.2f} GB/s; time / bound = {best / (nbytes / bw):.2f} (goal <= 1.5)")
 
@@ -60,10 +61,9 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
     prompt's batched pass (`prompt` rows at once, simd.c) per prompt token; the 4-bit layout
     against the 8-bit one, and each decode against this machine's read bandwidth."""
     import numba
-
     from bakedllama import numerics as nx
-    from bakedllama.llama8b import simd
-    from bakedllama.llama8b.kernels import matvec_numba, matvec_packed, pack, read_bandwidth
+    from bakedllama.llama8b import bandwidth, simd
+    from bakedllama.llama8b.kernels import matvec_numba, matvec_packed, pack
 
     if not simd.available():
         print("8B simd kernels: not available on this machine (no AVX2 or no C compiler)")
@@ -78,22 +78,59 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
     a1 = rng.integers(-127, 128, cols)
     ap = rng.integers(-127, 128, (prompt, cols))
     n0 = numba.get_num_threads()
-    bw = read_bandwidth(np.zeros(256 << 20, np.uint8))
-    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; read bandwidth {bw / 1e9:.2f} GB/s):")
-    print("  threads  bits  decode numba  decode (default)  bound  prefill x%d (per token)  "
-          "decode / prefill" % prompt)
+    ks = simd.kernels()
+    print(f"8B kernels on a {rows} x {cols} matrix (ms per token; bound: its bytes at the read "
+          f"bandwidth measured on the same threads, llama8b/bandwidth.py; simd.c instruction sets "
+          f"here: {', '.join(ks)}, default {ks[0]}):")
+    print("  threads  bits  bound  decode numba  " + "  ".join(f"decode {k:>4}" for k in ks) + "  "
+          + "  ".join(f"prefill x{prompt} {k:>4}" for k in ks) + "  decode / prefill (default)")
     try:
         for th in threads:
-            numba.set_num_threads(th)
             for bits, p in mats.items():
+                bw = bandwidth.measure(p.nbytes(), th).bytes_per_s  # (restores the thread count)
+                numba.set_num_threads(th)
                 tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
-                td = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
-                tp = min(_timed(lambda p=p: simd.matmat(p, ap, 0, rows, th)) for _ in range(2))
+                td = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
+                      for k in ks]
+                tp = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, ap, 0, rows, th, k)) for _ in range(2)) / prompt
+                      for k in ks]
+                tdef = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
                 bound = p.nbytes() / bw
-                print(f"  {th:7d}  {bits:4d}  {tn * 1e3:12.2f}  {td * 1e3:16.2f}  {bound * 1e3:5.2f}  "
-                      f"{tp / prompt * 1e3:23.3f}  {td / (tp / prompt):16.1f}x")
+                print(f"  {th:7d}  {bits:4d}  {bound * 1e3:5.2f}  {tn * 1e3:12.2f}  "
+                      + "  ".join(f"{t * 1e3:11.2f}" for t in td) + "  "
+                      + "  ".join(f"{t * 1e3:{13 + len(str(prompt))}.3f}" for t in tp)
+                      + f"  {tdef * 1e3:.2f} / {tp[0] * 1e3:.3f} = {tdef / tp[0]:.1f}x")
     finally:
         numba.set_num_threads(n0)
+
+
+def bench_decode_bound(threads=(1, 2), schemes=("w8", "w4"), steps: int = 8) -> None:
+    """Whole decode steps (Runner.forward, resident) of a synthetic model of random packed weights
+    in Llama 3.1 8B's layer shapes (2 layers, a small vocabulary: 448 MiB at w8, 14x a 32 MiB LLC,
+    read from DRAM on every step like the 8B) against the memory bound measured the way the decode
+    reads (llama8b/bandwidth.py), per thread count and scheme: tokens/s and the ratio to the bound
+    (>= 1.0 always; a warning names the reason if not)."""
+    from bakedllama.config import ModelConfig
+    from bakedllama.llama8b import bandwidth
+
+    cfg = ModelConfig(dim=4096, n_layers=2, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                      vocab_size=8192, seq_len=steps + 2, tied_embeddings=False)
+    print("8B runner decode vs the memory bound (synthetic: 2 layers of the 8B's shapes, vocab 8192):")
+    print("  scheme  threads  MiB/step  decode ms (best, median)  tok/s  bound ms  GB/s  ratio")
+    for scheme in schemes:
+        qm = bandwidth.timing_model(cfg, scheme)
+        nb = bandwidth.decode_bytes(qm)
+        for th in threads:
+            ds = bandwidth.time_decode(qm, th, steps)
+            b = bandwidth.best(bandwidth.measure(nb, th), bandwidth.measure(nb, th))
+            c = bandwidth.compare(float(np.median(ds)), nb, b)  # the median step (as run8b: mean)
+            med = float(np.median(ds))
+            print(f"  {scheme:6s}  {th:7d}  {nb / 2**20:8.1f}  {min(ds) * 1e3:11.2f} {med * 1e3:11.2f}"
+                  f"  {1 / med:5.1f}  {c['bound_seconds_per_token'] * 1e3:8.2f}  "
+                  f"{b.bytes_per_s / 1e9:4.1f}  {c['ratio_to_bound']:5.2f}")
+            if c["warning"]:
+                print(f"    warning: {c['warning']}")
+        del qm  # before the next model is built
 
 
 def bench_soc(prompt_len: int = 16, gen: int = 128) -> None:
@@ -277,6 +314,7 @@ def main() -> None:
     bench_golden()
     bench_kernel()
     bench_simd()
+    bench_decode_bound()
     bench_soc()
     bench_speculative()
     from gateware import bench as gw_bench

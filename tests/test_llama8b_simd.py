@@ -15,12 +15,16 @@ from bakedllama import numerics as nx
 from bakedllama.llama8b import checkpoint, kernels, partition, quant, runner, simd
 
 
-def _has_avx2() -> bool:
+def _has_flag(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx2 " in f.read().replace("\n", " ")
+            return f" {flag} " in f.read().replace("\n", " ")
     except OSError:
         return False
+
+
+def _has_avx2() -> bool:
+    return _has_flag("avx2")
 
 
 def test_simd_kernels_are_built_on_an_avx2_machine():
@@ -29,14 +33,19 @@ def test_simd_kernels_are_built_on_an_avx2_machine():
     if platform.machine() != "x86_64" or not _has_avx2():
         pytest.skip("not an x86-64 AVX2 machine")
     assert simd.available()
+    # AVX-512 VNNI (vpdpbusd) is used where the CPU has it, and only there
+    assert ("vnni" in simd.kernels()) == (_has_flag("avx512_vnni") and _has_flag("avx512vl")), simd.kernels()
 
 
 needs_simd = pytest.mark.skipif(not simd.available(), reason="no AVX2 kernels on this machine")
 
 
 @needs_simd
+@pytest.mark.parametrize("kernel", ["vnni", "avx2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-def test_simd_matmat_equals_numerics_matvec(bits):
+def test_simd_matmat_equals_numerics_matvec(bits, kernel):
+    if kernel not in simd.kernels():
+        pytest.skip(f"no {kernel} on this CPU")
     rng = np.random.default_rng(bits)
     store = kernels.STORE_FAST[bits]
     qm = nx.qmax(bits)
@@ -59,8 +68,8 @@ def test_simd_matmat_equals_numerics_matvec(bits):
                     a[1] = -127
                 ref = nx.matvec(qt, a)
                 for threads in (1, 2):
-                    assert np.array_equal(simd.matmat(p, a, 0, rows, threads), ref)
-                assert np.array_equal(simd.matmat(p, a, 3, rows - 5, 2), ref[:, 3:rows - 5])
+                    assert np.array_equal(simd.matmat(p, a, 0, rows, threads, kernel), ref)
+                assert np.array_equal(simd.matmat(p, a, 3, rows - 5, 2, kernel), ref[:, 3:rows - 5])
 
 
 @needs_simd

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bakedllama import numerics as nx
+from bakedllama import steps
 from bakedllama.model import BakedModel
 
 
@@ -48,47 +49,44 @@ def embed(e: nx.QTensor, tokens, f_x: int):
     """Dequantize embedding rows into the residual format: (B,) ids -> (B, dim) int16, frac f_x."""
     q = e.q[tokens].astype(np.int64)
     m = np.repeat(e.m[tokens].astype(np.int64), e.group, axis=-1)
-    return nx.requantize(q * m, int(e.shift) - f_x)
+    return nx.requantize(q * m, steps.embed_shift(e.shift, f_x))
 
 
-def linear(w: nx.QTensor, x_fixed, frac_in: int, frac_out: int, bits: int = 16):
-    """int8-quantize x (per row), multiply by w, requantize to frac_out (saturating to `bits`)."""
+def linear(w: nx.QTensor, x_fixed, rq: steps.Requant):
+    """int8-quantize x (per row), multiply by w, requantize (the step rq of matrix w)."""
     a, k = nx.quantize_act(x_fixed)
-    return linear_q(w, a, frac_in - k, frac_out, bits)
+    return linear_q(w, a, k, rq)
 
 
-def linear_q(w: nx.QTensor, a, frac_a, frac_out: int, bits: int = 16):
-    """The matrix-vector product on already-quantized activations a (frac frac_a per row).
+def linear_q(w: nx.QTensor, a, k, rq: steps.Requant):
+    """The matrix-vector product on already-quantized activations a (quantization shift k per row),
+    requantized by the step rq (which carries w's shift).
 
     Rows are independent, so a row slice of w gives the same rows of the result (row splits)."""
-    acc = nx.matvec(w, a)
-    return nx.requantize(acc, (int(w.shift) + np.asarray(frac_a) - frac_out)[..., None], bits)
+    return rq.apply(nx.matvec(w, a), k)
 
 
 @dataclass
 class LayerWeights:
     """One decoder block's baked weights (what a partition carries for a whole layer)."""
 
-    rms_att: np.ndarray  # (dim,) int16 gain, frac f_g_att
-    f_g_att: int
+    rms_att: np.ndarray  # (dim,) int16 gain, frac st.f_g_att
     wq: nx.QTensor
     wk: nx.QTensor
     wv: nx.QTensor
     wo: nx.QTensor
-    rms_ffn: np.ndarray
-    f_g_ffn: int
+    rms_ffn: np.ndarray  # (dim,) int16 gain, frac st.f_g_ffn
     w1: nx.QTensor
     w2: nx.QTensor
     w3: nx.QTensor
-    e_k: int  # KV cache formats of this layer
-    e_v: int
+    st: steps.LayerSteps  # the block's shifts and formats (steps.make_steps)
 
 
-def attention_core(c, f: dict, q, k, v, key_cache, value_cache, pos: int, cos, sin, e_k: int, e_v: int,
+def attention_core(c, st: steps.LayerSteps, q, k, v, key_cache, value_cache, pos: int, cos, sin,
                    consecutive: bool = False):
     """Between the q/k/v projections and wo: RoPE, KV cache write, scores, softmax, weighted sum.
 
-    q (B, n_heads, hd), k (B, n_kv_heads, hd) int16 frac f_qk; v (B, kv_dim) int8 frac e_v.
+    q (B, n_heads, hd), k (B, n_kv_heads, hd) int16 frac st.q_frac; v (B, kv_dim) int8 frac st.e_v.
     B sequences at position `pos` (cos, sin: that position's rows); or, consecutive=True, B
     consecutive positions pos .. pos + B - 1 of the caches' one sequence (cos, sin: (B, hd/2)),
     each query over the positions up to its own: the same integers as B calls in turn.
@@ -97,7 +95,7 @@ def attention_core(c, f: dict, q, k, v, key_cache, value_cache, pos: int, cos, s
     if consecutive:
         cos, sin = cos[:, None], sin[:, None]
     q, k = nx.rope(q, cos, sin), nx.rope(k, cos, sin)
-    k8 = nx.saturate(nx.round_shift(k, f["f_qk"] - e_k), 8).reshape(B, -1)
+    k8 = nx.saturate(nx.round_shift(k, st.k_cache), 8).reshape(B, -1)
     if consecutive:
         key_cache[0, pos:pos + B], value_cache[0, pos:pos + B] = k8, v
     else:
@@ -108,45 +106,45 @@ def attention_core(c, f: dict, q, k, v, key_cache, value_cache, pos: int, cos, s
     q8 = q8.reshape(B, c.n_kv_heads, c.kv_mul, hd)  # query heads grouped by their kv head
     kk = key_cache[:, :n].reshape(S, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
     vv = value_cache[:, :n].reshape(S, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-    fq = (f["f_qk"] - kq)[:, None, None]
+    fq = (st.q_frac - kq)[:, None, None]
     mask = None
     if consecutive and B > 1:  # query i sees positions 0 .. pos + i
         mask = (np.arange(n)[None, :] <= (pos + np.arange(B))[:, None])[:, None, None, :]
-    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], e_k, e_v, hd, mask)
+    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], st.e_k, st.e_v, hd, mask)
     return att.reshape(B, c.dim)
 
 
 def attention_block(c, f: dict, lw: LayerWeights, x, key_cache, value_cache, pos: int, cos, sin):
     """x (B, dim) int16 -> x + attention(x); writes position `pos` of this layer's cache.
 
-    key_cache / value_cache: (B, seq_len, kv_dim) int8 views of this layer's cache."""
-    B, hd = x.shape[0], c.head_dim
-    xb = nx.rmsnorm(x, lw.rms_att, lw.f_g_att, f["eps_int"])
+    f: the model's formats (the norm's eps_int); key_cache / value_cache: (B, seq_len, kv_dim) int8
+    views of this layer's cache."""
+    B, hd, st = x.shape[0], c.head_dim, lw.st
+    xb = nx.rmsnorm(x, lw.rms_att, st.f_g_att, f["eps_int"])
     a, k_a = nx.quantize_act(xb)
-    fa = nx.NORM_OUT_FRAC - k_a
-    q = linear_q(lw.wq, a, fa, f["f_qk"]).reshape(B, c.n_heads, hd)
-    k = linear_q(lw.wk, a, fa, f["f_qk"]).reshape(B, c.n_kv_heads, hd)
-    v = linear_q(lw.wv, a, fa, lw.e_v, bits=8)
-    o = attention_core(c, f, q, k, v, key_cache, value_cache, pos, cos, sin, lw.e_k, lw.e_v)
-    return nx.saturate(x + linear(lw.wo, o, nx.ATT_OUT_FRAC, f["f_x"], bits=32), 16)
+    q = linear_q(lw.wq, a, k_a, st.wq).reshape(B, c.n_heads, hd)
+    k = linear_q(lw.wk, a, k_a, st.wk).reshape(B, c.n_kv_heads, hd)
+    v = linear_q(lw.wv, a, k_a, st.wv)
+    o = attention_core(c, st, q, k, v, key_cache, value_cache, pos, cos, sin)
+    return nx.saturate(x + linear(lw.wo, o, st.wo), 16)
 
 
 def ffn_block(c, f: dict, lw: LayerWeights, x):
     """x (B, dim) int16 -> x + w2(silu(w1 xb) * w3 xb)."""
-    xb = nx.rmsnorm(x, lw.rms_ffn, lw.f_g_ffn, f["eps_int"])
+    st = lw.st
+    xb = nx.rmsnorm(x, lw.rms_ffn, st.f_g_ffn, f["eps_int"])
     a, k_a = nx.quantize_act(xb)
-    fa = nx.NORM_OUT_FRAC - k_a
-    h1 = linear_q(lw.w1, a, fa, f["f_h"])
-    h3 = linear_q(lw.w3, a, fa, f["f_h"])
-    hb = nx.swiglu(h1, h3, f["f_h"])
-    return nx.saturate(x + linear(lw.w2, hb, f["f_h"], f["f_x"], bits=32), 16)
+    h1 = linear_q(lw.w1, a, k_a, st.w1)
+    h3 = linear_q(lw.w3, a, k_a, st.w3)
+    hb = nx.swiglu(h1, h3, st.h_frac)
+    return nx.saturate(x + linear(lw.w2, hb, st.w2), 16)
 
 
 def classifier(f: dict, rms_final, f_g_final: int, wcls: nx.QTensor, x) -> "Logits":
     """Final RMSNorm and the classifier: x (B, dim) -> Logits."""
     xb = nx.rmsnorm(x, rms_final, f_g_final, f["eps_int"])
     a, k = nx.quantize_act(xb)
-    return Logits(nx.matvec(wcls, a), int(wcls.shift) + nx.NORM_OUT_FRAC - k)
+    return Logits(nx.matvec(wcls, a), steps.classifier_step(wcls.shift).acc_frac(k))
 
 
 class Golden:
@@ -155,6 +153,7 @@ class Golden:
         c = model.cfg
         self.cfg = c
         self.fmt = model.fmt
+        self.steps = steps.model_steps(model)  # every shift of the pass (steps.make_steps)
         inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         self.rope_cos, self.rope_sin = nx.rope_table(np.arange(c.seq_len), inv)  # (seq_len, hd/2) Q14
 
@@ -164,10 +163,10 @@ class Golden:
         return RunState(np.zeros(shape, np.int8), np.zeros(shape, np.int8))
 
     def layer(self, l: int) -> LayerWeights:
-        W, N, f = self.m.weights, self.m.norms, self.fmt
-        return LayerWeights(N["rms_att_weight"][l], f["f_g_rms_att_weight"][l], W["wq"][l], W["wk"][l],
-                            W["wv"][l], W["wo"][l], N["rms_ffn_weight"][l], f["f_g_rms_ffn_weight"][l],
-                            W["w1"][l], W["w2"][l], W["w3"][l], f["e_k"][l], f["e_v"][l])
+        W, N = self.m.weights, self.m.norms
+        return LayerWeights(N["rms_att_weight"][l], W["wq"][l], W["wk"][l], W["wv"][l], W["wo"][l],
+                            N["rms_ffn_weight"][l], W["w1"][l], W["w2"][l], W["w3"][l],
+                            self.steps.layers[l])
 
     def forward(self, s: RunState, tokens, trace: Trace | None = None) -> Logits:
         """One position for a batch: tokens (B,) -> classifier logits; advances s.pos."""
@@ -177,7 +176,7 @@ class Golden:
         if pos >= c.seq_len:
             raise ValueError(f"position {pos} is past the context length {c.seq_len}")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        x = embed(self.m.weights["tok_embeddings"], tokens, f["f_x"])  # (B, dim) int16 frac f_x
+        x = embed(self.m.weights["tok_embeddings"], tokens, self.steps.f_x)  # (B, dim) int16 frac f_x
         if trace is not None:
             trace.embedding = x.copy()
         for l in range(c.n_layers):
@@ -188,8 +187,7 @@ class Golden:
             if trace is not None:
                 trace.layers.append(dict(x_att=x_att, x_ffn=x.copy()))
         s.pos += 1
-        return classifier(f, self.m.norms["rms_final_weight"], f["f_g_rms_final_weight"],
-                          self.m.wcls, x)
+        return classifier(f, self.m.norms["rms_final_weight"], self.steps.f_g_final, self.m.wcls, x)
 
 
 def generate(g: Golden, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,

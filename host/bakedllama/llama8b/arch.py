@@ -34,13 +34,18 @@ LLAMA31_8B = dict(
     mlp_bias=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
     torch_dtype="bfloat16")
 
+# Llama 3.1 70B: the 8B's config.json with the 70B's widths (80 layers, GQA 64/8, ffn 28672);
+# 70,553,706,496 parameters. For the projection and for a cluster (--cluster): bf16 141 GB, w8 ~71 GB.
+LLAMA31_70B = dict(LLAMA31_8B, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, intermediate_size=28672)
+
 # The same architecture at small dims (tests): GQA 4/2, head_dim 16, group-32-friendly widths.
 # Its vocabulary: 256 byte tokens, 128 filler tokens, 128 specials laid out like Llama 3's.
 LLAMA3_TINY = dict(LLAMA31_8B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, intermediate_size=160, vocab_size=512,
                    bos_token_id=384, eos_token_id=[385, 392, 393], max_position_embeddings=2048)
 
-SPECS = {"llama3.1-8b": LLAMA31_8B, "llama3-tiny": LLAMA3_TINY}
+SPECS = {"llama3.1-8b": LLAMA31_8B, "llama3.1-70b": LLAMA31_70B, "llama3-tiny": LLAMA3_TINY}
 
 
 def _rope_scaling(hf: dict) -> dict | None:

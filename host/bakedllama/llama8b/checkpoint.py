@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import zlib
@@ -117,6 +118,13 @@ class Checkpoint:
         return hf_name(name, layer)
 
 
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data begin."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
 class HFCheckpoint(Checkpoint):
     """A Hugging Face Llama directory: config.json, *.safetensors (+ index), tokenizer.json."""
 
@@ -147,6 +155,7 @@ class HFCheckpoint(Checkpoint):
             self._files[f.name] = h
             for k in h.keys():
                 self._where[k] = f.name
+        self._hdr = {f.name: _safetensors_header(f) for f in files}  # for plain reads
         self._check_shapes(self._shape)
 
     def _shape(self, name, layer):
@@ -161,12 +170,43 @@ class HFCheckpoint(Checkpoint):
 
     def tensor(self, name, layer=None, rows=None):
         k = hf_name(name, layer)
-        sl = self._files[self._where[k]].get_slice(k)
         if name in ("wq", "wk"):
-            w = np.asarray(sl[:], dtype=np.float32)
+            w = self._read(k)
             w = permute_reverse(w, self.cfg.n_heads if name == "wq" else self.cfg.n_kv_heads)
             return np.ascontiguousarray(w if rows is None else w[rows])
-        return np.asarray(sl[:] if rows is None else sl[rows], dtype=np.float32)
+        if rows is None or (isinstance(rows, slice) and rows.step in (None, 1)):
+            return self._read(k, rows)
+        return self._read(k)[rows]
+
+    def _read(self, k: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor k (or its rows) as float32, read from the file with plain reads: nothing stays
+        mapped, so streaming a checkpoint through costs no resident memory (the pages are the OS
+        page cache's). bf16 widens exactly (its bits are float32's top half)."""
+        from bakedllama.llama8b.fastquant import bf16_to_f32
+
+        fname = self._where[k]
+        hdr, data0 = self._hdr[fname]
+        info = hdr[k]
+        dt = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[info["dtype"]]
+        shape = list(info["shape"])
+        start = data0 + info["data_offsets"][0]
+        if rows is not None and shape:
+            r0, r1, _ = rows.indices(shape[0])
+            r1 = max(r0, r1)
+            start += r0 * int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dt).itemsize
+            shape[0] = r1 - r0
+        a = np.empty(shape, dt)
+        buf = memoryview(a.reshape(-1).view(np.uint8))
+        with open(self.path / fname, "rb", buffering=0) as f:
+            n = 0
+            while n < len(buf):
+                got = os.preadv(f.fileno(), [buf[n:n + (1 << 30)]], start + n)
+                if got <= 0:
+                    raise ModelFileError(f"{self.path / fname}: truncated (tensor '{k}')")
+                n += got
+        if info["dtype"] == "BF16":
+            return bf16_to_f32(a)
+        return a.astype(np.float32, copy=False)
 
     def identity(self) -> str:
         h = hashlib.sha256(json.dumps(self.hf_config, sort_keys=True).encode())
@@ -254,8 +294,20 @@ class GGUFCheckpoint(Checkpoint):
             w = np.asarray(t.data).reshape(shape)
         else:
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        w = w if rows is None else w[rows]
-        return np.asarray(w, dtype=np.float32)
+        w = np.array(w if rows is None else w[rows], dtype=np.float32)  # a copy: then unmap
+        self._release(t)
+        return w
+
+    def _release(self, t) -> None:
+        """Drop a tensor's file pages from this process (a streamed pass over the whole file must
+        not leave it all resident); the OS page cache keeps them for a next read."""
+        mm = getattr(self.r.data, "_mmap", None)
+        if mm is None:
+            return
+        lo = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(mm), int(t.data_offset) + int(t.n_bytes))
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def identity(self) -> str:
         st = self.path.stat()

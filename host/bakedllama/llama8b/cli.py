@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from bakedllama.fileformat import ModelFileError
-from bakedllama.llama8b import agreement, kernels, partition, projection, quant, runner
+from bakedllama.llama8b import agreement, bandwidth, cluster, kernels, partition, projection, quant, runner
 from bakedllama.llama8b.arch import DEFAULT_CONTEXT
 from bakedllama.llama8b.checkpoint import CACHE_DIR, open_checkpoint
 
@@ -21,7 +21,7 @@ from bakedllama.llama8b.checkpoint import CACHE_DIR, open_checkpoint
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="text to continue (BOS is prepended)")
     p.add_argument("--checkpoint", required=True, metavar="DIR|FILE.gguf|synthetic:NAME",
-                   help="Hugging Face Llama directory, GGUF file, or synthetic:llama3.1-8b / "
+                   help="Hugging Face Llama directory, GGUF file, or synthetic:llama3.1-8b / -70b / "
                         "synthetic:llama3-tiny (written once into the cache, deterministic)")
     p.add_argument("--bits", default="8", choices=sorted(quant.BITS_TO_SCHEME),
                    help="weight scheme: 8 (per row), 4 (groups of 32), 3/6 (Taalas-like: 3-bit, "
@@ -52,34 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=str(CACHE_DIR), metavar="DIR",
                    help="where synthetic checkpoints and quantized caches live")
     p.add_argument("--plot", metavar="PNG", help="write the projection plot (tokens/s vs chips)")
-
-
-def _measure_bandwidth(qm, piece: int = 64 << 20) -> dict:
-    """Read bandwidth over the model's own mapped weights (the largest matrices, 1 GiB when the
-    model has it), the same memory the decode step reads. Read in 64 MiB pieces (twice the
-    L3), each released after its reads, so the measurement adds little to the peak RSS."""
-    mats = sorted(qm.mats.values(), key=lambda p: -p.nbytes())
-    total, secs = 0, 0.0
-    t = time.perf_counter()
-    for p in mats:
-        for a in p.planes:
-            flat = a.reshape(-1)
-            for lo in range(0, flat.nbytes, piece):
-                v = flat[lo:lo + piece]
-                secs += v.nbytes / kernels.read_bandwidth(v, repeats=3)
-                total += v.nbytes
-                qm.release(a, lo, lo + v.nbytes)
-        if total >= 1 << 30:
-            break
-    return dict(bytes_per_s=total / secs, measured_over_bytes=total,
-                seconds=round(time.perf_counter() - t, 2))
-
-
-def _decode_bytes(qm) -> int:
-    """Bytes one decode step reads: every packed matrix and gain, and one embedding row."""
-    n = sum(p.nbytes() for p in qm.mats.values())
-    n += sum(g.nbytes for g in qm.norms.values())
-    return n + qm.embed.q.shape[1] + qm.embed.m.shape[1] * 2
+    p.add_argument("--cluster", metavar="ray|ray://ADDRESS",
+                   help="run the partitions on Ray actors (pipeline stages): 'ray' starts a local "
+                        "cluster on 127.0.0.1 for the run; ray://auto or ray://HOST:PORT joins a "
+                        "running one (llama8b/cluster.py)")
+    p.add_argument("--actors", type=int, default=2, metavar="N",
+                   help="with --cluster: stages, each a Ray actor holding a contiguous run of "
+                        "partitions resident (default 2)")
 
 
 def _warm_up(qm) -> None:
@@ -90,7 +69,8 @@ def _warm_up(qm) -> None:
         kernels.matvec_packed(p, np.zeros(32, np.int64))
 
 
-def execute(args) -> dict:
+def execute(args, cl=None) -> dict:
+    """The run; with cl (a cluster.Cluster) the partitions run on Ray actors."""
     import numba
 
     t_start = time.perf_counter()
@@ -137,12 +117,20 @@ def execute(args) -> dict:
     if not prompt_ids:
         raise ValueError("empty prompt")
     _warm_up(qm)
-    bw = _measure_bandwidth(qm)
-    r = runner.Runner(qm, parts, streaming=not args.resident)
+    dbytes = bandwidth.decode_bytes(qm)
+    bw = bandwidth.measure(dbytes)  # the bound: resident buffer, these threads, best of passes
+    if cl is not None and args.actors < 1:
+        raise ValueError("--actors must be at least 1")
+    r = (cluster.RayRunner(cl, qm, parts, args.actors, args.threads) if cl is not None
+         else runner.Runner(qm, parts, streaming=not args.resident))
     keep = bool(args.check or args.agree)
     out = runner.generate(r, prompt_ids, args.max_tokens, ck.special.stop, keep_logits=keep)
     steps = out["decode_seconds"] or out["prefill_seconds"][-1:]
     spt = float(np.mean(steps))
+    bw = bandwidth.best(bw, bandwidth.measure(dbytes))  # again after the run: the better of both
+    bound = bandwidth.compare(spt, dbytes, bw)
+    if bound["warning"] and args.json:  # (the text report prints it with the bound)
+        print(f"warning: {bound['warning']}", file=sys.stderr)
     check = None
     if args.check:
         ref = runner.generate(runner.Runner(qm, partition.plan(qm.cfg, qm.fmt, None),
@@ -163,8 +151,6 @@ def execute(args) -> dict:
         lb = agreement.logits_over(qm2, fed, chip, streaming=not args.resident)
         agree = dict(other_bits=args.agree, **agreement.compare(la, lb),
                      seconds=round(time.perf_counter() - t, 1))
-    dbytes = _decode_bytes(qm)
-    bound = dbytes / bw["bytes_per_s"]
     fmt8 = projection.scheme_fmt(qm.cfg, scheme)
     proj = {}
     for key, spec in projection.CHIP_SPECS.items():
@@ -192,11 +178,24 @@ def execute(args) -> dict:
         streaming=not args.resident, peak_rss_bytes=runner.peak_rss_bytes(),
         kv_cache_bytes=2 * qm.cfg.n_layers * qm.cfg.seq_len * qm.cfg.kv_dim,
         threads=numba.get_num_threads(),
-        bandwidth=dict(measured_bytes_per_s=round(bw["bytes_per_s"]),
-                       over_bytes=bw["measured_over_bytes"], bytes_per_decode_step=dbytes,
-                       bound_seconds_per_token=round(bound, 4), ratio_to_bound=round(spt / bound, 3)),
+        bandwidth=dict(bound, bound_seconds_per_token=round(bound["bound_seconds_per_token"], 6),
+                       ratio_to_bound=round(bound["ratio_to_bound"], 3),
+                       method=f"best of {bw.runs} rounds over {bw.buffer_bytes:,} resident bytes, "
+                              f"{bw.threads} threads, best on {bw.best_threads} (llama8b/bandwidth.py)"),
         kernel="numba (LLVM, AVX2 float32 FMA on exact small-integer sums, prange over row blocks)",
-        check=check, agreement=agree, projection=proj, total_seconds=round(time.perf_counter() - t_start, 1))
+        check=check, agreement=agree, projection=proj, cluster=_cluster_result(cl, r, out),
+        total_seconds=round(time.perf_counter() - t_start, 1))
+
+
+def _cluster_result(cl, r, out) -> dict | None:
+    """Placement of the stages, and the per-token overhead of the pipeline: a decode step's wall
+    time minus the compute of its passes (measured inside the actors)."""
+    if cl is None:
+        return None
+    over = [d - sum(p) for d, p in zip(out["decode_seconds"], out["pass_seconds"])]
+    return dict(spec=cl.spec, address=cl.address, nodes=len(cl.nodes()), tag=cl.tag,
+                overhead_seconds_per_token=round(float(np.mean(over)), 5) if over else None,
+                **r.describe())
 
 
 def _print(res: dict) -> None:
@@ -223,7 +222,19 @@ def _print(res: dict) -> None:
           f"{res['kv_cache_bytes'] / 2**20:,.1f} MiB)")
     print(f"memory bandwidth: {b['measured_bytes_per_s'] / 1e9:.2f} GB/s measured; "
           f"{b['bytes_per_decode_step'] / 1e9:.3f} GB per decode step -> bound "
-          f"{b['bound_seconds_per_token']} s/token; measured/bound = {b['ratio_to_bound']}")
+          f"{b['bound_seconds_per_token']} s/token; measured/bound = {b['ratio_to_bound']} "
+          f"({b['method']})")
+    if b["warning"]:
+        print(f"warning: {b['warning']}")
+    if res["cluster"]:
+        cr = res["cluster"]
+        print(f"cluster: {cr['spec']} ({cr['nodes']} node(s), {cr['mode']} graph"
+              f"{'; ' + cr['compile_note'] if cr['compile_note'] else ''}), {len(cr['stages'])} "
+              f"stages; overhead per token {cr['overhead_seconds_per_token']} s")
+        for sg in cr["stages"]:
+            ps = sg["partitions"]
+            print(f"  stage {sg['stage']}: partitions #{ps[0]}-#{ps[-1]} ({len(ps)}, "
+                  f"{sg['weight_bytes']:,} B) resident in pid {sg['pid']} on {sg['node']}")
     if res["check"]:
         ch = res["check"]
         print(f"check vs unpartitioned: tokens identical {ch['tokens_identical']}, "
@@ -244,7 +255,9 @@ def _print(res: dict) -> None:
 
 def run(args) -> int:
     try:
-        res = execute(args)
+        # with --cluster: connected first (a bad address fails before any load), shut down on exit
+        with cluster.open_cluster(getattr(args, "cluster", None), getattr(args, "actors", 2)) as cl:
+            res = execute(args, cl)
     except (ModelFileError, partition.PartitionError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

@@ -352,13 +352,14 @@ def matvec_packed(p: Packed, a, r0: int = 0, r1: int | None = None) -> np.ndarra
     """acc for rows [r0, r1) of p: int64, exactly numerics.matvec(q[r0:r1], a) for 1-D int8 a.
 
     4-bit layouts (w4, w3) run on simd.c's integer kernel where the machine has it (the float
-    decoding below is bound by unpacking nibbles, not by memory); the others on the numba kernel
-    (8-bit: memory-bound already)."""
+    decoding below is bound by unpacking nibbles, not by memory), and so does the 8-bit layout
+    where the CPU has AVX-512 VNNI (one vpdpbusd per 32 products; its AVX2 kernel is slower than
+    the numba one); the others on the numba kernel."""
     r1 = p.rows if r1 is None else r1
     a = np.asarray(a)
     if a.ndim != 1 or a.shape[0] != p.cols:
         raise ValueError(f"activation of shape {a.shape} for a matrix of {p.cols} columns")
-    if p.store_bits == 4 and simd.supports(p):  # nibbles: the integer kernel is memory-bound
+    if simd.supports(p) and (p.store_bits == 4 or "vnni" in simd.kernels()):
         import numba
 
         big = (-(-r1 // p.lanes) - r0 // p.lanes) * p.lanes * p.cols >= SERIAL_BELOW

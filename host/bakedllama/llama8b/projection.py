@@ -1,18 +1,24 @@
 """Performance projection for the partitioned model on real chips, priced with the accelerator's
-own cycle model (gateware/cycle_model.py: the formulas the Verilator tests check against the
-hardware cycle counter on the tiny model).
+own compiler and cycle model (gateware/compiler.py, gateware/cycle_model.py: the formulas the
+Verilator tests check against the hardware cycle counter on the tiny model).
 
-A chip is the gateware's engine at some size: `lanes` weight x activation products per cycle
-(tiles of `cols` columns x lanes/cols rows), `vlanes` elements per cycle in the vector units
-(norms, quantizer, attention output), `post` matrix-vector results per cycle through the row
-post-processing (RoPE, SwiGLU, argmax), `kv_par` KV heads per attention pass. Each number in a
-ChipSpec is a datasheet fact, a measurement, or an assumption, and says which.
+A chip is the gateware's engine at some size: the compiler's knobs `lanes` (weight x activation
+products per cycle), `vlanes` (elements per cycle in the vector units: norms, quantizer,
+attention output) and `kv_par` (KV heads per attention pass). compiler.make_geometry turns them
+and the model's weight formats into the engine, as it does for a build: the tile (C columns x R
+rows per cycle), the post-processing lanes Q (RoPE, SwiGLU, argmax), the rows per ROM word of
+each bank, the packed DSP pairs, and hidden_dim / vocab_size padded to the tile. Each number in
+a ChipSpec is a datasheet fact, a measurement, or an assumption, and says which.
 
-Cycles of one pass (one partition on one chip): for each piece (rows r0..r1 of one matrix),
-cycle_model.mv_cycles with the piece's ROM words and row groups; cycle_model.norm_cycles for each
-RMSNorm; the layer's qemit + attention (cycle_model.attn_cycles at the context position) before
-its wo, the hidden-vector quantizer (hemit) before its w2, the embedding lookup, and the argmax
-after the head; plus HANDOFF: streaming the residual in from the previous chip (dim / vlanes).
+Cycles of one pass (one partition on one chip), step by step as cycle_model.breakdown prices the
+compiler's schedule: the consecutive pieces of one of the engine's matrices in the pass (wq wk wv
+-> qkv, w1 w3 -> w13, wo, w2, the classifier) run as one matrix-vector command
+(cycle_model.mv_cycles over their ROM words and row groups, padding included where a piece ends
+its matrix); cycle_model.norm_cycles for each RMSNorm; the layer's qemit + attention
+(cycle_model.attn_cycles at the context position) before its wo, the hidden-vector quantizer
+(hemit) before its w2, the embedding lookup, and the argmax and output after the head; plus
+HANDOFF: streaming the residual in from the previous chip (dim / vlanes). The unpartitioned tiny
+model is therefore cycle_model.expected_cycles + 3 hand-offs (tested).
 Tokens per second for one user (one sequence, decode):
   resident (chips >= the R needed to hold every partition, consecutive partitions sharing a
      chip while they fit): a token flows through all passes in turn:
@@ -25,60 +31,55 @@ Throughput with many users in flight (a full pipeline) is 1 / the slowest chip's
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from bakedllama.bake import scheme_format
 from bakedllama.config import ModelConfig
 from bakedllama.llama8b.partition import HC1_BYTES, ULX3S_85F_BYTES, Partition, plan
+from gateware import compiler
+from gateware import cycle_model as cm
 
 TAALAS_HC1_TOKENS_PER_S = 17000  # published per-user figure for Llama 3.1 8B (Taalas, 2025)
-
-
-def cycle_model():
-    """gateware.cycle_model (pure Python, no Migen); the repository root holds the gateware."""
-    repo = str(Path(__file__).resolve().parents[3])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    from gateware import cycle_model as cm
-
-    return cm
+ULX3S_VLANES = 8  # soc/common.py VLANES, the ULX3S build's (soc/ imports Migen: a test compares)
 
 
 @dataclass(frozen=True)
 class ChipSpec:
     name: str
     mem_bytes: int  # on-chip bytes for weights
-    lanes: int  # weight x activation products per cycle (the gateware's `lanes`)
-    vlanes: int  # elements per cycle in the vector units (the gateware's `vlanes`)
-    post: int  # matrix-vector results per cycle through RoPE / SwiGLU / argmax (`post`)
-    kv_par: int  # KV heads per attention pass (`kv_par`)
+    lanes: int  # weight x activation products per cycle (the compiler's `lanes`)
+    vlanes: int  # elements per cycle in the vector units (the compiler's `vlanes`)
+    kv_par: int  # KV heads per attention pass (the compiler's `kv_par`)
     clock_hz: float
     link_bytes_per_s: float  # activations between chips
     link_latency_s: float
     load_bytes_per_s: float  # weights into a chip (the reloaded mode)
     notes: str
-    dsp_pairs: int = 0  # matrix row-slot pairs on packed DSP multipliers (the gateware's `dsp_pairs`)
+    dsp_pairs: int | None = None  # packed-DSP row-slot pairs; None: the compiler chooses (within
+    # the LFE5U-85F's MULT18X18D, as for the ULX3S build)
 
 
 ULX3S = ChipSpec(
-    "ULX3S 85F", ULX3S_85F_BYTES, 64, 8, 2, 1, 45e6, 50e6, 2e-6, 3e6 / 10,
+    "ULX3S 85F", ULX3S_85F_BYTES, compiler.DEFAULT_LANES, ULX3S_VLANES, 1, 45e6, 50e6, 2e-6, 3e6 / 10,
     "fact: LFE5U-85F, 208 DP16KD; the engine is the ULX3S build of gateware/ (soc/common.py: "
-    "lanes 64 on one packed-DSP slot pair, vlanes 8, post 2, kv_par 1) at the SoC's 45 MHz "
-    "system clock (nextpnr Fmax: README); assumptions: all BRAM for weights, 50 MB/s "
-    "board-to-board link (8 GPIO pins at ~50 MHz), reload through the FT231X UART at 3 Mbaud "
-    "(0.3 MB/s)", 1)
+    "lanes compiler.DEFAULT_LANES, vlanes 8, kv_par 1; the compiler derives the rest for the "
+    "model) at the SoC's 45 MHz system clock (nextpnr Fmax: README); assumptions: all BRAM for "
+    "weights, 50 MB/s board-to-board link (8 GPIO pins at ~50 MHz), reload through the FT231X "
+    "UART at 3 Mbaud (0.3 MB/s)")
 HC1 = ChipSpec(
-    "HC1-like", HC1_BYTES, 1 << 17, 256, 128, 8, 1e9, 64e9, 1e-6, 100e9,
+    "HC1-like", HC1_BYTES, 1 << 17, 128, 8, 1e9, 64e9, 1e-6, 100e9,
     "assumptions (not Taalas data): on-chip weight storage sized to hold the 3/6-bit 8B with its "
     "multipliers (~4.7 GB); the gateware's engine scaled up: 2^17 lanes (hardwired "
-    "constant-coefficient multipliers are cheap; 53 B transistors on TSMC N6), vlanes 256, post "
-    "128, all 8 KV heads per attention pass, 1 GHz; PCIe-5 x16-class link (64 GB/s, 1 us); a "
-    "reloadable variant loading at 100 GB/s (Taalas' chip is hardwired: it never reloads)")
+    "constant-coefficient multipliers are cheap; 53 B transistors on TSMC N6), vlanes 128 (the "
+    "widest the compiler lays out for head_dim 128: vlanes must divide it), all 8 KV heads per "
+    "attention pass, no DSP blocks (dsp_pairs 0), the compiler's geometry for the rest, 1 GHz; "
+    "PCIe-5 x16-class link (64 GB/s, 1 us); a reloadable variant loading at 100 GB/s (Taalas' "
+    "chip is hardwired: it never reloads)", 0)
 CHIP_SPECS = {"ulx3s": ULX3S, "hc1": HC1}
 HANDOFF = "residual in from the previous chip: dim / vlanes cycles"
+CORE_FIELD_MAX = 0xFFFF  # the core's 16-bit token / config fields (compiler.make_geometry checks)
 
 
 def scheme_fmt(cfg: ModelConfig, scheme: str) -> dict:
@@ -99,50 +100,138 @@ def live_bytes(cfg: ModelConfig, part: Partition) -> int:
     return 2 * d + extra
 
 
-# which post-processing a matrix's rows go through (gateware.cycle_model.POST_LAT keys)
-_KIND = dict(wq="qkv", wk="qkv", wv="qkv", wo="wo", w1="w13", w3="w13", w2="w2", wcls="cls")
+# the engine's matrix (compiler.virtual_matrices, layer 0's key) that each tensor's rows are in
+_MATRIX = dict(wq="qkv0", wk="qkv0", wv="qkv0", wo="wo0", w1="w130", w3="w130", w2="w20", wcls="cls")
+_NORMS = ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")
 
 
-def _tile_cols(chip: ChipSpec, fmt: dict) -> int:
-    """Columns per cycle: the largest power of two <= lanes dividing every group (as the gateware)."""
-    groups = {w["group"] for w in fmt["weights"].values()}
-    c = chip.lanes
-    while c > 1 and any(g % c for g in groups):
-        c //= 2
-    return c
+@dataclass(frozen=True)
+class Engine:
+    """The compiler's engine for one model on one chip."""
+
+    geo: compiler.Geometry
+    rows_per_word: dict  # engine matrix kind (qkv wo w13 w2 cls) -> R_b of its bank
+    emb_chunks: int  # ROM words per embedding row (the lookup streams one row)
+
+
+def _fold(n: int) -> int:
+    """n, or a number below the core's 16-bit fields with n's residue modulo 2^15 (so the
+    compiler pads it by as many rows: every tile size it pads to is a power of two <= 2^15)."""
+    return n if n <= CORE_FIELD_MAX else (n % (1 << 15)) + (1 << 15)
+
+
+_ENGINES: dict = {}
+
+
+def _widest(cfg: ModelConfig, formats: dict, chip: ChipSpec) -> compiler.Geometry:
+    """compiler.make_geometry at the chip's knobs, or the largest below them that the compiler
+    accepts for this model: lanes first (halved), then vlanes (halved: they must divide dim,
+    kv_dim and head_dim), then kv_par (a divisor of n_kv_heads). The first refusal is raised if
+    nothing fits."""
+    first = None
+    lanes = chip.lanes
+    while lanes >= 2:
+        vl = chip.vlanes
+        while vl >= 2:
+            for kp in range(min(chip.kv_par, cfg.n_kv_heads), 0, -1):
+                try:
+                    return compiler.make_geometry(cfg, lanes, formats, vl, kp, chip.dsp_pairs)
+                except ValueError as err:
+                    first = first or err
+            vl //= 2
+        lanes //= 2
+    raise first
+
+
+def engine(cfg: ModelConfig, fmt: dict, chip: ChipSpec) -> Engine:
+    """compiler.make_geometry + build_banks (placement only) for the model on `chip`'s knobs,
+    or the widest below them that the compiler accepts for this model (`_widest`; it pads
+    neither dim nor kv_dim: 2^17 lanes of 32-column groups would be 4,096 rows per cycle, which
+    the 8B's 6,144 qkv rows are not a multiple of, so 2^16 lanes are used then).
+
+    Two adaptations, both without effect on the cycles: (1) the core's 16-bit token / config
+    fields are a limit of its CSRs, not of the engine: a vocab_size beyond them (the 8B's 128,256
+    tokens) is folded below with the same residue modulo 2^15 (`_fold`: the same padding) and the
+    padded size is added back, a seq_len beyond them clamped (it only sizes the attention
+    accumulator, in the ECP5 multiplier budget); (2) the engine runs wq/wk/wv (and w1/w3) as one
+    matrix in one format: where a scheme gives them different ones (w3/6's 6-bit wv) they are
+    laid out in the widest (the cycles depend on the tile and the groups, not on the bits)."""
+    key = (repr(cfg), repr(fmt.get("weights")), chip)
+    if key in _ENGINES:
+        return _ENGINES[key]
+    formats = compiler.matrix_formats(cfg, fmt["weights"])
+    for names in (("wq", "wk", "wv"), ("w1", "w3")):
+        widest = max((formats[n] for n in names), key=lambda f: f[0])
+        formats.update({n: widest for n in names})
+    c = dataclasses.replace(cfg, vocab_size=_fold(cfg.vocab_size), seq_len=min(cfg.seq_len, CORE_FIELD_MAX))
+    g = _widest(c, formats, chip)
+    if max(g.vlanes, g.post, g.rows) > 1 << 15 and c.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{chip.name}: a tile of {g.rows} rows cannot fold vocab_size {cfg.vocab_size}")
+    banks, place = compiler.build_banks(c, g, formats, None)
+    rpw = {compiler.split_key(k)[0]: banks[place[k].bank].rows_per_word for k in _MATRIX.values()}
+    geo = dataclasses.replace(g, vocab=g.vocab - c.vocab_size + cfg.vocab_size)
+    if len(_ENGINES) > 16:
+        _ENGINES.clear()
+    _ENGINES[key] = Engine(geo, rpw, place["emb"].chunks)
+    return _ENGINES[key]
+
+
+def pass_breakdown(cfg: ModelConfig, fmt: dict, part: Partition, chip: ChipSpec, context: int) -> dict:
+    """Clock cycles of one pass, step by step (names like cycle_model.breakdown's; see the
+    module text)."""
+    e = engine(cfg, fmt, chip)
+    g = e.geo
+    P, D = g.vlanes, cfg.dim
+    out = {"handoff": D // P}
+    run: list = []  # consecutive pieces of one engine matrix: (kind, layer, rows)
+
+    def flush():
+        if not run:
+            return
+        kind, l, _ = run[0]
+        rows = sum(r for _, _, r in run)
+        rpw = e.rows_per_word[kind]
+        chunks = (g.hidden if kind == "w2" else D) // g.cols
+        rg = -(-rows // rpw)
+        name = f"mv{'' if l is None else l}:{kind}{'' if l is None else l}"
+        out[name] = out.get(name, 0) + cm.mv_cycles(rg * chunks, rg, max(1, rpw // g.post), g.cols,
+                                                    kind, g.dsp_pairs)
+        run.clear()
+
+    for pc in part.pieces:
+        n, l = pc.name, pc.layer
+        kind = compiler.split_key(_MATRIX[n])[0] if n in _MATRIX else None
+        if run and (kind, l) != run[0][:2]:
+            flush()
+        if n in _NORMS:
+            which = {"rms_att_weight": "att", "rms_ffn_weight": "ffn", "rms_final_weight": "final"}[n]
+            out[f"norm{'' if l is None else l}:{which}"] = cm.norm_cycles(D, P)
+        elif n == "tok_embeddings":
+            out["embed"] = cm.embed_cycles(e.emb_chunks, D, P, cfg.head_dim)
+        else:
+            if n == "wo" and pc.r0 == 0:  # the layer's q emit and attention run before its wo
+                out[f"qemit{l}"] = cm.qemit_cycles(D, P)
+                out[f"attn{l}"] = cm.attn_cycles(context - 1, cfg.n_kv_heads // g.kv_par,
+                                                 cfg.head_dim, D, P)
+            if n == "w2" and pc.r0 == 0:  # the hidden vector is quantized before w2
+                out[f"hemit{l}"] = cm.hemit_cycles(g.hidden, P)
+            rows = pc.rows
+            if n in ("w1", "w3") and pc.r1 == cfg.hidden_dim:  # the zero rows the compiler pads
+                rows += g.hidden - cfg.hidden_dim
+            if n == "wcls" and pc.r1 == cfg.vocab_size:
+                rows += g.vocab - cfg.vocab_size
+            run.append((kind, l, rows))
+            if n == "wcls" and pc.r1 == cfg.vocab_size:
+                flush()
+                out["sample"] = cm.sample_cycles(cfg.vocab_size, None)
+                out["out"] = cm.OUT_CYCLES
+    flush()
+    return out
 
 
 def pass_cycles(cfg: ModelConfig, fmt: dict, part: Partition, chip: ChipSpec, context: int) -> int:
-    """Clock cycles of one pass, from the gateware's per-step formulas (see the module text)."""
-    cm = cycle_model()
-    C = _tile_cols(chip, fmt)
-    R = max(1, chip.lanes // C)
-    P = chip.vlanes
-    cyc = cfg.dim // P  # HANDOFF
-    for pc in part.pieces:
-        n = pc.name
-        if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
-            cyc += cm.norm_cycles(cfg.dim, P)
-            continue
-        cols = cfg.hidden_dim if n == "w2" else cfg.dim
-        if n == "tok_embeddings":
-            cyc += cm.embed_cycles(math.ceil(cols / C), cfg.dim, P, cfg.head_dim)
-            continue
-        if n == "wo" and pc.r0 == 0:  # the layer's q emit and attention run before its wo
-            cyc += cm.qemit_cycles(cfg.dim, P)
-            cyc += cm.attn_cycles(context - 1, math.ceil(cfg.n_kv_heads / chip.kv_par), cfg.head_dim,
-                                  cfg.dim, P)
-        if n == "w2" and pc.r0 == 0:  # the hidden vector is quantized before w2
-            cyc += cm.hemit_cycles(cfg.hidden_dim, P)
-        # a weight wider than the lane multipliers (the narrowest format) keeps one row slot: its
-        # high bits sit in the word's extension fields (gateware.compiler.Bank.ext_bits)
-        rows_per_word = R
-        rowgroups = math.ceil(pc.rows / rows_per_word)
-        cyc += cm.mv_cycles(rowgroups * math.ceil(cols / C), rowgroups,
-                            max(1, rows_per_word // chip.post), C, _KIND[n], chip.dsp_pairs)
-        if n == "wcls" and pc.r1 == cfg.vocab_size:
-            cyc += cm.sample_cycles(cfg.vocab_size, None) + cm.OUT_CYCLES
-    return cyc
+    """Clock cycles of one pass (pass_breakdown's sum)."""
+    return sum(pass_breakdown(cfg, fmt, part, chip, context).values())
 
 
 _PLANS: dict = {}
@@ -182,7 +271,9 @@ def project(cfg: ModelConfig, fmt: dict, chip: ChipSpec, n_chips: list[int],
             thr = n / work
         rows.append(dict(chips=n, mode=mode, tokens_per_s=1.0 / t, seconds_per_token=t,
                          pipelined_tokens_per_s=max(thr, 1.0 / t)))
-    return dict(chip=asdict(chip), partitions=P, chips_to_hold=R,
+    geo = engine(cfg, fmt, chip).geo
+    return dict(chip=asdict(chip), engine=dict(asdict(geo), bank_rows=list(geo.bank_rows)),
+                partitions=P, chips_to_hold=R,
                 weight_bytes=sum(p.nbytes for p in parts),
                 compute_seconds_per_token=sum(comp), context=context, rows=rows)
 

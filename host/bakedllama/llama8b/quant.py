@@ -1,17 +1,20 @@
 """Quantize a Llama checkpoint once into an on-disk, memory-mapped, checksummed cache.
 
-One streaming pass over the checkpoint, layer by layer (peak memory ~ one layer in float):
+One streaming pass over the checkpoint, tensor by tensor (peak memory ~ one matrix in float):
   1. calibration: the float path (the same maths as bakedllama.reference) runs the calibration
-     tokens through the layer, recording max |value| per kind exactly as bake.calibrate does;
-  2. quantization: numerics.quantize_matrix per matrix with bake.py's schemes ("w8", "w4",
-     "w3/6"), then packed into the kernels' lanes layout and written to the layer's file.
+     tokens through each layer, recording max |value| per kind exactly as bake.calibrate does;
+     each matrix is read when the float path needs it, and
+  2. quantized on the way: numerics.quantize_matrix's bytes with bake.py's schemes ("w8", "w4",
+     "w3/6"), computed by fastquant (compiled, parallel, tested equal to it), packed into the
+     kernels' lanes layout, written to the layer's file and dropped. The embedding and the
+     classifier go in row chunks (group scales and the shift first, then the rows).
 The fixed-point formats are then derived with bake.py's rules (frac_for, rms_eps_int,
 norm_weight_q): nothing about the arithmetic is decided here.
 
-Cache directory (weights/cache/q-...):
+Cache directory (weights/cache/q-...), built as .q-...tmp-PID and renamed when complete (an error
+or Ctrl-C removes it; a killed build's is removed by the next build):
   manifest.json   version, source identity, config, numerics formats, every array's file,
-                  offset, dtype, shape, and each file's sha256; written last (so a half-built
-                  cache is never used)
+                  offset, dtype, shape, and each file's sha256; written last
   embed.bin       tok_embeddings as a plain QTensor (q int8 rows, m): one row is read per token
   layer-NN.bin    the packed matrices and int16 gains of layer NN
   head.bin        the final norm and the packed lm_head (wcls)
@@ -24,6 +27,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +38,10 @@ from bakedllama import numerics as nx
 from bakedllama.bake import frac_for, scheme_format
 from bakedllama.config import ModelConfig
 from bakedllama.fileformat import ModelFileError
+from bakedllama.llama8b import fastquant as fq
 from bakedllama.llama8b import kernels as K
 from bakedllama.llama8b.arch import Special
-from bakedllama.llama8b.checkpoint import CACHE_DIR, Checkpoint
+from bakedllama.llama8b.checkpoint import CACHE_DIR, Checkpoint, tensor_shape
 from bakedllama.model import MATRICES, BakedModel
 
 CACHE_VERSION = 1
@@ -45,6 +50,8 @@ BITS_TO_SCHEME = {"8": "w8", "4": "w4", "3/6": "w3/6"}
 CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away, "
               "a small llama dreamed of silicon.")
 CALIB_TOKENS = 32  # positions run through the float path for calibration (after BOS)
+ERROR_ROWS = 512  # rows over which weight_rel_rms_error is reported (rel_rms_error's default)
+CHUNK_ROWS = 8192  # embedding / classifier rows quantized at a time (a multiple of every lane count)
 
 
 def scheme_for(bits: str) -> str:
@@ -263,6 +270,17 @@ class _Writer:
         self.entries.append(dict(key=key, offset=self.off, dtype=a.dtype.name, shape=list(a.shape)))
         self._write(memoryview(a.reshape(-1).view(np.uint8)))
 
+    def begin(self, key: str, dtype, shape) -> None:
+        """Start an array whose bytes follow in pieces (write): the file is the same as add's."""
+        pad = (-self.off) % ALIGN
+        if pad:
+            self._write(b"\0" * pad)
+        self.entries.append(dict(key=key, offset=self.off, dtype=np.dtype(dtype).name,
+                                 shape=[int(v) for v in shape]))
+
+    def write(self, a: np.ndarray) -> None:
+        self._write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+
     def _write(self, b) -> None:
         self.f.write(b)
         self.h.update(b)
@@ -302,6 +320,7 @@ def _numerics_identity() -> str:
     src = [inspect.getsource(f) for f in (nx.quantize_matrix, nx.norm_weight_q, nx.rms_eps_int,
                                           nx.qmax, bake.frac_for, bake.scheme_format)]
     src += [repr((nx.M_BITS, nx.ACT_MAX, nx.INT16_MAX, bake.HEADROOM, bake.SCHEMES))]
+    src.append(inspect.getsource(fq))  # the compiled equivalent that writes the bytes
     return hashlib.sha256("\n".join(src).encode()).hexdigest()[:16]
 
 
@@ -318,78 +337,187 @@ def calibration_tokens(ck: Checkpoint) -> list[int]:
 
 def build_cache(ck: Checkpoint, scheme: str, store: str = "fast", cache_dir=CACHE_DIR,
                 show_progress: bool = True, log=None) -> Path:
-    """Quantize `ck` into the cache (once): returns the cache directory."""
-    from tqdm import tqdm
+    """Quantize `ck` into the cache (once): returns the cache directory.
 
+    Built in a temporary directory next to it and renamed into place when complete: an error or
+    Ctrl-C leaves no cache (the temporary directory is removed)."""
     out = cache_path(ck, scheme, store, cache_dir)
     if (out / "manifest.json").exists():
         return out
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _build(ck, scheme, store, tmp, show_progress, t0)
+        if out.exists() and not (out / "manifest.json").exists():
+            shutil.rmtree(out)  # a half-built cache of an earlier version (built in place)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "manifest.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same cache first
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if log:
+        log(f"quantized cache built in {json.loads((out / 'manifest.json').read_text())['build_seconds']}"
+            f" s: {out}")
+    return out
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary directories of builds whose process is gone (killed without clean-up)."""
+    for d in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+class _LayerWeights:
+    """One layer's float tensors for float_layer, read from the checkpoint when float_layer asks
+    (each once), and quantized on the way (`hook`): one matrix in float at a time."""
+
+    def __init__(self, ck: Checkpoint, l: int, norms: dict, hook):
+        self.ck, self.l, self.norms, self.hook = ck, l, norms, hook
+
+    def __getitem__(self, n: str) -> np.ndarray:
+        if n in self.norms:
+            return self.norms[n]
+        f = self.ck.tensor(n, self.l)
+        self.hook(n, f)
+        return f
+
+
+def _scales_and_shift(get_rows, rows: int, bits: int, group: int, chunk: int):
+    """Pass 1 over a big matrix in row chunks: every group's scale and the matrix shift."""
+    qm = float(nx.qmax(bits))
+    scales = [fq.group_scales(get_rows(r0, min(rows, r0 + chunk)), group, qm)
+              for r0 in range(0, rows, chunk)]
+    return scales, fq.shift_for(max(float(sc.max()) for sc in scales))
+
+
+def _first_rows_error(first: list, shift: int, bits: int, group: int, get_rows) -> float:
+    """rel_rms_error of a chunked matrix over its first ERROR_ROWS rows, as of the whole."""
+    q, m = np.concatenate([a for a, _ in first]), np.concatenate([b for _, b in first])
+    return rel_rms_error(nx.QTensor(q, m, np.asarray(shift, np.int32), bits, group),
+                         get_rows(0, q.shape[0]), ERROR_ROWS)
+
+
+def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bool, t0: float):
+    """Write the cache files and (last) manifest.json into `out`: tensor by tensor, each read,
+    quantized (fastquant: numerics.quantize_matrix's bytes), packed, written and dropped."""
+    from tqdm import tqdm
+
     cfg, sb = ck.cfg, pack_policy(store)
-    files, tensors, errors, stats = {}, {}, {}, {}
-    wfmt = {}
-
-    def fmt_of(name, cols):
-        bits, group = scheme_format(scheme, name, cols)
-        wfmt[name] = dict(bits=bits, group=group, acc_bits=nx.matvec_acc_bits(bits, group, cols))
-        return bits, group
-
+    files, tensors, errors, stats, wfmt = {}, {}, {}, {}, {}
+    V, D, L = cfg.vocab_size, cfg.dim, cfg.n_layers
+    for n in ("tok_embeddings",) + MATRICES + ("wcls",):  # the order the manifest lists them in
+        cols = D if n in ("tok_embeddings", "wcls") else tensor_shape(cfg, n)[1]
+        bits, group = scheme_format(scheme, n, cols)
+        wfmt[n] = dict(bits=bits, group=group, acc_bits=nx.matvec_acc_bits(bits, group, cols))
     toks = calibration_tokens(ck)
     cos, sin = float_rope_tables(cfg, len(toks))
-    V, D = cfg.vocab_size, cfg.dim
-    bar = tqdm(total=cfg.n_layers + 2, desc=f"quantize {scheme}", unit="part", disable=not show_progress)
-    # embedding: a plain QTensor (row lookups), quantized in row chunks
-    bits, group = fmt_of("tok_embeddings", D)
-    qt = quantize_rows(lambda a, b: ck.tensor("tok_embeddings", rows=slice(a, b)), V, D, bits, group)
-    errors["tok_embeddings"] = rel_rms_error(qt, ck.tensor("tok_embeddings", rows=slice(0, 512)))
+    total = 2 * V * D + L * sum(int(np.prod(tensor_shape(cfg, n))) for n in MATRICES)
+    bar = tqdm(total=total, desc=f"quantize {scheme}", unit="w", unit_scale=True,
+               disable=not show_progress, smoothing=0.05)
+    chunk = CHUNK_ROWS
+
+    # embedding: a plain QTensor (row lookups), in row chunks: scales and shift, then quantized
+    bits, group = wfmt["tok_embeddings"]["bits"], wfmt["tok_embeddings"]["group"]
+    emb = lambda a, b: ck.tensor("tok_embeddings", rows=slice(a, b))  # noqa: E731
+    scales, shift = _scales_and_shift(emb, V, bits, group, chunk)
+    wr = _Writer(out / "embed.bin")
+    wr.begin("tok_embeddings.q", np.int8, (V, D))
+    ms, first = [], []
+    for i, r0 in enumerate(range(0, V, chunk)):
+        w = emb(r0, min(V, r0 + chunk))
+        qt = fq.quantize_matrix(w, bits, group, shift, scales[i])
+        if r0 < ERROR_ROWS:
+            first.append((qt.q[:ERROR_ROWS - r0].copy(), qt.m[:ERROR_ROWS - r0].copy()))
+        wr.write(qt.q)
+        ms.append(qt.m)
+        bar.update(w.size)
+    wr.add("tok_embeddings.m", np.concatenate(ms))
+    errors["tok_embeddings"] = _first_rows_error(first, shift, bits, group, emb)
+    files["embed.bin"] = wr.close()
+    tensors["tok_embeddings"] = dict(shift=int(shift), bits=bits, group=group)
+    del ms, scales
     x = np.asarray(ck.tensor("tok_embeddings", rows=slice(0, V)) if V * D < 1 << 26 else
                    np.stack([ck.tensor("tok_embeddings", rows=slice(t, t + 1))[0] for t in toks]))
     if V * D < 1 << 26:
         x = x[toks]
     stats["x"] = float(np.abs(x).max())
-    wr = _Writer(out / "embed.bin")
-    wr.add("tok_embeddings.q", qt.q)
-    wr.add("tok_embeddings.m", qt.m)
-    files["embed.bin"] = wr.close()
-    tensors["tok_embeddings"] = dict(shift=int(qt.shift), bits=bits, group=group)
-    del qt
-    bar.update(1)
+
     gains = {"rms_att_weight": [], "rms_ffn_weight": []}
-    for l in range(cfg.n_layers):
-        w = layer_floats(ck, l)
-        x = float_layer(cfg, w, x, cos, sin, l, stats)
+    for l in range(L):
         name = f"layer-{l:02d}.bin"
         wr = _Writer(out / name)
-        for n in ("rms_att_weight", "rms_ffn_weight"):
-            gq, fg = nx.norm_weight_q(w[n])
+        norms = {n: ck.tensor(n, l) for n in gains}
+        for n in gains:
+            gq, fg = nx.norm_weight_q(norms[n])
             gains[n].append(fg)
             wr.add(f"{n}.{l}", gq)
-        for n in MATRICES:
-            f = w.pop(n)
-            bits, group = fmt_of(n, f.shape[1])
-            qt = nx.quantize_matrix(f, bits, group)
-            if l == 0:
-                errors[n] = rel_rms_error(qt, f)
-            tensors[f"{n}.{l}"] = _add_packed(wr, f"{n}.{l}", K.pack(qt.q, qt.m, int(qt.shift), bits,
-                                                                      group, sb(bits)))
-            del f, qt
+        pending, order = {}, list(MATRICES)
+
+        def hook(n, f, l=l, wr=wr, pending=pending, order=order):
+            fb, fgr = wfmt[n]["bits"], wfmt[n]["group"]
+            qt = fq.quantize_matrix(f, fb, fgr)
+            pending[n] = (fq.pack(qt.q, qt.m, int(qt.shift), fb, fgr, sb(fb)),
+                          rel_rms_error(qt, f) if l == 0 else None)
+            bar.update(f.size)
+            while order and order[0] in pending:  # the file keeps MATRICES order
+                k = order.pop(0)
+                p, err = pending.pop(k)
+                if err is not None:
+                    errors[k] = err
+                tensors[f"{k}.{l}"] = _add_packed(wr, f"{k}.{l}", p)
+
+        x = float_layer(cfg, _LayerWeights(ck, l, norms, hook), x, cos, sin, l, stats)
+        assert not order and not pending, (order, list(pending))
         files[name] = wr.close()
-        bar.update(1)
+
     wr = _Writer(out / "head.bin")
     gq, f_g_final = nx.norm_weight_q(ck.tensor("rms_final_weight"))
     wr.add("rms_final_weight", gq)
     src = "tok_embeddings" if cfg.tied_embeddings else "wcls"
-    bits, group = fmt_of("wcls", D)
-    step = 16384
-    qt = quantize_rows(lambda a, b: ck.tensor(src, rows=slice(a, b)), V, D, bits, group, step)
-    errors["wcls"] = rel_rms_error(qt, ck.tensor(src, rows=slice(0, 512)))
-    tensors["wcls"] = _add_packed(wr, "wcls", K.pack(qt.q, qt.m, int(qt.shift), bits, group, sb(bits)))
-    del qt
+    bits, group = wfmt["wcls"]["bits"], wfmt["wcls"]["group"]
+    cls = lambda a, b: ck.tensor(src, rows=slice(a, b))  # noqa: E731
+    scales, shift = _scales_and_shift(cls, V, bits, group, chunk)
+    later, first = [], []  # planes after the first and the multipliers, written after plane 0
+    for i, r0 in enumerate(range(0, V, chunk)):
+        w = cls(r0, min(V, r0 + chunk))
+        qt = fq.quantize_matrix(w, bits, group, shift, scales[i])
+        if r0 < ERROR_ROWS:
+            first.append((qt.q[:ERROR_ROWS - r0].copy(), qt.m[:ERROR_ROWS - r0].copy()))
+        p = fq.pack(qt.q, qt.m, shift, bits, group, sb(bits))
+        if i == 0:
+            wr.begin("wcls.plane0", p.planes[0].dtype, (-(-V // p.lanes),) + p.planes[0].shape[1:])
+            later = [[] for _ in p.planes[1:]] + [[]]
+        wr.write(p.planes[0])
+        for lst, a in zip(later, p.planes[1:] + [p.m]):
+            lst.append(a)
+        bar.update(w.size)
+    errors["wcls"] = _first_rows_error(first, shift, bits, group, cls)
+    for j, lst in enumerate(later[:-1]):
+        wr.add(f"wcls.plane{j + 1}", np.concatenate(lst))
+    wr.add("wcls.m", np.concatenate(later[-1]))
+    tensors["wcls"] = dict(shift=int(shift), bits=bits, group=group, rows=V, cols=D,
+                           store_bits=sb(bits), planes=len(later))
+    del later
     files["head.bin"] = wr.close()
-    bar.update(1)
     bar.close()
-    L = cfg.n_layers
     fmt = dict(
         f_x=frac_for(stats["x"], nx.INT16_MAX), f_qk=frac_for(stats["qk"], nx.INT16_MAX),
         f_h=frac_for(stats["h"], nx.INT16_MAX),
@@ -408,12 +536,7 @@ def build_cache(ck: Checkpoint, scheme: str, store: str = "fast", cache_dir=CACH
                                      "layer by layer; bake.py's frac_for/HEADROOM rules"),
                     build_seconds=round(time.perf_counter() - t0, 1),
                     numerics_identity=_numerics_identity())
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
-    if log:
-        log(f"quantized cache built in {manifest['build_seconds']} s: {out}")
-    return out
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def _verify(path: Path, info: dict) -> None:

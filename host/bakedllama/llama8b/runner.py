@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bakedllama import numerics as nx
+from bakedllama import steps
 from bakedllama.golden import Logits, attention_core, embed
 from bakedllama.llama8b import simd
 from bakedllama.llama8b.kernels import matvec_packed, unpack
@@ -42,14 +43,14 @@ class Step:
     last_only: bool = False  # the classifier for the last position only
     x: np.ndarray | None = None  # (T, dim) residual, int16 values, frac f_x
     a: np.ndarray | None = None  # (T, cols) int8 activations of the current matrix group
-    fa: np.ndarray | None = None  # (T,) their frac
+    ka: np.ndarray | None = None  # (T,) their quantization shift (numerics.quantize_act)
     q: np.ndarray | None = None
     k: np.ndarray | None = None
     v: np.ndarray | None = None
     h1: np.ndarray | None = None
     h3: np.ndarray | None = None
     out_a: np.ndarray | None = None  # quantized input of wo / w2 (computed at their first rows)
-    out_f: np.ndarray | None = None
+    out_k: np.ndarray | None = None  # its quantization shift
     logits: np.ndarray | None = None
     logit_frac: np.ndarray | None = None
     pass_seconds: list = field(default_factory=list)
@@ -90,10 +91,10 @@ def matmul_rows(p, a, r0: int, r1: int, unpacked=None) -> np.ndarray:
     return np.einsum("grt,rg->tr", partial, m[r0:r1])
 
 
-def linear_rows(p, a, frac_a, frac_out: int, bits: int, r0: int, r1: int, unpacked=None):
-    """golden.linear_q on rows [r0, r1) of a packed matrix (T rows of activations)."""
-    acc = matmul_rows(p, a, r0, r1, unpacked)
-    return nx.requantize(acc, (int(p.shift) + np.asarray(frac_a) - frac_out)[..., None], bits)
+def linear_rows(p, a, k, rq: steps.Requant, r0: int, r1: int, unpacked=None):
+    """golden.linear_q on rows [r0, r1) of a packed matrix (T rows of activations, quantization
+    shift k each; rq: the matrix's step, which carries its shift)."""
+    return rq.apply(matmul_rows(p, a, r0, r1, unpacked), k)
 
 
 class Runner:
@@ -101,6 +102,9 @@ class Runner:
         self.qm, self.parts, self.streaming = qm, parts, streaming
         c = qm.cfg
         self.cfg, self.fmt = c, qm.fmt
+        shifts = {key: int(p.shift) for key, p in qm.mats.items()}
+        shifts[("tok_embeddings", None)] = int(qm.embed.shift)
+        self.steps = steps.make_steps(c, qm.fmt, shifts)  # every shift of the pass
         inv = nx.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         self.rope_cos, self.rope_sin = nx.rope_table(np.arange(c.seq_len), inv)
         self._unpacked_cache: dict = {}
@@ -158,7 +162,8 @@ class Runner:
                 qm.release(arr, rb0 * per, rb1 * per)
 
     def _piece(self, s: RunState, st: Step, pc) -> None:
-        c, f, qm, n, l = self.cfg, self.fmt, self.qm, pc.name, pc.layer
+        c, qm, n, l, sp = self.cfg, self.qm, pc.name, pc.layer, self.steps
+        ls = sp.layers[l] if l is not None else None
         T = len(st.tokens)
         if n == "tok_embeddings":
             if pc.r0 == 0:  # (T, dim) frac f_x
@@ -166,14 +171,12 @@ class Runner:
             tk = np.asarray(st.tokens)
             here = (tk >= pc.r0) & (tk < pc.r1)
             if here.any():
-                st.x[here] = embed(qm.embed, tk[here], f["f_x"])
+                st.x[here] = embed(qm.embed, tk[here], sp.f_x)
             return
         if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
-            key = f"f_g_{n}"
-            f_g = f[key] if l is None else f[key][l]
-            xb = nx.rmsnorm(st.x, qm.norms[(n, l)], f_g, f["eps_int"])
-            st.a, k_a = nx.quantize_act(xb)
-            st.fa = nx.NORM_OUT_FRAC - k_a
+            f_g = sp.f_g_final if l is None else ls.f_g_att if n == "rms_att_weight" else ls.f_g_ffn
+            xb = nx.rmsnorm(st.x, qm.norms[(n, l)], f_g, sp.eps_int)
+            st.a, st.ka = nx.quantize_act(xb)
             st.out_a = None
             if n == "rms_att_weight":
                 st.q = np.zeros((T, c.dim), np.int64)
@@ -184,37 +187,35 @@ class Runner:
                 st.h3 = np.zeros((T, c.hidden_dim), np.int64)
             else:
                 if st.last_only:
-                    st.a, st.fa = st.a[-1:], st.fa[-1:]
+                    st.a, st.ka = st.a[-1:], st.ka[-1:]
                 st.logits = np.zeros((len(st.a), c.vocab_size), np.int64)
             return
         p = qm.mats[(n, l)]
         r0, r1 = pc.r0, pc.r1
         u = self._unpacked(n, l, p) if T > 1 and not simd.supports(p) else None
         if n in ("wq", "wk"):
-            (st.q if n == "wq" else st.k)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_qk"], 16, r0, r1, u)
+            (st.q if n == "wq" else st.k)[:, r0:r1] = linear_rows(p, st.a, st.ka, getattr(ls, n),
+                                                                  r0, r1, u)
         elif n == "wv":
-            st.v[:, r0:r1] = linear_rows(p, st.a, st.fa, f["e_v"][l], 8, r0, r1, u)
+            st.v[:, r0:r1] = linear_rows(p, st.a, st.ka, ls.wv, r0, r1, u)
         elif n in ("w1", "w3"):
-            (st.h1 if n == "w1" else st.h3)[:, r0:r1] = linear_rows(p, st.a, st.fa, f["f_h"], 16, r0, r1, u)
+            (st.h1 if n == "w1" else st.h3)[:, r0:r1] = linear_rows(p, st.a, st.ka, getattr(ls, n),
+                                                                    r0, r1, u)
         elif n == "wo":
             if st.out_a is None:  # all of q, k, v are there: the attention itself (no weights)
-                o = self._attention(s, st, l)
-                st.out_a, k_o = nx.quantize_act(o)
-                st.out_f = nx.ATT_OUT_FRAC - k_o
-            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1, u)
+                st.out_a, st.out_k = nx.quantize_act(self._attention(s, st, l))
+            y = linear_rows(p, st.out_a, st.out_k, ls.wo, r0, r1, u)
             st.x = st.x.copy() if r0 == 0 else st.x
             st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
         elif n == "w2":
             if st.out_a is None:
-                hb = nx.swiglu(st.h1, st.h3, f["f_h"])
-                st.out_a, k_h = nx.quantize_act(hb)
-                st.out_f = f["f_h"] - k_h
-            y = linear_rows(p, st.out_a, st.out_f, f["f_x"], 32, r0, r1, u)
+                st.out_a, st.out_k = nx.quantize_act(nx.swiglu(st.h1, st.h3, ls.h_frac))
+            y = linear_rows(p, st.out_a, st.out_k, ls.w2, r0, r1, u)
             st.x = st.x.copy() if r0 == 0 else st.x
             st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
         elif n == "wcls":
             st.logits[:, r0:r1] = matmul_rows(p, st.a, r0, r1, u)
-            st.logit_frac = int(p.shift) + st.fa
+            st.logit_frac = sp.cls.acc_frac(st.ka)
         else:
             raise ValueError(f"unknown piece {n}")
 
@@ -236,12 +237,12 @@ class Runner:
     def _attention(self, s: RunState, st: Step, l: int):
         """golden.attention_core between the qkv projections and wo, for the T positions of the
         pass at once (consecutive: each query over the positions up to its own)."""
-        c, f = self.cfg, self.fmt
+        c = self.cfg
         T, p0 = len(st.tokens), s.pos
-        return attention_core(c, f, st.q.reshape(T, c.n_heads, c.head_dim),
+        return attention_core(c, self.steps.layers[l], st.q.reshape(T, c.n_heads, c.head_dim),
                               st.k.reshape(T, c.n_kv_heads, c.head_dim), st.v, s.key_cache[l],
                               s.value_cache[l], p0, self.rope_cos[p0:p0 + T],
-                              self.rope_sin[p0:p0 + T], f["e_k"][l], f["e_v"][l], consecutive=True)
+                              self.rope_sin[p0:p0 + T], consecutive=True)
 
 
 def peak_rss_bytes() -> int:

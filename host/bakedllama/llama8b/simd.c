@@ -199,3 +199,124 @@ void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int
             memcpy(out + (size_t)t * ldo + (size_t)(rb - rb0) * L, tot[t], sizeof(tot[t]));
     }
 }
+
+/* ---- AVX-512 VNNI (vpdpbusd on 256-bit vectors): both layouts, one kernel ----------------------
+
+   vpdpbusd adds four unsigned x signed byte products to each int32 slot, without the int16 step
+   of vpmaddubsw, so a weight needs no sign trick: it is stored biased, u = q + b in [0, 255]
+   (b = 8 for the nibbles, 128 for bytes), and the group's sum is corrected by b * sum(a).
+   A lane's four columns sit in one 32-bit slot after the same byte interleave as bk_mm8 (vector k
+   of the 64: lanes [B[k%4], +4) and [B[k%4] + 16, +4) of half k / 4). |sum u a| <= 255 * 127 *
+   group < 2^31 for group < 66,311 (checked by simd.py). A decode step (T = 1) multiplies each
+   quad as it is decoded; a prompt decodes a tile once for all its tokens. */
+
+#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+int bk_has_vnni(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512bw");
+}
+
+/* four columns of 32 lanes (one byte each) -> four vectors of quads (the bk_mm8 order) */
+static inline void quads(const int8_t *b, size_t stride, __m256i w[4])
+{
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)b);
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(b + stride));
+    __m256i x2 = _mm256_loadu_si256((const __m256i *)(b + 2 * stride));
+    __m256i x3 = _mm256_loadu_si256((const __m256i *)(b + 3 * stride));
+    __m256i l01 = _mm256_unpacklo_epi8(x0, x1), l23 = _mm256_unpacklo_epi8(x2, x3);
+    __m256i h01 = _mm256_unpackhi_epi8(x0, x1), h23 = _mm256_unpackhi_epi8(x2, x3);
+    w[0] = _mm256_unpacklo_epi16(l01, l23);
+    w[1] = _mm256_unpackhi_epi16(l01, l23);
+    w[2] = _mm256_unpacklo_epi16(h01, h23);
+    w[3] = _mm256_unpackhi_epi16(h01, h23);
+}
+
+/* the 64 lanes' biased quads of columns c .. c + 3 of a row block */
+static inline void decode_quads(const int8_t *blk, int c, int nibbles, __m256i u[8])
+{
+    if (nibbles) {
+        const __m256i m0f = _mm256_set1_epi8(0x0F), x8 = _mm256_set1_epi8(0x08);
+        __m256i w[4];
+        quads(blk + (size_t)c * 32, 32, w);
+        for (int k = 0; k < 4; k++) {
+            u[k] = _mm256_and_si256(w[k], m0f);                                  /* q + 8, stored */
+            u[4 + k] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(w[k], 4), m0f), x8);
+        }
+    } else {
+        const __m256i x80 = _mm256_set1_epi8((char)0x80);
+        for (int h = 0; h < 2; h++) {
+            __m256i w[4];
+            quads(blk + (size_t)c * L + 32 * h, L, w);
+            for (int k = 0; k < 4; k++)
+                u[4 * h + k] = _mm256_xor_si256(w[k], x80);                        /* q + 128 */
+        }
+    }
+}
+
+static inline void store_quads(int32_t *s, const __m256i acc[8])
+{
+    static const int B[4] = {0, 4, 8, 12};
+    for (int k = 0; k < 8; k++) {
+        int32_t *sb = s + 32 * (k / 4) + B[k % 4];
+        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 16);
+        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(acc[k])));
+        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_extracti128_si256(acc[k], 1)));
+    }
+}
+
+/* either layout (nibbles: the 4-bit one); asum: (T, ng) int32 group sums of a; else as bk_mm8 */
+VNNI void bk_mmv(const int8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+                 int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int nibbles)
+{
+    const int ng = cols / group, tc = tile_cols(group, 4), bias = nibbles ? 8 : 128;
+    const size_t colbytes = nibbles ? 32 : L;
+    int32_t s[T][L] __attribute__((aligned(32)));
+    int64_t tot[T][L] __attribute__((aligned(32)));
+    int64_t mw[L] __attribute__((aligned(32)));
+    __m256i U[TILE / 4][8];
+    for (int rb = rb0; rb < rb1; rb++) {
+        memset(tot, 0, sizeof(tot));
+        const int8_t *blk = planes + (size_t)rb * cols * colbytes;
+        for (int g = 0; g < ng; g++) {
+            memset(s, 0, sizeof(s));
+            for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
+                if (T == 1) {  /* a decode step: each quad is used once, straight from registers */
+                    const int8_t *ap = a + c0;
+                    __m256i acc[8], u[8];
+                    for (int k = 0; k < 8; k++)
+                        acc[k] = _mm256_setzero_si256();
+                    for (int q = 0; q < tc / 4; q++) {
+                        __m256i a4 = _mm256_set1_epi32(load32(ap + 4 * q));
+                        decode_quads(blk, c0 + 4 * q, nibbles, u);
+                        for (int k = 0; k < 8; k++)
+                            acc[k] = _mm256_dpbusd_epi32(acc[k], u[k], a4);
+                    }
+                    store_quads(s[0], acc);
+                    continue;
+                }
+                for (int q = 0; q < tc / 4; q++)
+                    decode_quads(blk, c0 + 4 * q, nibbles, U[q]);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *ap = a + (size_t)t * cols + c0;
+                    __m256i acc[8];
+                    for (int k = 0; k < 8; k++)
+                        acc[k] = _mm256_setzero_si256();
+                    for (int q = 0; q < tc / 4; q++) {
+                        __m256i a4 = _mm256_set1_epi32(load32(ap + 4 * q));
+                        for (int k = 0; k < 8; k++)
+                            acc[k] = _mm256_dpbusd_epi32(acc[k], U[q][k], a4);
+                    }
+                    store_quads(s[t], acc);
+                }
+            }
+            widen_m(mw, m + ((size_t)rb * ng + g) * L);
+            for (int t = 0; t < T; t++)
+                apply_m64(tot[t], mw, s[t], bias * asum[(size_t)t * ng + g]);
+        }
+        for (int t = 0; t < T; t++)
+            memcpy(out + (size_t)t * ldo + (size_t)(rb - rb0) * L, tot[t], sizeof(tot[t]));
+    }
+}

@@ -1,8 +1,10 @@
-"""The AVX2 integer kernels of simd.c: compiled once per machine with the system C compiler, loaded
-with ctypes, threaded over row blocks (ctypes releases the GIL).
+"""The integer kernels of simd.c: compiled once per machine with the system C compiler, loaded
+with ctypes, threaded over row blocks (ctypes releases the GIL). Two instruction sets: AVX-512
+VNNI (vpdpbusd, used where the CPU has it) and AVX2 (vpmaddubsw, everywhere else on x86-64).
 
     available() -> bool
-    matmat(p, a (T, cols) int8-valued, r0, r1, threads) -> (T, r1 - r0) int64
+    kernels() -> ("vnni", "avx2") or ("avx2",) or ()
+    matmat(p, a (T, cols) int8-valued, r0, r1, threads, kernel=None) -> (T, r1 - r0) int64
 
 Exact: the same integers as numerics.matvec (tests/test_llama8b_simd.py). Packed layouts of 4 bits
 (w4, w3 in nibbles) and 8 bits (w8, 5..7-bit weights in bytes) run here; the others, or a machine
@@ -64,12 +66,25 @@ def _lib():
     I = ctypes.c_int
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mm4.restype = lib.bk_mm8.restype = None
+    lib.bk_mmv.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I]
+    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mmv.restype = None
     return lib
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+@lru_cache(maxsize=None)
+def kernels() -> tuple:
+    """The instruction sets with a kernel on this machine, the default (fastest) first."""
+    lib = _lib()
+    if lib is None:
+        return ()
+    return ("vnni", "avx2") if lib.bk_has_vnni() else ("avx2",)
+
+
+VNNI_MAX_GROUP = (1 << 31) // (255 * 127)  # a group's biased int32 sum stays exact below this
 
 
 def supports(p) -> bool:
@@ -88,10 +103,14 @@ def _executor(n: int) -> ThreadPoolExecutor:
     return _pool[n]
 
 
-def matmat(p, a, r0: int, r1: int, threads: int = 1) -> np.ndarray:
+def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) -> np.ndarray:
     """Accumulators of rows [r0, r1) of packed matrix p for each activation row of a: (T, r1 - r0)
-    int64, exactly numerics.matvec (|a| <= 127)."""
+    int64, exactly numerics.matvec (|a| <= 127). kernel: "vnni" or "avx2" (None: the default)."""
     lib = _lib()
+    if kernel is None:
+        kernel = "vnni" if "vnni" in kernels() and p.group < VNNI_MAX_GROUP else "avx2"
+    if kernel not in kernels() or (kernel == "vnni" and p.group >= VNNI_MAX_GROUP):
+        raise ValueError(f"no {kernel} kernel for this matrix on this machine (have {kernels()})")
     a = np.asarray(a)
     if a.ndim != 2 or a.shape[1] != p.cols:
         raise ValueError(f"activations of shape {a.shape} for a matrix of {p.cols} columns")
@@ -107,7 +126,7 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1) -> np.ndarray:
     m = np.ascontiguousarray(p.m)
     ng = p.cols // p.group
     asum = (a8.reshape(T, ng, p.group).sum(-1, dtype=np.int64).astype(np.int32)
-            if p.store_bits == 4 else None)
+            if p.store_bits == 4 or kernel == "vnni" else None)
     n = max(1, min(threads, nblk))
     cuts = [rb0 + nblk * i // n for i in range(n + 1)]
 
@@ -117,7 +136,10 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1) -> np.ndarray:
             return
         o = out[t0:t1, (b0 - rb0) * 64:]
         args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
-        if p.store_bits == 4:
+        if kernel == "vnni":
+            lib.bk_mmv(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
+                       o.ctypes.data, ldo, int(p.store_bits == 4))
+        elif p.store_bits == 4:
             lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
                        o.ctypes.data, ldo)
         else:

@@ -1,0 +1,302 @@
+"""numerics.quantize_matrix at the speed of the data: the same bytes, compiled (numba), parallel.
+
+`numerics.quantize_matrix` is the definition (the spec); this module computes exactly the same
+q, m and shift, and is tested equal to it on random matrices of the 8B's shapes and on whole
+caches (tests/test_llama8b_cache.py). It exists because the spec's numpy form evaluates each of
+the 26 clipping ratios over float64 temporaries of the whole matrix (~35 minutes and ~20 GB for
+Llama 3.1 8B); here each group is searched in registers, one row per thread.
+
+Why it is the same, step by step (the spec's expression, then what is done here):
+  scale = max|g| / qmax                 the same float64 max and division;
+  shift from max(scale)                 the same Python expression (`shift_for`);
+  m = clip(round(scale r 2^shift))      the same float64 products and round-half-even (rint);
+  err = sum((clip(round(g / s)) s - g)^2)
+      q = round(g / s): computed as rint(g * fl(1/s)); the product differs from fl(g / s) by a
+          few ulps at most (|rel| < 2^-50), so the rounded integer is the same unless g / s lies
+          within that distance of a half-integer; every such element is flagged, and a group
+          with a flagged element is recomputed with the true division;
+      (q s - g)^2 in float64, never fused (numba without fastmath: no FMA contraction);
+      the sum: numpy's pairwise summation (`_pairwise`, numpy's loops_utils pairwise_sum:
+          8 accumulators, blocks of 128, halves rounded to multiples of 8), the same tree;
+  best: the first ratio, replaced only where err is strictly smaller (np.where(err < best));
+      a ratio whose m equals the previous ratio's gives the same err and is skipped;
+  q = clip(round(g / s_best)) with the true division.
+The float inputs may be float32 (a checkpoint's bf16 / f16 / f32 read as float32): each element is
+widened to float64 exactly, as np.asarray(w, float64) does."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from bakedllama import numerics as nx
+
+RATIOS = np.linspace(0.5, 1.0, 26)  # numerics.quantize_matrix's clipping ratios
+TERM_TOL = 2.0 ** -40  # per element, / s^2: a quotient near a half-integer rounded the other way
+SUM_TOL = 2.0 ** -50  # per element, relative: another order of additions
+TIE_TOL = 2.0 ** -48  # relative distance to a half-integer below which the true division decides
+
+
+def shift_for(smax: float) -> int:
+    """numerics.quantize_matrix's per-matrix shift from the largest group scale."""
+    return 0 if smax == 0.0 else int(math.floor(math.log2(((1 << nx.M_BITS) - 1) / smax)))
+
+
+@njit(cache=True, nogil=True)
+def _leaf(a, lo, n):
+    """numpy's pairwise_sum for n <= 128: 8 accumulators, then the rest in order."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    end = n - n % 8
+    while i < end:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True, nogil=True)
+def _pairwise(a, n):
+    """numpy's pairwise sum of a[:n] (float64): the same tree of additions. Above 128 elements
+    numpy recurses on halves rounded down to a multiple of 8; here the recursion is an explicit
+    stack (numba's cache cannot hold a self-recursive function)."""
+    los = np.empty(192, np.int64)
+    ns = np.empty(192, np.int64)  # n of a task; -1: add the top two values
+    vals = np.empty(64, np.float64)
+    top, nv = 1, 0
+    los[0], ns[0] = 0, n
+    while top:
+        top -= 1
+        lo, m = los[top], ns[top]
+        if m < 0:
+            nv -= 1
+            vals[nv - 1] = vals[nv - 1] + vals[nv]
+        elif m <= 128:
+            vals[nv] = _leaf(a, lo, m)
+            nv += 1
+        else:
+            m2 = m // 2
+            m2 -= m2 % 8
+            los[top], ns[top] = 0, -1  # then add: left + right
+            los[top + 1], ns[top + 1] = lo + m2, m - m2  # then the right half
+            los[top + 2], ns[top + 2] = lo, m2  # the left half first
+            top += 3
+    return vals[0]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _group_amax(w, group, out):
+    """max |w| per group, in w's own type (a max is exact in any order; w finite)."""
+    rows, cols = w.shape
+    for r in prange(rows):
+        for j in range(cols // group):
+            a = abs(w[r, j * group])
+            for i in range(j * group + 1, (j + 1) * group):
+                a = max(a, abs(w[r, i]))
+            out[r, j] = a
+
+
+def group_scales(w: np.ndarray, group: int, qm: float) -> np.ndarray:
+    """numerics.quantize_matrix's scale: max |w| / qmax per group, (rows, cols // group) float64
+    (the division by numpy, correctly rounded: fastmath would multiply by a reciprocal)."""
+    amax = np.empty((w.shape[0], w.shape[1] // group), w.dtype)
+    _group_amax(w, group, amax)
+    return amax.astype(np.float64) / qm
+
+
+@njit(cache=True, nogil=True)
+def _err_exact(a, s, qm, e):
+    """The spec's squared error of a group (|w|) at step s: true division, unfused, numpy's
+    pairwise sum."""
+    for i in range(a.shape[0]):
+        x = min(np.rint(a[i] / s), qm) * s - a[i]
+        e[i] = x * x
+    return _pairwise(e, a.shape[0])
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _err_approx(a, s, qm):
+    """A group's squared error at step s, approximately: any order of additions, q by the
+    reciprocal. Within len(a) * (s^2 TERM_TOL + err SUM_TOL) of the spec's value."""
+    inv = 1.0 / s
+    acc = 0.0
+    for i in range(a.shape[0]):
+        x = min(np.rint(a[i] * inv), qm) * s - a[i]
+        acc += x * x
+    return acc
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _search(w, scale, group, qm, mmax, up, down, ratios, tol, q_out, m_out):
+    rows, cols = w.shape
+    ng = cols // group
+    nr = ratios.shape[0]
+    term_tol, sum_tol, tie_tol = tol[0], tol[1], tol[2]
+    for r in prange(rows):
+        a = np.empty(group, np.float64)
+        e = np.empty(group, np.float64)
+        ms = np.empty(nr, np.float64)
+        lo = np.empty(nr, np.float64)
+        for j in range(ng):
+            c0 = j * group
+            for i in range(group):
+                a[i] = abs(np.float64(w[r, c0 + i]))
+            # the distinct m of the ratios (m never decreases with the ratio; an equal m has an
+            # equal error and never replaces the earlier one), each error within +-B of the spec's
+            nc, best_hi = 0, np.inf
+            for k in range(nr):
+                m = min(max(np.rint(scale[r, j] * ratios[k] * up), 1.0), mmax)
+                if nc and m == ms[nc - 1]:
+                    continue
+                s = m * down
+                A = _err_approx(a, s, qm)
+                B = group * (s * s * term_tol + A * sum_tol)
+                ms[nc], lo[nc] = m, A - B
+                best_hi = min(best_hi, A + B)
+                nc += 1
+            best_m, n_in = 0.0, 0
+            for k in range(nc):
+                if lo[k] <= best_hi:
+                    n_in += 1
+                    best_m = ms[k]
+            if n_in > 1:  # too close to call on the bounds: the spec's own arithmetic decides
+                best_err = np.inf
+                for k in range(nc):
+                    if lo[k] <= best_hi:
+                        err = _err_exact(a, ms[k] * down, qm, e)
+                        if err < best_err:
+                            best_m, best_err = ms[k], err
+            m_out[r, j] = np.uint16(best_m)
+            s = best_m * down
+            si = 1.0 / s
+            near = 0
+            for i in range(group):  # q by the reciprocal; a quotient near a half-integer: divide
+                t = a[i] * si
+                q = np.rint(t)
+                near += abs(abs(t - q) - 0.5) <= tie_tol * t
+                e[i] = min(q, qm)
+            if near:
+                for i in range(group):
+                    e[i] = min(np.rint(a[i] / s), qm)
+            for i in range(group):
+                q = np.int8(e[i])
+                q_out[r, c0 + i] = q if w[r, c0 + i] >= 0 else -q
+
+
+def quantize_matrix(w: np.ndarray, bits: int, group: int, shift: int | None = None,
+                    scale: np.ndarray | None = None, tol=None) -> nx.QTensor:
+    """Exactly numerics.quantize_matrix(w, bits, group) (clip_search=True), for float32 or float64
+    w. `shift` given: the rows are quantized with that matrix shift (a chunk of a larger matrix
+    whose shift came from shift_for(max of group_scales over all its rows)); `scale`: these
+    rows' group_scales, when already computed. `tol`: (TERM_TOL, SUM_TOL, TIE_TOL) by default;
+    larger values only send more groups to the exact paths (tests use that to exercise them)."""
+    if bits < 2 or bits > 8:
+        raise ValueError(f"weight bits must be 2..8, got {bits}")
+    w = np.ascontiguousarray(w)
+    if w.dtype not in (np.float32, np.float64):
+        w = w.astype(np.float64)
+    rows, cols = w.shape
+    if group <= 0 or cols % group:
+        raise ValueError(f"group {group} does not divide {cols} columns")
+    qm = nx.qmax(bits)
+    if scale is None:
+        scale = group_scales(w, group, float(qm))
+    if shift is None:
+        shift = shift_for(float(scale.max()) if scale.size else 0.0)
+    q = np.empty((rows, cols), np.int8)
+    m = np.empty((rows, cols // group), np.uint16)
+    _search(w, scale, group, float(qm), float((1 << nx.M_BITS) - 1), 2.0 ** shift, 2.0 ** -shift,
+            RATIOS, np.array(tol or (TERM_TOL, SUM_TOL, TIE_TOL), np.float64), q, m)
+    return nx.QTensor(q, m, np.asarray(shift, dtype=np.int32), bits, group)
+
+
+# ----------------------------------------------------------------------------- packing
+@njit(parallel=True, cache=True, nogil=True)
+def _pack_plane(q, rows, lanes, w, low, k, bias, out):
+    """One bit plane of kernels.pack: out[b, c, l] |= ((q[b L + s nl + l, c] >> low) & mask
+    + bias[s]) & mask << (s w) over the k slots s of a byte; rows past `rows` are zero weights."""
+    nb, cols, nl = out.shape
+    mask = (1 << w) - 1
+    for b in prange(nb):
+        for c in range(cols):
+            for l in range(nl):
+                out[b, c, l] = 0
+        for s in range(k):
+            for l in range(nl):
+                r = b * lanes + s * nl + l
+                if r < rows:
+                    for c in range(cols):
+                        v = ((np.int32(q[r, c]) >> low) & mask) + bias[s]
+                        out[b, c, l] |= np.uint8((v & mask) << (s * w))
+                else:
+                    vs = np.uint8((bias[s] & mask) << (s * w))
+                    for c in range(cols):
+                        out[b, c, l] |= vs
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _pack_m(m, rows, lanes, out):
+    nb, ng, _ = out.shape
+    for b in prange(nb):
+        for lane in range(lanes):
+            r = b * lanes + lane
+            for g in range(ng):
+                out[b, g, lane] = m[r, g] if r < rows else 1
+
+
+def pack(q: np.ndarray, m: np.ndarray, shift: int, bits: int, group: int,
+         store_bits: int | None = None):
+    """Exactly kernels.pack (the same Packed arrays), compiled and parallel."""
+    from bakedllama.llama8b import kernels as K
+
+    store_bits = bits if store_bits is None else store_bits
+    if store_bits < bits:
+        raise ValueError(f"cannot store {bits}-bit weights in {store_bits} bits")
+    rows, cols = q.shape
+    if cols % K.CHUNK or group % K.CHUNK:
+        raise ValueError(f"cols ({cols}) and group ({group}) must be multiples of {K.CHUNK}")
+    K.check_exact(bits, cols)
+    L = K.lanes_for(store_bits)
+    nb = -(-rows // L)
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    planes = []
+    for i, (w, low, k) in enumerate(K.plane_offsets(store_bits)):
+        out = np.empty((nb, cols, L // k), np.uint8)
+        bias = np.array([K._slot_bias(i, s, w, k) for s in range(k)], np.int32)
+        _pack_plane(q, rows, L, w, low, k, bias, out)
+        planes.append(out)
+    mb = np.empty((nb, m.shape[1], L), np.uint16)
+    _pack_m(np.ascontiguousarray(m, dtype=np.uint16), rows, L, mb)
+    return K.Packed(planes, mb, int(shift), bits, group, rows, cols, store_bits)
+
+
+# ----------------------------------------------------------------------------- reading
+@njit(parallel=True, cache=True, nogil=True)
+def _bf16_bits_to_f32(a, out):
+    for i in prange(a.shape[0]):
+        out[i] = np.uint32(a[i]) << 16
+
+
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16, any shape) -> float32 (exact: bf16 is float32's top half)."""
+    out = np.empty(a.shape, np.uint32)
+    _bf16_bits_to_f32(a.reshape(-1), out.reshape(-1))
+    return out.view(np.float32)
