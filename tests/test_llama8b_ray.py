@@ -12,8 +12,10 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,27 @@ def test_close_ends_every_process(local_cluster):
     assert tag and cluster.tagged_processes(tag)  # the cluster's own processes carry the tag
     local_cluster.close()
     assert cluster.tagged_processes(tag) == []
+
+
+def test_sweep_ends_only_orphans_of_dead_drivers():
+    """A driver killed with SIGKILL cannot close its cluster (Ray's agents outlive it): the next
+    local cluster ends the processes whose tag names a driver that is gone, and no other."""
+    me = f"{os.getpid()}.{cluster._start_time(os.getpid())}.live"
+    dead = f"{os.getpid()}.0.dead"  # this pid with another start time: that driver is gone
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {t: subprocess.Popen(cmd, env=dict(os.environ, **{cluster.TAG_VAR: t})) for t in (me, dead)}
+    try:
+        deadline = time.monotonic() + 10
+        while len(cluster.tagged_processes(me) + cluster.tagged_processes(dead)) < 2:
+            assert time.monotonic() < deadline, "the tagged processes did not start"
+            time.sleep(0.05)
+        assert cluster.sweep_orphans() >= 1  # (and any real orphan of an earlier run)
+        assert procs[dead].wait(timeout=10) == -signal.SIGKILL
+        assert procs[me].poll() is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
 
 
 # ----------------------------------------------------------------------------- placement, 70B shapes

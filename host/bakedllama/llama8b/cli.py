@@ -200,7 +200,7 @@ def execute(args, cl=None) -> dict:
         prompt_ids=prompt_ids, token_ids=out["tokens"], text=tk.decode(out["tokens"]),
         seconds_per_token=round(spt, 4), decode_steps=len(out["decode_seconds"]),
         prefill_seconds_per_token=round(float(np.mean(out["prefill_seconds"])), 4),
-        streaming=not args.resident, peak_rss_bytes=runner.peak_rss_bytes(),
+        streaming=not args.resident and cl is None, peak_rss_bytes=runner.peak_rss_bytes(),
         kv_cache_bytes=2 * qm.cfg.n_layers * qm.cfg.seq_len * qm.cfg.kv_dim,
         threads=numba.get_num_threads(),
         bandwidth=dict(measured_bytes_per_s=round(bw["bytes_per_s"]),

@@ -76,20 +76,52 @@ def _loopback_only() -> None:
     rc.ENABLE_RAY_CLUSTER = False
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """Pids of this machine's processes whose environment carries TAG_VAR=tag (not this one)."""
-    want = f"{TAG_VAR}={tag}".encode()
-    out = []
+def _tags() -> dict[int, str]:
+    """pid -> TAG_VAR value, for this machine's processes that carry one (not this process)."""
+    key, out = f"{TAG_VAR}=".encode(), {}
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
             with open(f"/proc/{d}/environ", "rb") as f:
-                if want in f.read().split(b"\0"):
-                    out.append(int(d))
+                for e in f.read().split(b"\0"):
+                    if e.startswith(key):
+                        out[int(d)] = e[len(key):].decode()
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return out
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of the processes whose environment carries TAG_VAR=tag (a local cluster's)."""
+    return [p for p, t in _tags().items() if t == tag]
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _new_tag() -> str:
+    """driver pid . its start time . a random id: a process can tell whether its driver lives."""
+    return f"{os.getpid()}.{_start_time(os.getpid())}.{uuid.uuid4().hex}"
+
+
+def sweep_orphans() -> int:
+    """End the processes of local clusters whose driver died without closing them (killed with
+    SIGKILL: Ray's agents outlive it). Only processes that carry our tag; returns how many."""
+    n = 0
+    for pid, tag in _tags().items():
+        dpid, _, rest = tag.partition(".")
+        start = rest.partition(".")[0]
+        if dpid.isdigit() and _start_time(int(dpid)) != start:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+    return n
 
 
 class Cluster:
@@ -99,6 +131,7 @@ class Cluster:
     def __init__(self, spec: str, num_cpus: int | None = None):
         self.spec, self.address = spec, parse_address(spec)
         self.tag, self.session_dir, self.owned, self.leftover_killed = None, None, False, 0
+        self.orphans_ended = 0
         self._runners: list = []
         try:
             import ray
@@ -118,7 +151,8 @@ class Cluster:
                   configure_logging=True)
         if self.address == "local":
             _loopback_only()
-            self.tag = uuid.uuid4().hex
+            self.orphans_ended = sweep_orphans()
+            self.tag = _new_tag()
             os.environ[TAG_VAR] = self.tag  # inherited by every process Ray starts from here
             # one logical CPU per stage at least (the stages of one sequence run one at a time)
             kw.update(num_cpus=max(num_cpus or 0, os.cpu_count() or 2),
