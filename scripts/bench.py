@@ -8,6 +8,8 @@
   5. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
   6. bakedllama serve under load: concurrent streaming clients (some leaving midway) on the golden
      model and on the Verilator SoC: latency p50/p99, aggregate tokens/s vs the device alone
+  7. run8b on Ray (--cluster): ms/token in-process vs a local 2-actor pipeline (compiled graph,
+     chained tasks), the overhead per token, an idle stage's CPU
 """
 
 from __future__ import annotations
@@ -304,6 +306,65 @@ def bench_serve(clients: int = 32, max_tokens: int = 16, soc_clients: int = 12, 
         h.stop()
 
 
+def bench_ray(tokens: int = 32, actors: int = 2, rounds: int = 3) -> None:
+    """run8b's Ray pipeline (llama8b/cluster.py) against the in-process runner on the same small
+    synthetic model (synthetic:llama3-tiny, w8, unpartitioned plan: 3 partitions over `actors`
+    stages on a local cluster): decode ms/token, the pipeline's overhead per token (a step's
+    wall time minus the compute of its passes, measured inside the actors), and the CPU an idle
+    stage burns (a compiled graph's actors poll their channels)."""
+    import importlib.util
+    import os
+    import tempfile
+
+    if importlib.util.find_spec("ray") is None:
+        print("ray pipeline: skipped (ray not installed: pip install 'bakedllama[cluster]')")
+        return
+    from bakedllama.llama8b import checkpoint, cluster, partition, quant, runner
+
+    def cpu_seconds(pid):
+        st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+
+    def decode_ms(r):
+        best, over = None, None
+        for _ in range(rounds):
+            out = runner.generate(r, [384, 72, 101], tokens)
+            ds = np.array(out["decode_seconds"])
+            comp = np.array([sum(p) for p in out["pass_seconds"]])
+            if best is None or ds.mean() < best:
+                best, over = ds.mean(), (ds - comp).mean()
+        return best * 1e3, over * 1e3
+
+    with tempfile.TemporaryDirectory() as d:
+        ck = checkpoint.open_checkpoint("synthetic:llama3-tiny", 64, d, show_progress=False)
+        qm = quant.quantized(ck, "8", cache_dir=d, show_progress=False)
+        parts = partition.plan(qm.cfg, qm.fmt, None)
+        r = runner.Runner(qm, parts, streaming=False)
+        runner.generate(r, [384, 72, 101], 4)  # warm up
+        local, local_over = decode_ms(r)
+        print(f"ray pipeline ({len(parts)} partitions of synthetic:llama3-tiny w8, {actors} actors on "
+              f"127.0.0.1, {tokens} decode steps, best of {rounds}):")
+        print(f"  in-process         {local:7.2f} ms/token  (overhead {local_over:5.2f} ms)")
+        t = time.perf_counter()
+        with cluster.Cluster("ray", num_cpus=actors) as cl:
+            start = time.perf_counter() - t
+            for graph in ("compiled", "tasks"):
+                t = time.perf_counter()
+                rr = cluster.RayRunner(cl, qm, parts, actors, graph=graph)
+                up = time.perf_counter() - t
+                ms, over = decode_ms(rr)
+                pids = [sg["pid"] for sg in rr.placement]
+                c0 = [cpu_seconds(p) for p in pids]
+                time.sleep(2.0)
+                idle = [(cpu_seconds(p) - c) / 2.0 for p, c in zip(pids, c0)]
+                print(f"  ray {rr.mode:<14} {ms:7.2f} ms/token  (overhead {over:5.2f} ms per token, "
+                      f"+{ms - local:.2f} vs in-process; stages up in {up:.1f} s; an idle stage "
+                      f"uses {100 * max(idle):.0f}% of a core)")
+                rr.close()
+        print(f"  (local cluster start {start:.1f} s; no tagged process left after close: "
+              f"{not cluster.tagged_processes(cl.tag)})")
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -321,6 +382,7 @@ def main() -> None:
 
     gw_bench.main([])
     bench_serve()
+    bench_ray()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,8 @@ def test_cli_cluster_run_is_exact_and_leaves_nothing_running(tiny_dir):
     res = json.loads(p.stdout)
     assert res["check"]["tokens_identical"] and res["check"]["logits_identical"]
     cr = res["cluster"]
-    assert cr["mode"] == "compiled" and cr["nodes"] == 1 and len(cr["stages"]) == 2
+    assert cr["nodes"] == 1 and len(cr["stages"]) == 2
+    assert cr["mode"] == ("compiled" if (os.cpu_count() or 1) >= 12 else "tasks")  # auto: 3 parties
     got = [i for sg in cr["stages"] for i in sg["partitions"]]
     assert got == list(range(res["partitions"]))  # contiguous runs, every partition once
     assert len({sg["pid"] for sg in cr["stages"]}) == 2 and all(sg["node"] == "127.0.0.1"
@@ -92,16 +95,16 @@ def local_cluster():
 
 
 @needs_ray
-@pytest.mark.parametrize("chip,compiled", [(3000, True), (None, False)])
-def test_pipeline_equals_in_process(local_cluster, qm, chip, compiled):
+@pytest.mark.parametrize("chip,graph", [(3000, "compiled"), (None, "tasks")])
+def test_pipeline_equals_in_process(local_cluster, qm, chip, graph):
     """Prompt (a batched pass) and decode steps: tokens and every position's logits identical.
     chip 3000: 56 partitions, the stage boundary inside a layer (the whole step crosses);
     unpartitioned: the boundary at the final norm (only the residual crosses)."""
     parts = partition.plan(qm.cfg, qm.fmt, chip)
     ref = runner.generate(runner.Runner(qm, parts), PROMPT, 8, keep_logits=True)
-    rr = cluster.RayRunner(local_cluster, qm, parts, actors=2, compiled=compiled)
+    rr = cluster.RayRunner(local_cluster, qm, parts, actors=2, graph=graph)
     try:
-        assert rr.mode == ("compiled" if compiled else "tasks")
+        assert rr.mode == graph
         first = rr.groups[1][0].pieces[0]
         assert (first.name in partition.NORMS) == (chip is None)
         out = runner.generate(rr, PROMPT, 8, keep_logits=True)
@@ -135,6 +138,35 @@ def test_close_ends_every_process(local_cluster):
     assert tag and cluster.tagged_processes(tag)  # the cluster's own processes carry the tag
     local_cluster.close()
     assert cluster.tagged_processes(tag) == []
+
+
+def test_auto_graph_where_cores_are_spare():
+    one = [dict(node="a", cpus=2), dict(node="a", cpus=2)]
+    assert not cluster.compiled_graph_fits(one, dict(node="a", cpus=2))[0]  # this machine
+    many = [dict(node=n, cpus=16) for n in "abcd"]
+    assert cluster.compiled_graph_fits(many, dict(node="a", cpus=16))[0]  # a stage per node
+    assert not cluster.compiled_graph_fits(many[:1] * 5, dict(node="a", cpus=16))[0]
+
+
+def test_sweep_ends_only_orphans_of_dead_drivers():
+    """A driver killed with SIGKILL cannot close its cluster (Ray's agents outlive it): the next
+    local cluster ends the processes whose tag names a driver that is gone, and no other."""
+    me = f"{os.getpid()}.{cluster._start_time(os.getpid())}.live"
+    dead = f"{os.getpid()}.0.dead"  # this pid with another start time: that driver is gone
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {t: subprocess.Popen(cmd, env=dict(os.environ, **{cluster.TAG_VAR: t})) for t in (me, dead)}
+    try:
+        deadline = time.monotonic() + 10
+        while len(cluster.tagged_processes(me) + cluster.tagged_processes(dead)) < 2:
+            assert time.monotonic() < deadline, "the tagged processes did not start"
+            time.sleep(0.05)
+        assert cluster.sweep_orphans() >= 1  # (and any real orphan of an earlier run)
+        assert procs[dead].wait(timeout=10) == -signal.SIGKILL
+        assert procs[me].poll() is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
 
 
 # ----------------------------------------------------------------------------- placement, 70B shapes

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=2, metavar="N",
                    help="with --cluster: stages, each a Ray actor holding a contiguous run of "
                         "partitions resident (default 2)")
+    p.add_argument("--ray-graph", default="auto", choices=cluster.GRAPHS,
+                   help="with --cluster: a Ray Compiled Graph, chained actor tasks, or auto (compiled "
+                        "where the nodes have cores to spare for its spinning readers); default auto")
 
 
 def _warm_up(qm) -> None:
@@ -121,7 +124,7 @@ def execute(args, cl=None) -> dict:
     bw = bandwidth.measure(dbytes)  # the bound: resident buffer, these threads, best of passes
     if cl is not None and args.actors < 1:
         raise ValueError("--actors must be at least 1")
-    r = (cluster.RayRunner(cl, qm, parts, args.actors, args.threads) if cl is not None
+    r = (cluster.RayRunner(cl, qm, parts, args.actors, args.threads, args.ray_graph) if cl is not None
          else runner.Runner(qm, parts, streaming=not args.resident))
     keep = bool(args.check or args.agree)
     out = runner.generate(r, prompt_ids, args.max_tokens, ck.special.stop, keep_logits=keep)
@@ -175,7 +178,7 @@ def execute(args, cl=None) -> dict:
         prompt_ids=prompt_ids, token_ids=out["tokens"], text=tk.decode(out["tokens"]),
         seconds_per_token=round(spt, 4), decode_steps=len(out["decode_seconds"]),
         prefill_seconds_per_token=round(float(np.mean(out["prefill_seconds"])), 4),
-        streaming=not args.resident, peak_rss_bytes=runner.peak_rss_bytes(),
+        streaming=not args.resident and cl is None, peak_rss_bytes=runner.peak_rss_bytes(),
         kv_cache_bytes=2 * qm.cfg.n_layers * qm.cfg.seq_len * qm.cfg.kv_dim,
         threads=numba.get_num_threads(),
         bandwidth=dict(bound, bound_seconds_per_token=round(bound["bound_seconds_per_token"], 6),
@@ -228,9 +231,9 @@ def _print(res: dict) -> None:
         print(f"warning: {b['warning']}")
     if res["cluster"]:
         cr = res["cluster"]
-        print(f"cluster: {cr['spec']} ({cr['nodes']} node(s), {cr['mode']} graph"
-              f"{'; ' + cr['compile_note'] if cr['compile_note'] else ''}), {len(cr['stages'])} "
-              f"stages; overhead per token {cr['overhead_seconds_per_token']} s")
+        print(f"cluster: {cr['spec']} ({cr['nodes']} node(s)), {len(cr['stages'])} stages, "
+              f"{cr['mode']} ({cr['why']}{'; ' + cr['compile_note'] if cr['compile_note'] else ''}); "
+              f"overhead per token {cr['overhead_seconds_per_token']} s")
         for sg in cr["stages"]:
             ps = sg["partitions"]
             print(f"  stage {sg['stage']}: partitions #{ps[0]}-#{ps[-1]} ({len(ps)}, "

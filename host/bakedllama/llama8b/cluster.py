@@ -10,8 +10,10 @@ per-token work of a memory-bound pass) resident, as a chip holds its weights: it
 quantized cache, touches its partitions' pages once at load and never releases them, and keeps
 the KV cache of its own layers. A step's activations (runner.Step, cut to what the next stage
 reads) go from actor to actor; the driver sends tokens in and gets logits back. The hops run
-through a Ray Compiled Graph (channels set up once, no task launch per call) or, where compiled
-graphs are not available, through chained actor tasks whose object refs pass actor to actor.
+through a Ray Compiled Graph (channels set up once, no task launch per call) or through chained
+actor tasks whose object refs pass from actor to actor. A compiled graph's readers wait by
+spinning, so `auto` takes it where the nodes have cores to spare (compiled_graph_fits) and chained
+tasks where they do not (two stages and the driver on this 2-core machine: tasks measured faster).
 
 Exact by construction: every stage runs runner.Runner's own pieces (Runner._piece, the code the
 in-process run executes) on the same Step, in the same order; the cluster run gives the tokens
@@ -76,20 +78,52 @@ def _loopback_only() -> None:
     rc.ENABLE_RAY_CLUSTER = False
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """Pids of this machine's processes whose environment carries TAG_VAR=tag (not this one)."""
-    want = f"{TAG_VAR}={tag}".encode()
-    out = []
+def _tags() -> dict[int, str]:
+    """pid -> TAG_VAR value, for this machine's processes that carry one (not this process)."""
+    key, out = f"{TAG_VAR}=".encode(), {}
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
             with open(f"/proc/{d}/environ", "rb") as f:
-                if want in f.read().split(b"\0"):
-                    out.append(int(d))
+                for e in f.read().split(b"\0"):
+                    if e.startswith(key):
+                        out[int(d)] = e[len(key):].decode()
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return out
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of the processes whose environment carries TAG_VAR=tag (a local cluster's)."""
+    return [p for p, t in _tags().items() if t == tag]
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _new_tag() -> str:
+    """driver pid . its start time . a random id: a process can tell whether its driver lives."""
+    return f"{os.getpid()}.{_start_time(os.getpid())}.{uuid.uuid4().hex}"
+
+
+def sweep_orphans() -> int:
+    """End the processes of local clusters whose driver died without closing them (killed with
+    SIGKILL: Ray's agents outlive it). Only processes that carry our tag; returns how many."""
+    n = 0
+    for pid, tag in _tags().items():
+        dpid, _, rest = tag.partition(".")
+        start = rest.partition(".")[0]
+        if dpid.isdigit() and _start_time(int(dpid)) != start:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+    return n
 
 
 class Cluster:
@@ -99,6 +133,7 @@ class Cluster:
     def __init__(self, spec: str, num_cpus: int | None = None):
         self.spec, self.address = spec, parse_address(spec)
         self.tag, self.session_dir, self.owned, self.leftover_killed = None, None, False, 0
+        self.orphans_ended = 0
         self._runners: list = []
         try:
             import ray
@@ -118,7 +153,8 @@ class Cluster:
                   configure_logging=True)
         if self.address == "local":
             _loopback_only()
-            self.tag = uuid.uuid4().hex
+            self.orphans_ended = sweep_orphans()
+            self.tag = _new_tag()
             os.environ[TAG_VAR] = self.tag  # inherited by every process Ray starts from here
             # one logical CPU per stage at least (the stages of one sequence run one at a time)
             kw.update(num_cpus=max(num_cpus or 0, os.cpu_count() or 2),
@@ -252,7 +288,7 @@ class Stage:
             kernels.matvec_packed(p, np.zeros(p.cols, np.int64), 0, 1)  # compile / load numba
         import ray
 
-        return dict(stage=self.index, pid=os.getpid(), node=ray.util.get_node_ip_address(),
+        return dict(stage=self.index, pid=os.getpid(), node=ray.util.get_node_ip_address(), cpus=_cpus(),
                     host=socket.gethostname(), partitions=[p.index for p in self.parts],
                     weight_bytes=sum(p.nbytes for p in self.parts), touched_bytes=touched,
                     threads=numba.get_num_threads(), load_seconds=round(time.perf_counter() - t, 2))
@@ -318,6 +354,31 @@ def _actor_class():
 
 
 # ----------------------------------------------------------------------------- the driver side
+GRAPHS = ("auto", "compiled", "tasks")
+SPIN_SHARE = 4  # auto: compiled while the waiting parties of a node use at most 1/4 of its cores
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def compiled_graph_fits(stages: list[dict], driver: dict) -> tuple[bool, str]:
+    """Whether a compiled graph pays here. Its readers wait by spinning (sched_yield) on a core:
+    while one stage computes, every other stage and the driver spin. On a node of C cores that
+    holds P parties (stages and the driver), P - 1 spinners take cores from the computing one;
+    compiled when P <= C / SPIN_SHARE on every node (one stage per many-core node: yes; two
+    stages and the driver on this 2-core machine: no, chained tasks measured faster here)."""
+    nodes: dict = {}
+    for p in [*stages, driver]:
+        n = nodes.setdefault(p["node"], dict(parties=0, cpus=p["cpus"]))
+        n["parties"] += 1
+    worst = max(nodes.items(), key=lambda kv: kv[1]["parties"] / kv[1]["cpus"])
+    ip, n = worst
+    fits = all(v["parties"] <= max(1, v["cpus"] // SPIN_SHARE) for v in nodes.values())
+    return fits, (f"{n['parties']} parties on {n['cpus']} cores of {ip}: "
+                  f"{'compiled graph' if fits else 'spinning readers would take cores; tasks'}")
+
+
 @dataclass
 class ClusterState:
     """The driver's view of one sequence: its position (the KV caches live on the actors)."""
@@ -330,7 +391,11 @@ class RayRunner:
     actors, so runner.generate runs on it unchanged."""
 
     def __init__(self, cl: Cluster, qm, parts: list[Partition], actors: int = 2, threads: int = 0,
-                 compiled: bool = True):
+                 graph: str = "auto"):
+        """graph: 'compiled' (a Ray Compiled Graph), 'tasks' (chained actor tasks) or 'auto'
+        (compiled_graph_fits: compiled where the spinning readers leave the nodes' cores free)."""
+        if graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {', '.join(GRAPHS)}")
         ray = cl.ray
         self.cl, self.cfg, self.parts = cl, qm.cfg, parts
         if qm.path is None:
@@ -358,7 +423,9 @@ class RayRunner:
         except ray.exceptions.RayError as e:
             raise ClusterError(f"a stage could not start: {_cause(e)}") from None
         self.mode, self.compile_note = "tasks", None
-        if compiled:
+        driver = dict(node=ray.util.get_node_ip_address(), cpus=_cpus())
+        fits, self.graph_reason = compiled_graph_fits(self.placement, driver)
+        if graph == "compiled" or (graph == "auto" and fits):
             try:
                 from ray.dag import InputNode
 
@@ -370,6 +437,8 @@ class RayRunner:
                 self.mode = "compiled"
             except Exception as e:  # Ray Client, an old Ray: chained tasks still work
                 self.compile_note = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if graph != "auto":
+            self.graph_reason = f"asked for {graph}"
         t = time.perf_counter()
         self.forward(self.new_state(), 0)  # the first call sets the channels up (seconds here)
         self.warmup_seconds = round(time.perf_counter() - t, 2)
@@ -415,8 +484,8 @@ class RayRunner:
         return lg
 
     def describe(self) -> dict:
-        return dict(mode=self.mode, compile_note=self.compile_note, warmup_seconds=self.warmup_seconds,
-                    stages=self.placement)
+        return dict(mode=self.mode, why=self.graph_reason, compile_note=self.compile_note,
+                    warmup_seconds=self.warmup_seconds, stages=self.placement)
 
     def close(self) -> None:
         if self.dag is not None:
