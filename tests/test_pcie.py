@@ -472,3 +472,17 @@ def test_serve_backend_on_a_csr_device(model, monkeypatch):
     assert [t for t, _ in got] == golden(model, [1, 2, 3], 8)
     assert all(c > 1000 for _, c in got) and job.stats["cycles_per_token"] > 1000
     b.stop()
+
+
+def test_cancel_from_another_thread(model):
+    """Generation.cancel() (the server's disconnect) ends the iteration and stops the loop even
+    while tokens keep arriving."""
+    dev, space = device(model)
+    g = dev.generate([1, 2], 24)
+    got = []
+    for t in g:
+        got.append(t)
+        if len(got) == 5:
+            g.cancel()
+    assert got == golden(model, [1, 2], 24)[:5]
+    assert g.aborted is True and space.left == 0 and not space.fifo

@@ -504,6 +504,8 @@ class CSRDevice:
             timer = self._timer_start()
             est = 0.0
             for pos in range(len(ids) - 1):  # greedy: the sampler's generator does not advance
+                if g._cancel:
+                    return
                 t = time.monotonic()
                 self._w("llama_port_token_in", ids[pos])
                 r = self._wait_token(g, t + self.step_timeout, f"prompt pass {pos}", est)
@@ -518,6 +520,8 @@ class CSRDevice:
             self._w("llama_port_token_in", ids[-1])
             t_last = t_first = time.monotonic()
             while len(g.tokens) < g.max_tokens:
+                if g._cancel:  # cancel() from another thread, while tokens keep coming
+                    return
                 r = self._wait_token(g, t_last + self.step_timeout + MAX_SLEEP,
                                      f"token {len(g.tokens)}", est,
                                      min(BATCH, g.max_tokens - len(g.tokens)))
