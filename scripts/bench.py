@@ -2,7 +2,8 @@
 
   1. golden model tokens/s (host numpy reference; no bound, for scale)
   2. 8B integer kernel: packed GEMV read rate vs this machine's measured read bandwidth (goal 1.5x);
-     simd.c's kernels: decode steps (4-bit vs 8-bit) and a prompt's batched pass per token
+     simd.c's kernels: decode steps (4-bit vs 8-bit) and a prompt's batched pass per token;
+     the 8B cache build: quantize + pack per weight, old numpy path vs fastquant, and full builds
   3. the Verilator SoC: a 16-token prompt + 128 generated, tokens/s of chip time
   4. speculative decoding: acceptance and projected speedup over the target alone, K = 1..8
   5. gateware: cycles/token from the Verilator hardware counter vs the cycle model (when built)
@@ -133,6 +134,57 @@ def bench_decode_bound(threads=(1, 2), schemes=("w8", "w4"), steps: int = 8) -> 
             if c["warning"]:
                 print(f"    warning: {c['warning']}")
         del qm  # before the next model is built
+
+
+def bench_cache_build(rows_old: int = 1024) -> None:
+    """8B cache build (issue 14): quantize + pack per weight on a Llama 3.1 8B FFN matrix, the old
+    numpy path (numerics.quantize_matrix + kernels.pack, on its first `rows_old` rows) against
+    fastquant (the whole matrix, all threads), for w8 / w4 / 3-bit; then the full synthetic 8B
+    caches found on disk, with what their builds cost (their manifests' figures)."""
+    import json
+
+    import numba
+    from bakedllama import numerics as nx
+    from bakedllama.llama8b import fastquant, kernels
+    from bakedllama.llama8b.arch import SPECS, from_hf_config
+    from bakedllama.llama8b.checkpoint import CACHE_DIR, tensor_list, tensor_shape
+
+    cfg, _ = from_hf_config(SPECS["llama3.1-8b"])
+    n8b = sum(int(np.prod(tensor_shape(cfg, n))) for n, _ in tensor_list(cfg))
+    rng = np.random.default_rng(0)
+    rows, cols = 14336, 4096
+    w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+    print(f"8B cache build, quantize + pack ({rows} x {cols} matrix; {numba.get_num_threads()} threads; "
+          f"whole model = {n8b / 1e9:.2f} G weights):")
+    for bits, group, store in ((8, cols, 8), (4, 32, 4), (3, 32, 4)):
+        def old(w=w[:rows_old], bits=bits, group=group, store=store):
+            qt = nx.quantize_matrix(w, bits, group)
+            return kernels.pack(qt.q, qt.m, int(qt.shift), bits, group, store)
+
+        def new(w=w, bits=bits, group=group, store=store):
+            qt = fastquant.quantize_matrix(w, bits, group)
+            return fastquant.pack(qt.q, qt.m, int(qt.shift), bits, group, store)
+
+        a, b = old(), new(w[:rows_old])  # (also compiles)
+        same = all(np.array_equal(x, y) for x, y in zip(a.planes + [a.m], b.planes + [b.m]))
+        t_old = _timed(old) / (rows_old * cols)
+        t_new = min(_timed(new) for _ in range(2)) / (rows * cols)
+        print(f"  {bits}-bit: numpy {t_old * 1e9:6.1f} ns/weight, fastquant {t_new * 1e9:5.2f} ns/weight "
+              f"({t_old / t_new:.0f}x; same bytes: {same}); whole 8B at these rates: "
+              f"{t_old * n8b:.0f} s -> {t_new * n8b:.0f} s")
+    found = []
+    for d in dict.fromkeys([Path(CACHE_DIR), Path.home() / ".cache" / "bakedllama"]):
+        found += sorted(d.glob("q-synthetic-llama3.1-8b-*/manifest.json")) if d.is_dir() else []
+    for mf in found:
+        m = json.loads(mf.read_text())
+        b = m.get("build")
+        cost = (f", {b['cpu_seconds']:.0f} CPU s on {b['threads']} threads, peak RSS "
+                f"{b['peak_rss_bytes'] / 2**30:.1f} GiB" if b else " (built by the old quantizer)")
+        print(f"  full synthetic 8B, {m['numerics']['scheme']} ({m['store']}): built in "
+              f"{m['build_seconds']:.0f} s{cost}  [{mf.parent}]")
+    print("  (goal: <= ~220 s for w8, 2x llama.cpp's convert + quantize measured in issue 14; "
+          "a full build: bakedllama run8b --checkpoint synthetic:llama3.1-8b ...)" if found else
+          "  full synthetic 8B: no cache built here (bakedllama run8b --checkpoint synthetic:llama3.1-8b)")
 
 
 def bench_soc(prompt_len: int = 16, gen: int = 128) -> None:
@@ -376,6 +428,7 @@ def main() -> None:
     bench_kernel()
     bench_simd()
     bench_decode_bound()
+    bench_cache_build()
     bench_soc()
     bench_speculative()
     from gateware import bench as gw_bench

@@ -157,6 +157,7 @@ def tiny_ck(tmp_path_factory):
 def _same_cache(a: Path, b: Path) -> None:
     ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
     assert ma.pop("build_seconds") >= 0 and mb.pop("build_seconds") >= 0
+    assert mb.pop("build")["peak_rss_bytes"] > 0  # the new builder reports its costs
     assert ma == mb
     assert json.dumps(ma) == json.dumps(mb)  # the same key order too
     names = sorted(p.name for p in a.iterdir())
@@ -174,7 +175,7 @@ def test_cache_is_byte_identical_to_the_reference(tiny_ck, tmp_path, monkeypatch
     monkeypatch.setattr(quant, "CHUNK_ROWS", chunk)
     new = quant.build_cache(tiny_ck, scheme, store, tmp_path / "new", show_progress=False)
     assert new.name == ref.name
-    _same_cache(ref, new)
+    _same_cache(ref, new)  # (ref first: the reference has no 'build' entry)
     qm = quant.open_cache(new)  # and it opens (checksums verified)
     assert qm.fmt["scheme"] == scheme
 
@@ -253,6 +254,8 @@ def test_checkpoint_reads_what_safetensors_reads(tiny_ck):
             want = checkpoint.permute_reverse(want, c.n_heads if name == "wq" else c.n_kv_heads)
         got = tiny_ck.tensor(name, layer)
         assert got.dtype == np.float32 and np.array_equal(got, want), (name, layer)
+        buf = np.full(want.shape, np.nan, np.float32)
+        assert tiny_ck.tensor(name, layer, out=buf) is buf and np.array_equal(buf, want)
         if want.ndim == 2:
             assert np.array_equal(tiny_ck.tensor(name, layer, rows=slice(3, 17)), want[3:17])
     assert tiny_ck.tensor("tok_embeddings", rows=slice(500, 600)).shape == (12, c.dim)

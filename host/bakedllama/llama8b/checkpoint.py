@@ -85,8 +85,18 @@ class Checkpoint:
     special: Special
     path: Path
 
-    def tensor(self, name: str, layer: int | None = None, rows: slice | None = None) -> np.ndarray:
+    def tensor(self, name: str, layer: int | None = None, rows: slice | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+        """float32 (rows of) one tensor; `out`: a float32 array of that shape to fill and return
+        (a streamed pass reuses its buffers instead of faulting in fresh pages per tensor)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _into(w: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            return w
+        np.copyto(out, w)
+        return out
 
     def identity(self) -> str:
         raise NotImplementedError
@@ -156,6 +166,7 @@ class HFCheckpoint(Checkpoint):
             for k in h.keys():
                 self._where[k] = f.name
         self._hdr = {f.name: _safetensors_header(f) for f in files}  # for plain reads
+        self._buffers = {}
         self._check_shapes(self._shape)
 
     def _shape(self, name, layer):
@@ -168,17 +179,35 @@ class HFCheckpoint(Checkpoint):
                                  "expected F32, F16 or BF16")
         return sl.get_shape()
 
-    def tensor(self, name, layer=None, rows=None):
+    def tensor(self, name, layer=None, rows=None, out=None):
         k = hf_name(name, layer)
         if name in ("wq", "wk"):
-            w = self._read(k)
-            w = permute_reverse(w, self.cfg.n_heads if name == "wq" else self.cfg.n_kv_heads)
-            return np.ascontiguousarray(w if rows is None else w[rows])
+            heads = self.cfg.n_heads if name == "wq" else self.cfg.n_kv_heads
+            w = self._read(k, None, self._scratch("perm", self._hdr_shape(k), np.float32))
+            if rows is None:
+                r, c = w.shape
+                if out is None:
+                    out = np.empty((r, c), np.float32)
+                np.copyto(out.reshape(heads, r // heads // 2, 2, c),  # = permute_reverse(w)
+                          w.reshape(heads, 2, r // heads // 2, c).transpose(0, 2, 1, 3))
+                return out
+            return self._into(np.ascontiguousarray(permute_reverse(w, heads)[rows]), out)
         if rows is None or (isinstance(rows, slice) and rows.step in (None, 1)):
-            return self._read(k, rows)
-        return self._read(k)[rows]
+            return self._read(k, rows, out)
+        return self._into(self._read(k)[rows], out)
 
-    def _read(self, k: str, rows: slice | None = None) -> np.ndarray:
+    def _hdr_shape(self, k: str) -> tuple[int, ...]:
+        return tuple(self._hdr[self._where[k]][0][k]["shape"])
+
+    def _scratch(self, slot: str, shape, dtype) -> np.ndarray:
+        """A reused buffer of this checkpoint (grown when too small)."""
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        buf = self._buffers.get(slot)
+        if buf is None or buf.size < n:
+            buf = self._buffers[slot] = np.empty(n, np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+    def _read(self, k: str, rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Tensor k (or its rows) as float32, read from the file with plain reads: nothing stays
         mapped, so streaming a checkpoint through costs no resident memory (the pages are the OS
         page cache's). bf16 widens exactly (its bits are float32's top half)."""
@@ -195,7 +224,12 @@ class HFCheckpoint(Checkpoint):
             r1 = max(r0, r1)
             start += r0 * int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dt).itemsize
             shape[0] = r1 - r0
-        a = np.empty(shape, dt)
+        if out is not None and (out.dtype != np.float32 or out.shape != tuple(shape)):
+            raise ValueError(f"out: float32 {tuple(shape)} expected, got {out.dtype} {out.shape}")
+        if dt is np.float32:
+            a = out if out is not None else np.empty(shape, np.float32)
+        else:
+            a = self._scratch("raw", shape, dt)
         buf = memoryview(a.reshape(-1).view(np.uint8))
         with open(self.path / fname, "rb", buffering=0) as f:
             n = 0
@@ -204,9 +238,11 @@ class HFCheckpoint(Checkpoint):
                 if got <= 0:
                     raise ModelFileError(f"{self.path / fname}: truncated (tensor '{k}')")
                 n += got
+        if dt is np.float32:
+            return a
         if info["dtype"] == "BF16":
-            return bf16_to_f32(a)
-        return a.astype(np.float32, copy=False)
+            return bf16_to_f32(a, out)
+        return self._into(a.astype(np.float32), out)
 
     def identity(self) -> str:
         h = hashlib.sha256(json.dumps(self.hf_config, sort_keys=True).encode())
@@ -285,7 +321,7 @@ class GGUFCheckpoint(Checkpoint):
         t = self._t.get(self._label(name, layer))
         return None if t is None else tuple(int(s) for s in reversed(t.shape))
 
-    def tensor(self, name, layer=None, rows=None):
+    def tensor(self, name, layer=None, rows=None, out=None):
         import gguf
 
         t = self._t[self._label(name, layer)]
@@ -294,8 +330,9 @@ class GGUFCheckpoint(Checkpoint):
             w = np.asarray(t.data).reshape(shape)
         else:
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        w = np.array(w if rows is None else w[rows], dtype=np.float32)  # a copy: then unmap
-        self._release(t)
+        w = w if rows is None else w[rows]
+        w = np.array(w, dtype=np.float32) if out is None else self._into(w, out)  # a copy: then
+        self._release(t)  # unmap
         return w
 
     def _release(self, t) -> None:

@@ -202,12 +202,13 @@ def _search(w, scale, group, qm, mmax, up, down, ratios, tol, q_out, m_out):
 
 
 def quantize_matrix(w: np.ndarray, bits: int, group: int, shift: int | None = None,
-                    scale: np.ndarray | None = None, tol=None) -> nx.QTensor:
+                    scale: np.ndarray | None = None, tol=None, out=None) -> nx.QTensor:
     """Exactly numerics.quantize_matrix(w, bits, group) (clip_search=True), for float32 or float64
     w. `shift` given: the rows are quantized with that matrix shift (a chunk of a larger matrix
     whose shift came from shift_for(max of group_scales over all its rows)); `scale`: these
     rows' group_scales, when already computed. `tol`: (TERM_TOL, SUM_TOL, TIE_TOL) by default;
-    larger values only send more groups to the exact paths (tests use that to exercise them)."""
+    larger values only send more groups to the exact paths (tests use that to exercise them).
+    `out`: (q int8 (rows, cols), m uint16 (rows, cols // group)) to fill (reused buffers)."""
     if bits < 2 or bits > 8:
         raise ValueError(f"weight bits must be 2..8, got {bits}")
     w = np.ascontiguousarray(w)
@@ -221,8 +222,8 @@ def quantize_matrix(w: np.ndarray, bits: int, group: int, shift: int | None = No
         scale = group_scales(w, group, float(qm))
     if shift is None:
         shift = shift_for(float(scale.max()) if scale.size else 0.0)
-    q = np.empty((rows, cols), np.int8)
-    m = np.empty((rows, cols // group), np.uint16)
+    q, m = out if out is not None else (np.empty((rows, cols), np.int8),
+                                        np.empty((rows, cols // group), np.uint16))
     _search(w, scale, group, float(qm), float((1 << nx.M_BITS) - 1), 2.0 ** shift, 2.0 ** -shift,
             RATIOS, np.array(tol or (TERM_TOL, SUM_TOL, TIE_TOL), np.float64), q, m)
     return nx.QTensor(q, m, np.asarray(shift, dtype=np.int32), bits, group)
@@ -295,8 +296,8 @@ def _bf16_bits_to_f32(a, out):
         out[i] = np.uint32(a[i]) << 16
 
 
-def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+def bf16_to_f32(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """bfloat16 bits (uint16, any shape) -> float32 (exact: bf16 is float32's top half)."""
-    out = np.empty(a.shape, np.uint32)
-    _bf16_bits_to_f32(a.reshape(-1), out.reshape(-1))
-    return out.view(np.float32)
+    out = np.empty(a.shape, np.float32) if out is None else out
+    _bf16_bits_to_f32(np.ascontiguousarray(a).reshape(-1), out.reshape(-1).view(np.uint32))
+    return out

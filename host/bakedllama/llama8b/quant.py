@@ -27,6 +27,7 @@ import hashlib
 import json
 import mmap
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -286,12 +287,15 @@ class _Writer:
         self.h.update(b)
         self.off += len(b)
 
-    def close(self) -> dict:
+    def close(self, sync: bool = True) -> dict:
+        """Pad, close, and (sync) fsync; a build syncs all its files at its end instead (the
+        kernel writes them back meanwhile, so no wait per file)."""
         pad = (-self.off) % ALIGN
         if pad:
             self._write(b"\0" * pad)
         self.f.flush()
-        os.fsync(self.f.fileno())
+        if sync:
+            os.fsync(self.f.fileno())
         self.f.close()
         return dict(sha256=self.h.hexdigest(), size=self.off, entries=self.entries)
 
@@ -385,19 +389,59 @@ def _remove_stale(out: Path) -> None:
             pass
 
 
+class _Pool:
+    """Named buffers reused from tensor to tensor: a fresh 0.5 GB array costs ~0.3 s of page
+    faults, a reused one nothing. take() hands out a view; the slot's previous view is dead."""
+
+    def __init__(self):
+        self.bufs = {}
+
+    def take(self, slot: str, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        buf = self.bufs.get(slot)
+        if buf is None or buf.size < n:
+            buf = self.bufs[slot] = np.empty(n, np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+
+class _MatrixT:
+    """w.T for float_layer's `x @ w.T`, computed as numpy computes it (the product in the
+    promoted type: x float64 casts w to float64) but with the cast into a reused buffer (numpy's
+    own cast allocates a fresh 0.5 GB per FFN matrix). The same BLAS call on the same values."""
+
+    __array_ufunc__ = None  # numpy hands `x @ self` to __rmatmul__
+
+    def __init__(self, w: np.ndarray, pool: _Pool):
+        self.w, self.pool = w, pool
+
+    def __rmatmul__(self, x):
+        if np.result_type(x, self.w) == np.float64 and self.w.dtype != np.float64:
+            w64 = self.pool.take("f64", self.w.shape, np.float64)
+            np.copyto(w64, self.w)
+            return x @ w64.T
+        return x @ self.w.T
+
+
+class _Matrix:
+    def __init__(self, w: np.ndarray, pool: _Pool):
+        self.T = _MatrixT(w, pool)
+
+
 class _LayerWeights:
     """One layer's float tensors for float_layer, read from the checkpoint when float_layer asks
-    (each once), and quantized on the way (`hook`): one matrix in float at a time."""
+    (each once, into one reused buffer), and quantized on the way (`hook`): one matrix in float
+    at a time."""
 
-    def __init__(self, ck: Checkpoint, l: int, norms: dict, hook):
-        self.ck, self.l, self.norms, self.hook = ck, l, norms, hook
+    def __init__(self, ck: Checkpoint, l: int, norms: dict, hook, pool: _Pool):
+        self.ck, self.l, self.norms, self.hook, self.pool = ck, l, norms, hook, pool
 
-    def __getitem__(self, n: str) -> np.ndarray:
+    def __getitem__(self, n: str):
         if n in self.norms:
             return self.norms[n]
-        f = self.ck.tensor(n, self.l)
+        f = self.ck.tensor(n, self.l, out=self.pool.take("f32", tensor_shape(self.ck.cfg, n),
+                                                             np.float32))
         self.hook(n, f)
-        return f
+        return _Matrix(f, self.pool)
 
 
 def _scales_and_shift(get_rows, rows: int, bits: int, group: int, chunk: int):
@@ -406,6 +450,20 @@ def _scales_and_shift(get_rows, rows: int, bits: int, group: int, chunk: int):
     scales = [fq.group_scales(get_rows(r0, min(rows, r0 + chunk)), group, qm)
               for r0 in range(0, rows, chunk)]
     return scales, fq.shift_for(max(float(sc.max()) for sc in scales))
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _build_resources(c0: float) -> dict:
+    """What the build cost (the figures make bench reports): CPU seconds of all threads, the
+    process's peak resident memory so far, and the threads the kernels ran on."""
+    import numba
+
+    return dict(cpu_seconds=round(_cpu_seconds() - c0, 1), threads=numba.get_num_threads(),
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _first_rows_error(first: list, shift: int, bits: int, group: int, get_rows) -> float:
@@ -420,6 +478,7 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
     quantized (fastquant: numerics.quantize_matrix's bytes), packed, written and dropped."""
     from tqdm import tqdm
 
+    c0 = _cpu_seconds()
     cfg, sb = ck.cfg, pack_policy(store)
     files, tensors, errors, stats, wfmt = {}, {}, {}, {}, {}
     V, D, L = cfg.vocab_size, cfg.dim, cfg.n_layers
@@ -433,25 +492,33 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
     bar = tqdm(total=total, desc=f"quantize {scheme}", unit="w", unit_scale=True,
                disable=not show_progress, smoothing=0.05)
     chunk = CHUNK_ROWS
+    pool = _Pool()
+
+    def rows_of(name):  # (a, b) -> rows a:b of a big matrix, in a reused buffer
+        return lambda a, b: ck.tensor(name, rows=slice(a, b), out=pool.take("f32", (b - a, D),
+                                                                              np.float32))
+
+    def qm_buffers(shape, group):  # q, m of a quantize_matrix, reused
+        return pool.take("q", shape, np.int8), pool.take("m", (shape[0], shape[1] // group), np.uint16)
 
     # embedding: a plain QTensor (row lookups), in row chunks: scales and shift, then quantized
     bits, group = wfmt["tok_embeddings"]["bits"], wfmt["tok_embeddings"]["group"]
-    emb = lambda a, b: ck.tensor("tok_embeddings", rows=slice(a, b))  # noqa: E731
+    emb = rows_of("tok_embeddings")
     scales, shift = _scales_and_shift(emb, V, bits, group, chunk)
     wr = _Writer(out / "embed.bin")
     wr.begin("tok_embeddings.q", np.int8, (V, D))
     ms, first = [], []
     for i, r0 in enumerate(range(0, V, chunk)):
         w = emb(r0, min(V, r0 + chunk))
-        qt = fq.quantize_matrix(w, bits, group, shift, scales[i])
+        qt = fq.quantize_matrix(w, bits, group, shift, scales[i], out=qm_buffers(w.shape, group))
         if r0 < ERROR_ROWS:
             first.append((qt.q[:ERROR_ROWS - r0].copy(), qt.m[:ERROR_ROWS - r0].copy()))
         wr.write(qt.q)
-        ms.append(qt.m)
+        ms.append(qt.m.copy())
         bar.update(w.size)
     wr.add("tok_embeddings.m", np.concatenate(ms))
     errors["tok_embeddings"] = _first_rows_error(first, shift, bits, group, emb)
-    files["embed.bin"] = wr.close()
+    files["embed.bin"] = wr.close(sync=False)
     tensors["tok_embeddings"] = dict(shift=int(shift), bits=bits, group=group)
     del ms, scales
     x = np.asarray(ck.tensor("tok_embeddings", rows=slice(0, V)) if V * D < 1 << 26 else
@@ -473,7 +540,7 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
 
         def hook(n, f, l=l, wr=wr, pending=pending, order=order):
             fb, fgr = wfmt[n]["bits"], wfmt[n]["group"]
-            qt = fq.quantize_matrix(f, fb, fgr)
+            qt = fq.quantize_matrix(f, fb, fgr, out=qm_buffers(f.shape, fgr))
             pending[n] = (fq.pack(qt.q, qt.m, int(qt.shift), fb, fgr, sb(fb)),
                           rel_rms_error(qt, f) if l == 0 else None)
             bar.update(f.size)
@@ -484,21 +551,21 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
                     errors[k] = err
                 tensors[f"{k}.{l}"] = _add_packed(wr, f"{k}.{l}", p)
 
-        x = float_layer(cfg, _LayerWeights(ck, l, norms, hook), x, cos, sin, l, stats)
+        x = float_layer(cfg, _LayerWeights(ck, l, norms, hook, pool), x, cos, sin, l, stats)
         assert not order and not pending, (order, list(pending))
-        files[name] = wr.close()
+        files[name] = wr.close(sync=False)
 
     wr = _Writer(out / "head.bin")
     gq, f_g_final = nx.norm_weight_q(ck.tensor("rms_final_weight"))
     wr.add("rms_final_weight", gq)
     src = "tok_embeddings" if cfg.tied_embeddings else "wcls"
     bits, group = wfmt["wcls"]["bits"], wfmt["wcls"]["group"]
-    cls = lambda a, b: ck.tensor(src, rows=slice(a, b))  # noqa: E731
+    cls = rows_of(src)
     scales, shift = _scales_and_shift(cls, V, bits, group, chunk)
     later, first = [], []  # planes after the first and the multipliers, written after plane 0
     for i, r0 in enumerate(range(0, V, chunk)):
         w = cls(r0, min(V, r0 + chunk))
-        qt = fq.quantize_matrix(w, bits, group, shift, scales[i])
+        qt = fq.quantize_matrix(w, bits, group, shift, scales[i], out=qm_buffers(w.shape, group))
         if r0 < ERROR_ROWS:
             first.append((qt.q[:ERROR_ROWS - r0].copy(), qt.m[:ERROR_ROWS - r0].copy()))
         p = fq.pack(qt.q, qt.m, shift, bits, group, sb(bits))
@@ -516,7 +583,7 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
     tensors["wcls"] = dict(shift=int(shift), bits=bits, group=group, rows=V, cols=D,
                            store_bits=sb(bits), planes=len(later))
     del later
-    files["head.bin"] = wr.close()
+    files["head.bin"] = wr.close(sync=False)
     bar.close()
     fmt = dict(
         f_x=frac_for(stats["x"], nx.INT16_MAX), f_qk=frac_for(stats["qk"], nx.INT16_MAX),
@@ -535,7 +602,13 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
                     calibration=dict(text=CALIB_TEXT, tokens=toks, method="float path, streamed "
                                      "layer by layer; bake.py's frac_for/HEADROOM rules"),
                     build_seconds=round(time.perf_counter() - t0, 1),
-                    numerics_identity=_numerics_identity())
+                    numerics_identity=_numerics_identity(), build=_build_resources(c0))
+    for f in files:
+        fd = os.open(out / f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
