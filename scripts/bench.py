@@ -417,6 +417,149 @@ def bench_ray(tokens: int = 32, actors: int = 2, rounds: int = 3) -> None:
               f"{not cluster.tagged_processes(cl.tag)})")
 
 
+def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max_tokens: int = 16,
+                   cache_dir: str | Path | None = None, prompt: str = "It was") -> None:
+    """llama.cpp (llama-cpp-python, the optional `bench` extra) side by side with run8b on the SAME
+    synthetic weights: decode tokens/s of llama.cpp Q8_0 / Q4_0 and of run8b w8 / w4 --resident
+    (HC1 partitions), for 1 and 2 threads, the two engines alternating over `rounds` rounds, each
+    run its own process (one engine in memory at a time); min / median per engine and the ratio.
+    Also llama.cpp's convert + quantize leg (gguf_export: the GGUF written and quantized by
+    gguf.quants, and a BF16 GGUF quantized by llama_model_quantize) next to run8b's cache build.
+
+    The model: synthetic:llama3.1-8b when its w8 and w4 caches are already built (never built
+    here: ~35 min and ~20 GB each), otherwise the same architecture at Llama 3.2 1B's widths
+    (dim 2048, 16 layers, GQA 32/8, ffn 8192, vocab 128256, untied; its caches are built here)."""
+    import importlib.util
+    import json
+    import os
+    import statistics
+    import subprocess
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: not installed (pip install '.[bench]')")
+        return
+    from bakedllama.llama8b import arch, checkpoint
+
+    cache_dir = Path(cache_dir or checkpoint.CACHE_DIR)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO / "host"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    schemes = (("8", "w8", "q8_0"), ("4", "w4", "q4_0"))
+
+    def caches(name):  # built quantized caches of the synthetic `name`, by scheme (newest first)
+        d = checkpoint.synthetic_dir(name, cache_dir).name
+        out = {}
+        for _, scheme, _ in schemes:
+            found = sorted(cache_dir.glob(f"q-{d}-{scheme}-fast-*/manifest.json"),
+                           key=lambda p: -p.stat().st_mtime)
+            if found:
+                out[scheme] = found[0].parent
+        return out
+
+    def child(argv, what):  # one engine in its own process: the JSON it prints
+        r = subprocess.run([sys.executable, "-m", *argv], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{what} failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    if spec is None:
+        d8 = checkpoint.synthetic_dir("llama3.1-8b", cache_dir)
+        have = caches("llama3.1-8b")
+        spec = "llama3.1-8b" if (d8 / "SYNTHETIC-COMPLETE").exists() and len(have) == 2 else "llama3-1b-bench"
+    ck_dir = checkpoint.synthetic_dir(spec, cache_dir)
+    if not (ck_dir / "SYNTHETIC-COMPLETE").exists():
+        if spec == "llama3.1-8b":
+            print("llama.cpp: synthetic:llama3.1-8b is not written; skipped")
+            return
+        # not one of arch.SPECS (which the tests and run8b --checkpoint synthetic:NAME list): the
+        # bench registers its shape only while writing the directory, then runs it as a directory
+        arch.SPECS[spec] = dict(arch.LLAMA31_8B, hidden_size=2048, num_hidden_layers=16,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                intermediate_size=8192)
+        try:
+            checkpoint.write_synthetic(ck_dir, spec)
+        finally:
+            del arch.SPECS[spec]
+    have = caches(spec)
+    if spec == "llama3.1-8b" and len(have) < 2:
+        print("llama.cpp: synthetic:llama3.1-8b has no w8 + w4 caches (run8b builds them); skipped")
+        return
+    run8b = ["bakedllama.llama8b.cli", prompt, "--checkpoint", str(ck_dir), "--cache-dir",
+             str(cache_dir), "--context", "256", "--resident", "--no-verify"]
+    for bits, scheme, _ in schemes:  # build a missing cache (the 1B shape only) with its progress
+        if scheme not in have:
+            print(f"llama.cpp bench: building run8b's {scheme} cache of {ck_dir.name}", flush=True)
+            subprocess.run([sys.executable, "-m", *run8b, "--bits", bits, "--max-tokens", "1"], env=env,
+                           check=True, stdout=subprocess.DEVNULL)
+    have = caches(spec)
+
+    # llama.cpp's leg: the GGUFs (written once, timings kept next to them)
+    gdir = REPO / "build" / "bench" / "llamacpp"
+    gdir.mkdir(parents=True, exist_ok=True)
+    exporter = ["bakedllama.llama8b.gguf_export"]
+    gguf = {qt: gdir / f"{ck_dir.name}-{qt}.gguf" for _, _, qt in schemes}
+    missing = [qt for qt, g in gguf.items() if not (g.exists() and g.with_suffix(".json").exists())]
+    if missing:
+        print(f"llama.cpp bench: writing the GGUFs of {ck_dir.name} ({', '.join(missing)}; and BF16 "
+              "for llama_model_quantize, deleted after)", flush=True)
+        src = gdir / f"{ck_dir.name}-bf16.gguf"
+        try:
+            bf16 = child(exporter + ["write", str(ck_dir), str(src), "--type", "bf16"], "GGUF bf16 write")
+            for qt in missing:
+                res = child(exporter + ["write", str(ck_dir), str(gguf[qt]), "--type", qt], f"GGUF {qt} write")
+                res["bf16"] = bf16
+                res["llama_model_quantize"] = child(
+                    exporter + ["quantize", str(src), str(gdir / f".lq-{qt}.gguf"), "--type", qt],
+                    "llama_model_quantize")
+                gguf[qt].with_suffix(".json").write_text(json.dumps(res))
+        finally:
+            for p in [src] + [gdir / f".lq-{qt}.gguf" for qt in missing]:
+                p.unlink(missing_ok=True)
+    legs = {qt: json.loads(g.with_suffix(".json").read_text()) for qt, g in gguf.items()}
+    built = {s: json.loads((have[s] / "manifest.json").read_text()).get("build_seconds") for s in have}
+    print(f"llama.cpp vs run8b on synthetic {spec} ({ck_dir.name}; the same bf16 weights):")
+    for _, scheme, qt in schemes:
+        lg = legs[qt]
+        lq = lg["llama_model_quantize"]
+        print(f"  quantizing to {qt.upper()} (wall s, CPU s in brackets): GGUF written by gguf.quants "
+              f"{lg['seconds']} [{lg['cpu_seconds']}] ({lg['bytes'] / 1e9:.2f} GB, {lg['threads']} "
+              f"threads); or BF16 GGUF {lg['bf16']['seconds']} [{lg['bf16']['cpu_seconds']}] + "
+              f"llama_model_quantize {lq['seconds']} [{lq['cpu_seconds']}] ({lq['threads']} threads) | "
+              f"run8b {scheme} cache build {built.get(scheme)} s")
+
+    # decode, alternating the engines (the order flips every round)
+    tps = {}
+    ids = None
+    for bits, scheme, qt in schemes:
+        for r in range(rounds):
+            for th in threads:
+                order = ("run8b", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "run8b")
+                for eng in order:
+                    if eng == "run8b":
+                        res = child(run8b + ["--bits", bits, "--threads", str(th), "--json",
+                                             "--max-tokens", str(max_tokens), "--quantized",
+                                             str(have[scheme])], f"run8b --bits {bits}")
+                        ids = res["prompt_ids"]
+                        steps = res["seconds_per_token"]
+                    else:
+                        res = child(exporter + ["decode", str(gguf[qt]), "--ids",
+                                                ",".join(map(str, ids)), "--max-tokens", str(max_tokens),
+                                                "--threads", str(th), "--context", "256"], "llama.cpp decode")
+                        steps = statistics.fmean(res["decode_seconds"])
+                    tps.setdefault((qt, th, eng), []).append(1 / steps)
+                print(f"  round {r + 1}/{rounds} {qt}/{scheme} {th} thread(s): llama.cpp "
+                      f"{tps[qt, th, 'llama.cpp'][-1]:.2f}, run8b {tps[qt, th, 'run8b'][-1]:.2f} tok/s",
+                      flush=True)
+    print(f"  decode tokens/s, {rounds} rounds alternating, {max_tokens - 1} decode steps each "
+          f"(min / median); prompt {len(ids)} tokens:")
+    print("  threads  llama.cpp                 run8b --resident          run8b / llama.cpp (medians)")
+    for _, scheme, qt in schemes:
+        for th in threads:
+            a, b = tps[qt, th, "llama.cpp"], tps[qt, th, "run8b"]
+            print(f"  {th:7d}  {qt.upper()} {min(a):8.2f} / {statistics.median(a):8.2f}   "
+                  f"{scheme} {min(b):8.2f} / {statistics.median(b):8.2f}     "
+                  f"{statistics.median(b) / statistics.median(a):.2f}")
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -436,6 +579,7 @@ def main() -> None:
     gw_bench.main([])
     bench_serve()
     bench_ray()
+    bench_llamacpp()
 
 
 if __name__ == "__main__":

@@ -132,3 +132,20 @@ def test_cli_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_llama_cpp_reads_the_same_model(tiny_ck, written):
+    """Only where llama.cpp is installed (the optional bench extra): llama.cpp's logits on the F32
+    export are the project's float reference (quant.float_forward) over 16 positions, which checks
+    the layout (wq / wk pairs, GQA), rope_freqs and the norms as llama.cpp interprets them."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from bakedllama.llama8b import quant
+
+    ids = [384, 73, 116, 32, 119, 97, 115, 478, 480, 208, 158, 231, 453, 50, 28, 102]
+    ref = np.asarray(quant.float_forward(tiny_ck, ids)).reshape(len(ids), -1)
+    llm = llama_cpp.Llama(model_path=written["f32"]["path"], n_ctx=64, n_threads=1, verbose=False,
+                          logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)])
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+    assert np.array_equal(got.argmax(1), ref.argmax(1))

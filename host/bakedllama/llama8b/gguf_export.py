@@ -328,26 +328,30 @@ def llamacpp_decode(path: str | Path, prompt_ids: list[int], max_tokens: int, th
                     context: int = 256) -> dict:
     """Greedy generation on llama.cpp from token ids (the prompt in one batch, then one
     llama_decode per token): tokens and the seconds of every decode step."""
-    from llama_cpp import Llama
+    import llama_cpp
 
     t = time.perf_counter()
-    llm = Llama(model_path=str(path), n_ctx=context, n_batch=min(512, context), n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=min(512, context),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     t_load = time.perf_counter() - t
     t = time.perf_counter()
     llm.eval(prompt_ids)
     prefill = time.perf_counter() - t
     toks, steps = [], []
     for _ in range(max_tokens):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # the last position's logits (Llama.scores is only filled with logits_all)
+        lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        tok = int(np.argmax(lg))
         toks.append(tok)
         if len(toks) == max_tokens:
             break
         t = time.perf_counter()
         llm.eval([tok])
         steps.append(time.perf_counter() - t)
+    import resource
+
     return dict(tokens=toks, decode_seconds=steps, prefill_seconds=prefill, load_seconds=t_load,
-                threads=threads)
+                threads=threads, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def main(argv=None) -> int:
