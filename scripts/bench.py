@@ -93,10 +93,11 @@ def bench_simd(threads=(1, 2), prompt: int = 64) -> None:
                 bw = bandwidth.measure(p.nbytes(), th).bytes_per_s  # (restores the thread count)
                 numba.set_num_threads(th)
                 tn = min(_timed(lambda p=p: matvec_numba(p, a1, 0, rows)) for _ in range(3))
-                td = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, a1[None], 0, rows, th, k)) for _ in range(3))
-                      for k in ks]
-                tp = [min(_timed(lambda p=p, k=k, th=th: simd.matmat(p, ap, 0, rows, th, k)) for _ in range(2)) / prompt
-                      for k in ks]
+                def mm(p, a, k, th=th):
+                    return lambda: simd.matmat(p, a, 0, rows, th, k)
+
+                td = [min(_timed(mm(p, a1[None], k)) for _ in range(3)) for k in ks]
+                tp = [min(_timed(mm(p, ap, k)) for _ in range(2)) / prompt for k in ks]
                 tdef = min(_timed(lambda p=p: matvec_packed(p, a1)) for _ in range(3))
                 bound = p.nbytes() / bw
                 print(f"  {th:7d}  {bits:4d}  {bound * 1e3:5.2f}  {tn * 1e3:12.2f}  "
