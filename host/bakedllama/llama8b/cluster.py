@@ -23,8 +23,11 @@ Every node needs the project installed (same version) and the quantized cache at
 (a shared filesystem or the same copy: the actor checks the manifest's sha256 against the
 driver's). A running cluster's authentication is the user's: with Ray's token auth (`ray start`
 in Ray 2.60) the driver needs RAY_AUTH_MODE=token and the cluster's token in its environment
-(tried here against `ray start --head` on 127.0.0.1: exact, compiled and tasks). Processes of a local cluster carry a tag in their environment; `Cluster.close` ends
-Ray and then any tagged process still alive, so nothing is left running."""
+(tried here against `ray start --head` on 127.0.0.1: exact, compiled and tasks).
+
+Processes of a local cluster carry a tag in their environment; `Cluster.close` ends Ray and then
+any tagged process still alive, so nothing is left running; the next local cluster also ends
+those of a driver that was killed before it could close (sweep_orphans)."""
 
 from __future__ import annotations
 
