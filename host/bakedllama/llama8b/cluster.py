@@ -21,8 +21,13 @@ and logits of the in-process one, bit for bit (tests/test_llama8b_ray.py).
 
 Every node needs the project installed (same version) and the quantized cache at the same path
 (a shared filesystem or the same copy: the actor checks the manifest's sha256 against the
-driver's). Processes of a local cluster carry a tag in their environment; `Cluster.close` ends
-Ray and then any tagged process still alive, so nothing is left running."""
+driver's). A running cluster's authentication is the user's: with Ray's token auth (`ray start`
+in Ray 2.60) the driver needs RAY_AUTH_MODE=token and the cluster's token in its environment
+(tried here against `ray start --head` on 127.0.0.1: exact, compiled and tasks).
+
+Processes of a local cluster carry a tag in their environment; `Cluster.close` ends Ray and then
+any tagged process still alive, so nothing is left running; the next local cluster also ends
+those of a driver that was killed before it could close (sweep_orphans)."""
 
 from __future__ import annotations
 
@@ -76,6 +81,20 @@ def _loopback_only() -> None:
     import ray._private.ray_constants as rc  # read when Ray picks the node address
 
     rc.ENABLE_RAY_CLUSTER = False
+
+
+def _find_running() -> str:
+    """ray://auto: RAY_ADDRESS, or the cluster `ray start` left on this machine (Ray's lookup)."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        found = get_ray_address_from_environment("auto", None)
+    except Exception:  # none found (Ray raises ConnectionError), or Ray moved the helper
+        found = None
+    if not found or found == "auto" or ":" not in found:
+        raise ClusterError("ray://auto: no running Ray cluster found on this machine (`ray start "
+                           "--head`, or give ray://HOST:PORT)")
+    return found
 
 
 def _tags() -> dict[int, str]:
@@ -140,7 +159,9 @@ class Cluster:
         except ImportError:
             raise ClusterError("--cluster needs Ray: pip install 'bakedllama[cluster]'") from None
         self.ray = ray
-        if self.address not in ("local", "auto"):
+        if self.address == "auto":  # resolved here: the checks below then apply to it
+            self.address = _find_running()
+        if self.address != "local":
             host, _, port = self.address.rpartition(":")
             try:
                 socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
@@ -151,6 +172,8 @@ class Cluster:
             return
         kw = dict(include_dashboard=False, log_to_driver=False, logging_level="warning",
                   configure_logging=True)
+        if self.address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+            _loopback_only()  # a head on this machine's loopback: Ray stays on it too
         if self.address == "local":
             _loopback_only()
             self.orphans_ended = sweep_orphans()
