@@ -157,16 +157,23 @@ def _search(w, scale, group, qm, mmax, up, down, ratios, tol, q_out, m_out):
         lo = np.empty(nr, np.float64)
         for j in range(ng):
             c0 = j * group
+            amax = 0.0
             for i in range(group):
                 a[i] = abs(np.float64(w[r, c0 + i]))
-            # the distinct m of the ratios (m never decreases with the ratio; an equal m has an
-            # equal error and never replaces the earlier one), each error within +-B of the spec's
+                amax = max(amax, a[i])
+            # the distinct m of the ratios, largest ratio first (m never decreases with the
+            # ratio; an equal m has an equal error and never replaces the earlier one), each
+            # error within +-B of the spec's. Below a ratio whose largest element alone errs more
+            # than a candidate's whole error can, no ratio can win (their steps only shrink).
             nc, best_hi = 0, np.inf
-            for k in range(nr):
-                m = min(max(np.rint(scale[r, j] * ratios[k] * up), 1.0), mmax)
+            for kk in range(nr):
+                m = min(max(np.rint(scale[r, j] * ratios[nr - 1 - kk] * up), 1.0), mmax)
                 if nc and m == ms[nc - 1]:
                     continue
                 s = m * down
+                d = amax - qm * s  # (q s <= qm s: that element's |q s - w| >= d)
+                if d > 0.0 and d * d * (1.0 - (group + 3) * 2.0 ** -52) > best_hi:
+                    break
                 A = _err_approx(a, s, qm)
                 B = group * (s * s * term_tol + A * sum_tol)
                 ms[nc], lo[nc] = m, A - B
@@ -177,9 +184,9 @@ def _search(w, scale, group, qm, mmax, up, down, ratios, tol, q_out, m_out):
                 if lo[k] <= best_hi:
                     n_in += 1
                     best_m = ms[k]
-            if n_in > 1:  # too close to call on the bounds: the spec's own arithmetic decides
-                best_err = np.inf
-                for k in range(nc):
+            if n_in > 1:  # too close to call on the bounds: the spec's own arithmetic decides,
+                best_err = np.inf  # in the spec's order (smallest ratio first)
+                for k in range(nc - 1, -1, -1):
                     if lo[k] <= best_hi:
                         err = _err_exact(a, ms[k] * down, qm, e)
                         if err < best_err:

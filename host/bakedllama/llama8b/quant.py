@@ -349,7 +349,6 @@ def _numerics_identity() -> str:
     src = [inspect.getsource(f) for f in (nx.quantize_matrix, nx.norm_weight_q, nx.rms_eps_int,
                                           nx.qmax, bake.frac_for, bake.scheme_format)]
     src += [repr((nx.M_BITS, nx.ACT_MAX, nx.INT16_MAX, bake.HEADROOM, bake.SCHEMES))]
-    src.append(inspect.getsource(fq))  # the compiled equivalent that writes the bytes
     return hashlib.sha256("\n".join(src).encode()).hexdigest()[:16]
 
 
@@ -405,7 +404,7 @@ def build_cache(ck: Checkpoint, scheme: str, store: str = "fast", cache_dir=CACH
 
 def _remove_stale(out: Path) -> None:
     """Temporary directories of builds whose process is gone (killed without clean-up)."""
-    for d in out.parent.glob(f".{out.name}.tmp-*"):
+    for d in out.parent.glob(".q-*.tmp-*"):
         try:
             os.kill(int(d.name.rsplit("-", 1)[1]), 0)
         except ProcessLookupError:
