@@ -285,6 +285,22 @@ def test_an_interrupted_build_leaves_no_cache(tiny_ck, tmp_path, monkeypatch):
     quant.open_cache(path)
 
 
+def test_a_failed_write_leaves_no_cache(tiny_ck, tmp_path, monkeypatch):
+    calls = []
+    real = quant._Writer._put
+
+    def put(self, b):  # runs on the writer thread: its error must reach the build
+        calls.append(1)
+        if len(calls) == 12:
+            raise OSError(28, "No space left on device")
+        return real(self, b)
+
+    monkeypatch.setattr(quant._Writer, "_put", put)
+    with pytest.raises(OSError, match="No space left"):
+        quant.build_cache(tiny_ck, "w4", cache_dir=tmp_path, show_progress=False)
+    assert _leftovers(tmp_path) == []
+
+
 def test_a_killed_builds_temporary_directory_is_removed(tiny_ck, tmp_path):
     out = quant.cache_path(tiny_ck, "w4", "fast", tmp_path)
     dead = tmp_path / f".{out.name}.tmp-999999999"  # no such process

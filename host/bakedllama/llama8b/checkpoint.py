@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -166,7 +167,7 @@ class HFCheckpoint(Checkpoint):
             for k in h.keys():
                 self._where[k] = f.name
         self._hdr = {f.name: _safetensors_header(f) for f in files}  # for plain reads
-        self._buffers = {}
+        self._local = threading.local()  # per thread: reused read buffers
         self._check_shapes(self._shape)
 
     def _shape(self, name, layer):
@@ -200,11 +201,12 @@ class HFCheckpoint(Checkpoint):
         return tuple(self._hdr[self._where[k]][0][k]["shape"])
 
     def _scratch(self, slot: str, shape, dtype) -> np.ndarray:
-        """A reused buffer of this checkpoint (grown when too small)."""
+        """A reused buffer of this checkpoint and thread (grown when too small)."""
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        buf = self._buffers.get(slot)
+        bufs = self._local.__dict__.setdefault("buffers", {})
+        buf = bufs.get(slot)
         if buf is None or buf.size < n:
-            buf = self._buffers[slot] = np.empty(n, np.uint8)
+            buf = bufs[slot] = np.empty(n, np.uint8)
         return buf[:n].view(dtype).reshape(shape)
 
     def _read(self, k: str, rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:

@@ -7,20 +7,24 @@ the 26 clipping ratios over float64 temporaries of the whole matrix (~35 minutes
 Llama 3.1 8B); here each group is searched in registers, one row per thread.
 
 Why it is the same, step by step (the spec's expression, then what is done here):
-  scale = max|g| / qmax                 the same float64 max and division;
+  scale = max|g| / qmax                 the same max and the same float64 division;
   shift from max(scale)                 the same Python expression (`shift_for`);
   m = clip(round(scale r 2^shift))      the same float64 products and round-half-even (rint);
-  err = sum((clip(round(g / s)) s - g)^2)
-      q = round(g / s): computed as rint(g * fl(1/s)); the product differs from fl(g / s) by a
-          few ulps at most (|rel| < 2^-50), so the rounded integer is the same unless g / s lies
-          within that distance of a half-integer; every such element is flagged, and a group
-          with a flagged element is recomputed with the true division;
-      (q s - g)^2 in float64, never fused (numba without fastmath: no FMA contraction);
-      the sum: numpy's pairwise summation (`_pairwise`, numpy's loops_utils pairwise_sum:
-          8 accumulators, blocks of 128, halves rounded to multiples of 8), the same tree;
+  err = sum((clip(round(g / s)) s - g)^2): where it decides, computed as the spec computes it
+      (true division; (q s - g)^2 unfused: numba without fastmath does not contract; numpy's
+      pairwise summation, 8 accumulators, blocks of 128, halves rounded to multiples of 8,
+      reproduced by `_pairwise`); elsewhere only bounded (below);
   best: the first ratio, replaced only where err is strictly smaller (np.where(err < best));
-      a ratio whose m equals the previous ratio's gives the same err and is skipped;
-  q = clip(round(g / s_best)) with the true division.
+      a ratio whose m equals the previous ratio's gives the same err and is skipped. Each err
+      is first computed approximately (any order of additions, q by the reciprocal) with a
+      bound B on its distance to the spec's value; the winner is decided on those bounds, and
+      only when two candidates' bounds overlap does the spec's own arithmetic (true division,
+      unfused, pairwise) decide between them, smallest ratio first. Ratios are visited from the
+      largest down; once the largest element's own clipping error (max|g| - qmax s)^2 exceeds a
+      visited candidate's upper bound, this ratio and every smaller one (smaller s) lose;
+  q = clip(round(g / s_best)): as rint(g * fl(1/s)), within a few ulps of fl(g / s) (< 2^-50
+      relative): the same integer unless g / s lies that near a half-integer; a group holding
+      such an element is redone with the true division.
 The float inputs may be float32 (a checkpoint's bf16 / f16 / f32 read as float32): each element is
 widened to float64 exactly, as np.asarray(w, float64) does."""
 
@@ -157,16 +161,23 @@ def _search(w, scale, group, qm, mmax, up, down, ratios, tol, q_out, m_out):
         lo = np.empty(nr, np.float64)
         for j in range(ng):
             c0 = j * group
+            amax = 0.0
             for i in range(group):
                 a[i] = abs(np.float64(w[r, c0 + i]))
-            # the distinct m of the ratios (m never decreases with the ratio; an equal m has an
-            # equal error and never replaces the earlier one), each error within +-B of the spec's
+                amax = max(amax, a[i])
+            # the distinct m of the ratios, largest ratio first (m never decreases with the
+            # ratio; an equal m has an equal error and never replaces the earlier one), each
+            # error within +-B of the spec's. Below a ratio whose largest element alone errs more
+            # than a candidate's whole error can, no ratio can win (their steps only shrink).
             nc, best_hi = 0, np.inf
-            for k in range(nr):
-                m = min(max(np.rint(scale[r, j] * ratios[k] * up), 1.0), mmax)
+            for kk in range(nr):
+                m = min(max(np.rint(scale[r, j] * ratios[nr - 1 - kk] * up), 1.0), mmax)
                 if nc and m == ms[nc - 1]:
                     continue
                 s = m * down
+                d = amax - qm * s  # (q s <= qm s: that element's |q s - w| >= d)
+                if d > 0.0 and d * d * (1.0 - (group + 3) * 2.0 ** -52) > best_hi:
+                    break
                 A = _err_approx(a, s, qm)
                 B = group * (s * s * term_tol + A * sum_tol)
                 ms[nc], lo[nc] = m, A - B
@@ -177,9 +188,9 @@ def _search(w, scale, group, qm, mmax, up, down, ratios, tol, q_out, m_out):
                 if lo[k] <= best_hi:
                     n_in += 1
                     best_m = ms[k]
-            if n_in > 1:  # too close to call on the bounds: the spec's own arithmetic decides
-                best_err = np.inf
-                for k in range(nc):
+            if n_in > 1:  # too close to call on the bounds: the spec's own arithmetic decides,
+                best_err = np.inf  # in the spec's order (smallest ratio first)
+                for k in range(nc - 1, -1, -1):
                     if lo[k] <= best_hi:
                         err = _err_exact(a, ms[k] * down, qm, e)
                         if err < best_err:

@@ -258,10 +258,15 @@ def from_baked(b: BakedModel, store: str = "fast", special: Special | None = Non
 
 # ----------------------------------------------------------------------------- the on-disk cache
 class _Writer:
-    """Appends 4096-aligned arrays to one file, hashing as it goes."""
+    """Appends 4096-aligned arrays to one file, hashing as it goes. With `io` (a one-thread
+    executor) the writing and hashing run there, in order, while the caller computes on; the
+    arrays handed over must not change afterwards, and close() then returns a Future."""
 
-    def __init__(self, path: Path):
+    MAX_QUEUED = 8  # writes waiting at most (each holds its array)
+
+    def __init__(self, path: Path, io=None):
         self.path, self.f, self.h, self.off, self.entries = path, open(path, "wb"), hashlib.sha256(), 0, []
+        self.io, self.jobs = io, []
 
     def add(self, key: str, a: np.ndarray) -> None:
         a = np.ascontiguousarray(a)
@@ -283,21 +288,41 @@ class _Writer:
         self._write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
 
     def _write(self, b) -> None:
+        self.off += len(b)
+        if self.io is None:
+            self._put(b)
+            return
+        while self.jobs and self.jobs[0].done():
+            self.jobs.pop(0).result()  # (raises a failed write's error)
+        if len(self.jobs) >= self.MAX_QUEUED:
+            self.jobs.pop(0).result()
+        self.jobs.append(self.io.submit(self._put, b))
+
+    def _put(self, b) -> None:
         self.f.write(b)
         self.h.update(b)
-        self.off += len(b)
 
-    def close(self, sync: bool = True) -> dict:
+    def close(self, sync: bool = True):
         """Pad, close, and (sync) fsync; a build syncs all its files at its end instead (the
-        kernel writes them back meanwhile, so no wait per file)."""
+        kernel writes them back meanwhile, so no wait per file). -> the file's manifest entry
+        (or a Future of it, with `io`)."""
         pad = (-self.off) % ALIGN
         if pad:
             self._write(b"\0" * pad)
-        self.f.flush()
-        if sync:
-            os.fsync(self.f.fileno())
-        self.f.close()
-        return dict(sha256=self.h.hexdigest(), size=self.off, entries=self.entries)
+        size, entries, jobs = self.off, self.entries, self.jobs
+
+        def finish():
+            for j in jobs:
+                j.result()
+            self.f.flush()
+            if sync:
+                os.fsync(self.f.fileno())
+            self.f.close()
+            return dict(sha256=self.h.hexdigest(), size=size, entries=entries)
+
+        if self.io is None:
+            return finish()
+        return self.io.submit(finish)
 
 
 def _add_packed(wr: _Writer, key: str, p: K.Packed) -> dict:
@@ -324,7 +349,6 @@ def _numerics_identity() -> str:
     src = [inspect.getsource(f) for f in (nx.quantize_matrix, nx.norm_weight_q, nx.rms_eps_int,
                                           nx.qmax, bake.frac_for, bake.scheme_format)]
     src += [repr((nx.M_BITS, nx.ACT_MAX, nx.INT16_MAX, bake.HEADROOM, bake.SCHEMES))]
-    src.append(inspect.getsource(fq))  # the compiled equivalent that writes the bytes
     return hashlib.sha256("\n".join(src).encode()).hexdigest()[:16]
 
 
@@ -380,7 +404,7 @@ def build_cache(ck: Checkpoint, scheme: str, store: str = "fast", cache_dir=CACH
 
 def _remove_stale(out: Path) -> None:
     """Temporary directories of builds whose process is gone (killed without clean-up)."""
-    for d in out.parent.glob(f".{out.name}.tmp-*"):
+    for d in out.parent.glob(".q-*.tmp-*"):
         try:
             os.kill(int(d.name.rsplit("-", 1)[1]), 0)
         except ProcessLookupError:
@@ -427,19 +451,47 @@ class _Matrix:
         self.T = _MatrixT(w, pool)
 
 
+class _Ahead:
+    """Reads a known sequence of tensors one ahead, on a thread (`io`), each into one of two
+    buffers used in turn: an array get() returned stays valid until the next-but-one get().
+    A get() off the sequence is read there and then (correct, only not ahead)."""
+
+    def __init__(self, io, seq: list, load):
+        self.io, self.seq, self.load = io, seq, load  # load(key, buffer slot) -> array
+        self.i, self.fut = 0, None
+
+    def _job(self, i: int):
+        return self.load(self.seq[i], f"ahead{i % 2}")
+
+    def get(self, key):
+        fut, self.fut = self.fut, None
+        if self.i < len(self.seq) and self.seq[self.i] == key:
+            a = fut.result() if fut is not None else self._job(self.i)
+        else:
+            if fut is not None:
+                fut.result()
+            a = self.load(key, f"ahead{self.i % 2}")
+        self.i += 1
+        if self.i < len(self.seq):
+            self.fut = self.io.submit(self._job, self.i)
+        return a
+
+
+FLOAT_ORDER = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the order float_layer asks for them
+
+
 class _LayerWeights:
     """One layer's float tensors for float_layer, read from the checkpoint when float_layer asks
-    (each once, into one reused buffer), and quantized on the way (`hook`): one matrix in float
-    at a time."""
+    (each once, read ahead into reused buffers), and quantized on the way (`hook`): one or two
+    matrices in float at a time."""
 
-    def __init__(self, ck: Checkpoint, l: int, norms: dict, hook, pool: _Pool):
-        self.ck, self.l, self.norms, self.hook, self.pool = ck, l, norms, hook, pool
+    def __init__(self, ahead: _Ahead, l: int, norms: dict, hook, pool: _Pool):
+        self.ahead, self.l, self.norms, self.hook, self.pool = ahead, l, norms, hook, pool
 
     def __getitem__(self, n: str):
         if n in self.norms:
             return self.norms[n]
-        f = self.ck.tensor(n, self.l, out=self.pool.take("f32", tensor_shape(self.ck.cfg, n),
-                                                             np.float32))
+        f = self.ahead.get((n, self.l))
         self.hook(n, f)
         return _Matrix(f, self.pool)
 
@@ -474,11 +526,35 @@ def _first_rows_error(first: list, shift: int, bits: int, group: int, get_rows) 
 
 
 def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bool, t0: float):
-    """Write the cache files and (last) manifest.json into `out`: tensor by tensor, each read,
-    quantized (fastquant: numerics.quantize_matrix's bytes), packed, written and dropped."""
-    from tqdm import tqdm
+    """Write the cache files and (last) manifest.json into `out`: tensor by tensor, each read
+    (one ahead, on a thread), quantized (fastquant: numerics.quantize_matrix's bytes), packed,
+    written (on another thread) and dropped."""
+    from concurrent.futures import ThreadPoolExecutor
 
     c0 = _cpu_seconds()
+    rio, wio = (ThreadPoolExecutor(1, thread_name_prefix=f"cache-{k}") for k in ("read", "write"))
+    try:
+        files, manifest = _build_files(ck, scheme, store, out, show_progress, t0, rio, wio)
+        files = {k: v.result() for k, v in files.items()}  # every write done (or its error)
+    finally:
+        for ex in (rio, wio):
+            ex.shutdown(wait=True, cancel_futures=True)
+    manifest["files"] = files
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+    manifest["build"] = _build_resources(c0)
+    for f in files:
+        fd = os.open(out / f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _build_files(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bool, t0: float,
+                 rio, wio):
+    from tqdm import tqdm
+
     cfg, sb = ck.cfg, pack_policy(store)
     files, tensors, errors, stats, wfmt = {}, {}, {}, {}, {}
     V, D, L = cfg.vocab_size, cfg.dim, cfg.n_layers
@@ -491,33 +567,47 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
     total = 2 * V * D + L * sum(int(np.prod(tensor_shape(cfg, n))) for n in MATRICES)
     bar = tqdm(total=total, desc=f"quantize {scheme}", unit="w", unit_scale=True,
                disable=not show_progress, smoothing=0.05)
-    chunk = CHUNK_ROWS
-    pool = _Pool()
+    chunk, pool = CHUNK_ROWS, _Pool()
+    src = "tok_embeddings" if cfg.tied_embeddings else "wcls"
+    chunks = [(r0, min(V, r0 + chunk)) for r0 in range(0, V, chunk)]
+    # every read in order: embedding (scales pass, then quantize pass), layers, classifier
+    seq = [("tok_embeddings", a, b) for a, b in chunks] * 2
+    seq += [(n, l) for l in range(L) for n in FLOAT_ORDER] + [(src, a, b) for a, b in chunks] * 2
 
-    def rows_of(name):  # (a, b) -> rows a:b of a big matrix, in a reused buffer
-        return lambda a, b: ck.tensor(name, rows=slice(a, b), out=pool.take("f32", (b - a, D),
-                                                                              np.float32))
+    def load(key, slot):
+        if len(key) == 3:
+            return ck.tensor(key[0], rows=slice(key[1], key[2]),
+                             out=pool.take(slot, (key[2] - key[1], D), np.float32))
+        return ck.tensor(key[0], key[1], out=pool.take(slot, tensor_shape(cfg, key[0]), np.float32))
+
+    ahead = _Ahead(rio, seq, load)
+
+    def rows_of(name):  # (a, b) -> rows a:b of a big matrix (read ahead)
+        return lambda a, b: ahead.get((name, a, b))
 
     def qm_buffers(shape, group):  # q, m of a quantize_matrix, reused
         return pool.take("q", shape, np.int8), pool.take("m", (shape[0], shape[1] // group), np.uint16)
+
+    def error_rows(name):
+        return lambda a, b: ck.tensor(name, rows=slice(a, b))
 
     # embedding: a plain QTensor (row lookups), in row chunks: scales and shift, then quantized
     bits, group = wfmt["tok_embeddings"]["bits"], wfmt["tok_embeddings"]["group"]
     emb = rows_of("tok_embeddings")
     scales, shift = _scales_and_shift(emb, V, bits, group, chunk)
-    wr = _Writer(out / "embed.bin")
+    wr = _Writer(out / "embed.bin", wio)
     wr.begin("tok_embeddings.q", np.int8, (V, D))
     ms, first = [], []
-    for i, r0 in enumerate(range(0, V, chunk)):
-        w = emb(r0, min(V, r0 + chunk))
-        qt = fq.quantize_matrix(w, bits, group, shift, scales[i], out=qm_buffers(w.shape, group))
+    for i, (r0, r1) in enumerate(chunks):
+        w = emb(r0, r1)
+        qt = fq.quantize_matrix(w, bits, group, shift, scales[i])  # (fresh q: written on a thread)
         if r0 < ERROR_ROWS:
             first.append((qt.q[:ERROR_ROWS - r0].copy(), qt.m[:ERROR_ROWS - r0].copy()))
         wr.write(qt.q)
-        ms.append(qt.m.copy())
+        ms.append(qt.m)
         bar.update(w.size)
     wr.add("tok_embeddings.m", np.concatenate(ms))
-    errors["tok_embeddings"] = _first_rows_error(first, shift, bits, group, emb)
+    errors["tok_embeddings"] = _first_rows_error(first, shift, bits, group, error_rows("tok_embeddings"))
     files["embed.bin"] = wr.close(sync=False)
     tensors["tok_embeddings"] = dict(shift=int(shift), bits=bits, group=group)
     del ms, scales
@@ -530,7 +620,7 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
     gains = {"rms_att_weight": [], "rms_ffn_weight": []}
     for l in range(L):
         name = f"layer-{l:02d}.bin"
-        wr = _Writer(out / name)
+        wr = _Writer(out / name, wio)
         norms = {n: ck.tensor(n, l) for n in gains}
         for n in gains:
             gq, fg = nx.norm_weight_q(norms[n])
@@ -551,20 +641,19 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
                     errors[k] = err
                 tensors[f"{k}.{l}"] = _add_packed(wr, f"{k}.{l}", p)
 
-        x = float_layer(cfg, _LayerWeights(ck, l, norms, hook, pool), x, cos, sin, l, stats)
+        x = float_layer(cfg, _LayerWeights(ahead, l, norms, hook, pool), x, cos, sin, l, stats)
         assert not order and not pending, (order, list(pending))
         files[name] = wr.close(sync=False)
 
-    wr = _Writer(out / "head.bin")
+    wr = _Writer(out / "head.bin", wio)
     gq, f_g_final = nx.norm_weight_q(ck.tensor("rms_final_weight"))
     wr.add("rms_final_weight", gq)
-    src = "tok_embeddings" if cfg.tied_embeddings else "wcls"
     bits, group = wfmt["wcls"]["bits"], wfmt["wcls"]["group"]
     cls = rows_of(src)
     scales, shift = _scales_and_shift(cls, V, bits, group, chunk)
     later, first = [], []  # planes after the first and the multipliers, written after plane 0
-    for i, r0 in enumerate(range(0, V, chunk)):
-        w = cls(r0, min(V, r0 + chunk))
+    for i, (r0, r1) in enumerate(chunks):
+        w = cls(r0, r1)
         qt = fq.quantize_matrix(w, bits, group, shift, scales[i], out=qm_buffers(w.shape, group))
         if r0 < ERROR_ROWS:
             first.append((qt.q[:ERROR_ROWS - r0].copy(), qt.m[:ERROR_ROWS - r0].copy()))
@@ -576,7 +665,7 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
         for lst, a in zip(later, p.planes[1:] + [p.m]):
             lst.append(a)
         bar.update(w.size)
-    errors["wcls"] = _first_rows_error(first, shift, bits, group, cls)
+    errors["wcls"] = _first_rows_error(first, shift, bits, group, error_rows(src))
     for j, lst in enumerate(later[:-1]):
         wr.add(f"wcls.plane{j + 1}", np.concatenate(lst))
     wr.add("wcls.m", np.concatenate(later[-1]))
@@ -598,18 +687,11 @@ def _build(ck: Checkpoint, scheme: str, store: str, out: Path, show_progress: bo
     fmt["eps_int"] = nx.rms_eps_int(cfg.norm_eps, cfg.dim, fmt["f_x"])
     manifest = dict(version=CACHE_VERSION, source=str(ck.path), source_identity=ck.identity(),
                     config=cfg.to_dict(), special=dict(bos=ck.special.bos, stop=list(ck.special.stop)),
-                    numerics=fmt, tensors=tensors, files=files, store=store,
+                    numerics=fmt, tensors=tensors, files=None, store=store,
                     calibration=dict(text=CALIB_TEXT, tokens=toks, method="float path, streamed "
                                      "layer by layer; bake.py's frac_for/HEADROOM rules"),
-                    build_seconds=round(time.perf_counter() - t0, 1),
-                    numerics_identity=_numerics_identity(), build=_build_resources(c0))
-    for f in files:
-        fd = os.open(out / f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                    build_seconds=None, numerics_identity=_numerics_identity(), build=None)
+    return files, manifest
 
 
 def _verify(path: Path, info: dict) -> None:
