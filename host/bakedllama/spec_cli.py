@@ -20,9 +20,9 @@ def golden_draft_cycles(cfg, positions, sampled=None) -> int:
     """The hardware counter the board's engine would show for these passes (the cycle model,
     which the Verilator tests tie to the counter); sampled: per pass the token its sampler drew
     (None: greedy)."""
-    from bakedllama.llama8b.projection import cycle_model
+    from gateware import cycle_model as cm
 
-    cm, e = cycle_model(), board_engine()
+    e = board_engine()
     per = {}
     sampled = sampled or [None] * len(positions)
     for key in zip(positions, sampled):
