@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.sim
+# slow tier: its own Verilator build (~4 min of CPU); .ci/run runs it beside the bitstream build
+pytestmark = [pytest.mark.sim, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
