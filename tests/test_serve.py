@@ -378,9 +378,12 @@ def test_load_32_streaming_clients(load_server, ref):
     assert s["requests"] == s["completed"] + s["refused"] + s["aborted"] == 32
     assert s["refused"] >= 1 and s["completed"] >= 1 and s["aborted"] >= 1
     m = idle(server)  # nothing left running or queued
-    for k in ("completed", "refused_queue_full", "aborted"):
-        want = {"completed": s["completed"], "refused_queue_full": s["refused"], "aborted": s["aborted"]}[k]
-        assert outcome(m, k) - outcome(m0, k) == want, k
+    d = {k: outcome(m, k) - outcome(m0, k) for k in ("completed", "refused_queue_full", "aborted")}
+    assert d["refused_queue_full"] == s["refused"], d
+    # a client that hangs up after 3 tokens may do so after the server already sent all 12 (the
+    # server then counted it completed): every request is one or the other, each counted once
+    assert d["completed"] + d["aborted"] == s["completed"] + s["aborted"], (d, s)
+    assert d["completed"] >= s["completed"] and 1 <= d["aborted"] <= s["aborted"], (d, s)
     assert outcome(m, "failed") == outcome(m0, "failed")
 
 
