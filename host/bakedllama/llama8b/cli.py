@@ -64,6 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "where the nodes have cores to spare for its spinning readers); default auto")
 
 
+def _kernel_name(qm) -> str:
+    """Which kernels the decode and the prompt passes ran on (kernels.matvec_packed's choice)."""
+    from bakedllama.llama8b import simd
+
+    ks = simd.kernels()
+    on_simd = sorted({p.store_bits for p in qm.mats.values()
+                      if simd.supports(p) and (p.store_bits == 4 or "vnni" in ks)})
+    if not on_simd:
+        return "numba (LLVM, AVX2 float32 FMA on exact small-integer sums, prange over row blocks)"
+    return (f"simd.c {ks[0]} (exact integer products) for the {'/'.join(map(str, on_simd))}-bit "
+            f"layouts, numba for any other; prompts on simd.c")
+
+
 def _warm_up(qm) -> None:
     """Compile (or load from numba's cache) the kernels before anything is timed."""
     for sb in sorted({p.store_bits for p in qm.mats.values()}):
@@ -185,7 +198,7 @@ def execute(args, cl=None) -> dict:
                        ratio_to_bound=round(bound["ratio_to_bound"], 3),
                        method=f"best of {bw.runs} rounds over {bw.buffer_bytes:,} resident bytes, "
                               f"{bw.threads} threads, best on {bw.best_threads} (llama8b/bandwidth.py)"),
-        kernel="numba (LLVM, AVX2 float32 FMA on exact small-integer sums, prange over row blocks)",
+        kernel=_kernel_name(qm),
         check=check, agreement=agree, projection=proj, cluster=_cluster_result(cl, r, out),
         total_seconds=round(time.perf_counter() - t_start, 1))
 
