@@ -300,6 +300,9 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
     cache_dir = Path(cache_dir or checkpoint.CACHE_DIR)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO / "host"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # OpenMP threads that sleep at barriers instead of spinning (both engines; llama.cpp's ggml
+    # and numba use libgomp): on a shared machine a spinning thread holds a core another needs
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     schemes = (("8", "w8", "q8_0"), ("4", "w4", "q4_0"))
 
     def caches(name):  # built quantized caches of the synthetic `name`, by scheme (newest first)
@@ -427,7 +430,7 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
                       f"{tps[qt, th, 'llama.cpp'][-1]:.2f}, run8b {tps[qt, th, 'run8b'][-1]:.2f} tok/s",
                       flush=True)
     print(f"  decode tokens/s, {rounds} rounds alternating, {max_tokens - 1} decode steps each "
-          f"(min / median); prompt {len(ids)} tokens:")
+          f"(min / median); prompt {len(ids)} tokens; OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}:")
     print("  threads  llama.cpp                 run8b --resident          run8b / llama.cpp (medians)")
     for _, scheme, qt in schemes:
         for th in threads:
