@@ -444,6 +444,9 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
     cache_dir = Path(cache_dir or checkpoint.CACHE_DIR)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO / "host"), str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # OpenMP threads that sleep at barriers instead of spinning (both engines; llama.cpp's ggml
+    # and numba use libgomp): on a shared machine a spinning thread holds a core another needs
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     schemes = (("8", "w8", "q8_0"), ("4", "w4", "q4_0"))
 
     def caches(name):  # built quantized caches of the synthetic `name`, by scheme (newest first)
@@ -500,32 +503,52 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
     gguf = {qt: gdir / f"{ck_dir.name}-{qt}.gguf" for _, _, qt in schemes}
     missing = [qt for qt, g in gguf.items() if not (g.exists() and g.with_suffix(".json").exists())]
     if missing:
-        print(f"llama.cpp bench: writing the GGUFs of {ck_dir.name} ({', '.join(missing)}; and BF16 "
-              "for llama_model_quantize, deleted after)", flush=True)
-        src = gdir / f"{ck_dir.name}-bf16.gguf"
-        try:
-            bf16 = child(exporter + ["write", str(ck_dir), str(src), "--type", "bf16"], "GGUF bf16 write")
-            for qt in missing:
-                res = child(exporter + ["write", str(ck_dir), str(gguf[qt]), "--type", qt], f"GGUF {qt} write")
-                res["bf16"] = bf16
-                res["llama_model_quantize"] = child(
-                    exporter + ["quantize", str(src), str(gdir / f".lq-{qt}.gguf"), "--type", qt],
-                    "llama_model_quantize")
-                gguf[qt].with_suffix(".json").write_text(json.dumps(res))
-        finally:
-            for p in [src] + [gdir / f".lq-{qt}.gguf" for qt in missing]:
-                p.unlink(missing_ok=True)
+        import shutil
+
+        cfg = checkpoint.HFCheckpoint(ck_dir).cfg
+        n = sum(int(np.prod(checkpoint.tensor_shape(cfg, name))) for name, _ in checkpoint.tensor_list(cfg))
+        size = {"bf16": 2 * n, "q8_0": n * 34 // 32, "q4_0": n * 18 // 32}
+        free = shutil.disk_usage(gdir).free - (4 << 30)  # 4 GiB left to everyone else
+        if sum(size[qt] for qt in missing) > free:
+            print(f"llama.cpp: not enough disk for the GGUFs ({sum(size[qt] for qt in missing) / 1e9:.1f} GB "
+                  f"in {gdir}); skipped")
+            return
+        # llama.cpp's own quantizer first (a BF16 GGUF, then one output at a time), when it fits
+        lq, src = {}, gdir / f"{ck_dir.name}-bf16.gguf"
+        if size["bf16"] + max(size[qt] for qt in missing) <= free:
+            print(f"llama.cpp bench: BF16 GGUF of {ck_dir.name} + llama_model_quantize to "
+                  f"{', '.join(missing)} (deleted after)", flush=True)
+            try:
+                bf16 = child(exporter + ["write", str(ck_dir), str(src), "--type", "bf16"], "GGUF bf16 write")
+                for qt in missing:
+                    out = gdir / f".lq-{qt}.gguf"
+                    try:
+                        q = child(exporter + ["quantize", str(src), str(out), "--type", qt],
+                                  "llama_model_quantize")
+                        lq[qt] = dict(bf16=bf16, llama_model_quantize=q)
+                    finally:
+                        out.unlink(missing_ok=True)
+            finally:
+                src.unlink(missing_ok=True)
+        else:
+            print(f"llama.cpp bench: no disk for a BF16 GGUF ({size['bf16'] / 1e9:.1f} GB): "
+                  "llama_model_quantize not timed", flush=True)
+        for qt in missing:
+            print(f"llama.cpp bench: writing the {qt} GGUF of {ck_dir.name} (gguf.quants)", flush=True)
+            res = child(exporter + ["write", str(ck_dir), str(gguf[qt]), "--type", qt], f"GGUF {qt} write")
+            res.update(lq.get(qt, dict(bf16=None, llama_model_quantize=None)))
+            gguf[qt].with_suffix(".json").write_text(json.dumps(res))
     legs = {qt: json.loads(g.with_suffix(".json").read_text()) for qt, g in gguf.items()}
     built = {s: json.loads((have[s] / "manifest.json").read_text()).get("build_seconds") for s in have}
     print(f"llama.cpp vs run8b on synthetic {spec} ({ck_dir.name}; the same bf16 weights):")
     for _, scheme, qt in schemes:
-        lg = legs[qt]
-        lq = lg["llama_model_quantize"]
+        lg, lq = legs[qt], legs[qt]["llama_model_quantize"]
+        other = (f"BF16 GGUF {lg['bf16']['seconds']} [{lg['bf16']['cpu_seconds']}] + llama_model_quantize "
+                 f"{lq['seconds']} [{lq['cpu_seconds']}] ({lq['threads']} threads)" if lq else
+                 "llama_model_quantize not timed (disk)")
         print(f"  quantizing to {qt.upper()} (wall s, CPU s in brackets): GGUF written by gguf.quants "
               f"{lg['seconds']} [{lg['cpu_seconds']}] ({lg['bytes'] / 1e9:.2f} GB, {lg['threads']} "
-              f"threads); or BF16 GGUF {lg['bf16']['seconds']} [{lg['bf16']['cpu_seconds']}] + "
-              f"llama_model_quantize {lq['seconds']} [{lq['cpu_seconds']}] ({lq['threads']} threads) | "
-              f"run8b {scheme} cache build {built.get(scheme)} s")
+              f"threads); or {other} | run8b {scheme} cache build {built.get(scheme)} s")
 
     # decode, alternating the engines (the order flips every round)
     tps = {}
@@ -551,7 +574,7 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
                       f"{tps[qt, th, 'llama.cpp'][-1]:.2f}, run8b {tps[qt, th, 'run8b'][-1]:.2f} tok/s",
                       flush=True)
     print(f"  decode tokens/s, {rounds} rounds alternating, {max_tokens - 1} decode steps each "
-          f"(min / median); prompt {len(ids)} tokens:")
+          f"(min / median); prompt {len(ids)} tokens; OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}:")
     print("  threads  llama.cpp                 run8b --resident          run8b / llama.cpp (medians)")
     for _, scheme, qt in schemes:
         for th in threads:
