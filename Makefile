@@ -51,7 +51,7 @@ bench-extra: ## llama.cpp for bench's side-by-side: setup with the bench extra (
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(or $(JOBS),2) EXTRAS=dev,bench nice bash scripts/setup.sh
 
 lint:       ## ruff on host/, weights/, tests/
-	$(VENV)/bin/ruff check host weights tests
+	$(VENV)/bin/ruff check host weights tests scripts
 
 clean:      ## remove build output (keeps .venv and the checked-in weights)
 	rm -rf build .pytest_cache .ruff_cache

@@ -44,7 +44,7 @@ import numpy as np
 
 from bakedllama.golden import Logits
 from bakedllama.llama8b.partition import NORMS, Partition
-from bakedllama.llama8b.runner import Runner, Step
+from bakedllama.llama8b.runner import Runner, Step, check_tokens
 
 TAG_VAR = "BAKEDLLAMA_RAY_RUN"  # in the environment of every process of a local cluster we start
 OBJECT_STORE_BYTES = 96 << 20  # local cluster: activations are small (Ray's minimum is 75 MiB)
@@ -474,16 +474,7 @@ class RayRunner:
 
     def forward_many(self, s: ClusterState, tokens, last_only: bool = False) -> Logits:
         """runner.Runner.forward_many through the pipeline of actors (the same checks first)."""
-        c = self.cfg
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("no tokens")
-        if s.pos + len(tokens) > c.seq_len:
-            raise ValueError(f"position {s.pos + len(tokens) - 1} is past the context length "
-                             f"{c.seq_len}")
-        for t in tokens:
-            if not 0 <= t < c.vocab_size:
-                raise ValueError(f"token {t} is outside the vocabulary of {c.vocab_size}")
+        tokens = check_tokens(self.cfg, s.pos, tokens)
         msg = (s.pos, Step(tokens, last_only=last_only))
         ray = self.cl.ray
         try:

@@ -97,6 +97,20 @@ def linear_rows(p, a, k, rq: steps.Requant, r0: int, r1: int, unpacked=None):
     return rq.apply(matmul_rows(p, a, r0, r1, unpacked), k)
 
 
+
+def check_tokens(c, pos: int, tokens) -> list[int]:
+    """The tokens of a pass at position `pos` as ints; ValueError if none, past the context or
+    outside the vocabulary (the in-process and the Ray runner check the same)."""
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        raise ValueError("no tokens")
+    if pos + len(tokens) > c.seq_len:
+        raise ValueError(f"position {pos + len(tokens) - 1} is past the context length {c.seq_len}")
+    for t in tokens:
+        if not 0 <= t < c.vocab_size:
+            raise ValueError(f"token {t} is outside the vocabulary of {c.vocab_size}")
+    return tokens
+
 class Runner:
     def __init__(self, qm: QuantModel, parts: list[Partition], streaming: bool = True):
         self.qm, self.parts, self.streaming = qm, parts, streaming
@@ -127,15 +141,7 @@ class Runner:
         prefill needs no other): logits (1, vocab). Where the packed layout has no simd kernel,
         unpacked weights are kept for the batched products (resident runs only)."""
         c = self.cfg
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("no tokens")
-        if s.pos + len(tokens) > c.seq_len:
-            raise ValueError(f"position {s.pos + len(tokens) - 1} is past the context length "
-                             f"{c.seq_len}")
-        for t in tokens:
-            if not 0 <= t < c.vocab_size:
-                raise ValueError(f"token {t} is outside the vocabulary of {c.vocab_size}")
+        tokens = check_tokens(c, s.pos, tokens)
         st = Step(tokens, last_only=last_only)
         for part in self.parts:
             t = time.perf_counter()
