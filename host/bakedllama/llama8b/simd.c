@@ -133,6 +133,33 @@ void bk_mm4(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int
     }
 }
 
+/* four columns of 32 lanes (one byte each) -> four vectors of quads (the order below) */
+static inline void quads(const int8_t *b, size_t stride, __m256i w[4])
+{
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)b);
+    __m256i x1 = _mm256_loadu_si256((const __m256i *)(b + stride));
+    __m256i x2 = _mm256_loadu_si256((const __m256i *)(b + 2 * stride));
+    __m256i x3 = _mm256_loadu_si256((const __m256i *)(b + 3 * stride));
+    __m256i l01 = _mm256_unpacklo_epi8(x0, x1), l23 = _mm256_unpacklo_epi8(x2, x3);
+    __m256i h01 = _mm256_unpackhi_epi8(x0, x1), h23 = _mm256_unpackhi_epi8(x2, x3);
+    w[0] = _mm256_unpacklo_epi16(l01, l23);
+    w[1] = _mm256_unpackhi_epi16(l01, l23);
+    w[2] = _mm256_unpacklo_epi16(h01, h23);
+    w[3] = _mm256_unpackhi_epi16(h01, h23);
+}
+
+/* add a lane-quad accumulator set (the quads order) to the int32 sums s[64] */
+static inline void store_quads(int32_t *s, const __m256i acc[8])
+{
+    static const int B[4] = {0, 4, 8, 12};
+    for (int k = 0; k < 8; k++) {
+        int32_t *sb = s + 32 * (k / 4) + B[k % 4];
+        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 16);
+        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(acc[k])));
+        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_extracti128_si256(acc[k], 1)));
+    }
+}
+
 /* 8-bit layout. planes: (nb, cols, 64) int8; as bk_mm4 otherwise (asum unused). group % 4 == 0.
    A tile's columns are interleaved once, four at a time, so that each 32-bit slot holds one
    lane's four weights (vpunpck*bw, then *wd): one vpmaddubsw + vpmaddwd per token then gives
@@ -141,7 +168,6 @@ void bk_mm4(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int
 void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int cols,
             int group, int rb0, int rb1, int64_t *out, int ldo)
 {
-    static const int B[4] = {0, 4, 8, 12};
     const int ng = cols / group, tc = tile_cols(group, 4);
     const __m256i one = _mm256_set1_epi16(1);
     int32_t s[T][L] __attribute__((aligned(32)));
@@ -157,17 +183,8 @@ void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int
                 for (int q = 0; q < tc / 4; q++) {  /* columns c0 + 4q .. c0 + 4q + 3 */
                     const int8_t *b = blk + (size_t)(c0 + 4 * q) * L;
                     for (int h = 0; h < 2; h++) {
-                        __m256i x0 = _mm256_loadu_si256((const __m256i *)(b + 32 * h));
-                        __m256i x1 = _mm256_loadu_si256((const __m256i *)(b + L + 32 * h));
-                        __m256i x2 = _mm256_loadu_si256((const __m256i *)(b + 2 * L + 32 * h));
-                        __m256i x3 = _mm256_loadu_si256((const __m256i *)(b + 3 * L + 32 * h));
-                        __m256i l01 = _mm256_unpacklo_epi8(x0, x1), l23 = _mm256_unpacklo_epi8(x2, x3);
-                        __m256i h01 = _mm256_unpackhi_epi8(x0, x1), h23 = _mm256_unpackhi_epi8(x2, x3);
                         __m256i *w = W[q] + 4 * h;
-                        w[0] = _mm256_unpacklo_epi16(l01, l23);
-                        w[1] = _mm256_unpackhi_epi16(l01, l23);
-                        w[2] = _mm256_unpacklo_epi16(h01, h23);
-                        w[3] = _mm256_unpackhi_epi16(h01, h23);
+                        quads(b + 32 * h, L, w);
                         for (int k = 0; k < 4; k++)
                             A[q][4 * h + k] = _mm256_abs_epi8(w[k]);
                     }
@@ -183,12 +200,7 @@ void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int
                             acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(
                                 _mm256_maddubs_epi16(A[q][k], _mm256_sign_epi8(a4, W[q][k])), one));
                     }
-                    for (int k = 0; k < 8; k++) {
-                        int32_t *sb = s[t] + 32 * (k / 4) + B[k % 4];
-                        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 16);
-                        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(acc[k])));
-                        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_extracti128_si256(acc[k], 1)));
-                    }
+                    store_quads(s[t], acc);
                 }
             }
             widen_m(mw, m + ((size_t)rb * ng + g) * L);
@@ -219,21 +231,6 @@ int bk_has_vnni(void)
         && __builtin_cpu_supports("avx512bw");
 }
 
-/* four columns of 32 lanes (one byte each) -> four vectors of quads (the bk_mm8 order) */
-static inline void quads(const int8_t *b, size_t stride, __m256i w[4])
-{
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)b);
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(b + stride));
-    __m256i x2 = _mm256_loadu_si256((const __m256i *)(b + 2 * stride));
-    __m256i x3 = _mm256_loadu_si256((const __m256i *)(b + 3 * stride));
-    __m256i l01 = _mm256_unpacklo_epi8(x0, x1), l23 = _mm256_unpacklo_epi8(x2, x3);
-    __m256i h01 = _mm256_unpackhi_epi8(x0, x1), h23 = _mm256_unpackhi_epi8(x2, x3);
-    w[0] = _mm256_unpacklo_epi16(l01, l23);
-    w[1] = _mm256_unpackhi_epi16(l01, l23);
-    w[2] = _mm256_unpacklo_epi16(h01, h23);
-    w[3] = _mm256_unpackhi_epi16(h01, h23);
-}
-
 /* the 64 lanes' biased quads of columns c .. c + 3 of a row block */
 static inline void decode_quads(const int8_t *blk, int c, int nibbles, __m256i u[8])
 {
@@ -253,17 +250,6 @@ static inline void decode_quads(const int8_t *blk, int c, int nibbles, __m256i u
             for (int k = 0; k < 4; k++)
                 u[4 * h + k] = _mm256_xor_si256(w[k], x80);                        /* q + 128 */
         }
-    }
-}
-
-static inline void store_quads(int32_t *s, const __m256i acc[8])
-{
-    static const int B[4] = {0, 4, 8, 12};
-    for (int k = 0; k < 8; k++) {
-        int32_t *sb = s + 32 * (k / 4) + B[k % 4];
-        __m128i *p0 = (__m128i *)sb, *p1 = (__m128i *)(sb + 16);
-        _mm_storeu_si128(p0, _mm_add_epi32(_mm_loadu_si128(p0), _mm256_castsi256_si128(acc[k])));
-        _mm_storeu_si128(p1, _mm_add_epi32(_mm_loadu_si128(p1), _mm256_extracti128_si256(acc[k], 1)));
     }
 }
 
