@@ -36,7 +36,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from bakedllama.device import protocol as P
-from bakedllama.device.transport import READ_SLICE, DeviceError, Generation
+from bakedllama.device.transport import READ_SLICE, DeviceError, Generation, arrived
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_CSR = REPO / "build" / "soc" / "sqrl_acorn" / "csr.csv"
@@ -553,9 +553,7 @@ class CSRDevice:
             g.t_end = time.monotonic()
             finished = True
         except DeviceError as e:
-            if "tokens arrived" in str(e) or not g.tokens:
-                raise
-            raise DeviceError(f"{e} ({len(g.tokens)} of {g.max_tokens} tokens arrived)") from None
+            raise arrived(e, g) from None
         finally:
             if not finished:
                 g.aborted = running

@@ -383,15 +383,20 @@ class Device:
                     self.abort()
             raise DeviceError(f"{last} (after {self.retries + 1} tries)")
         except DeviceError as e:
-            if "tokens arrived" in str(e) or not g.tokens:
-                raise
-            raise DeviceError(f"{e} ({len(g.tokens)} of {g.max_tokens} tokens arrived)") from None
+            raise arrived(e, g) from None
         finally:
             if not finished:
                 try:
                     g.aborted = self.abort()
                 except DeviceError:
                     pass  # the first error (or the consumer's exit) is what the user sees
+
+
+def arrived(e: DeviceError, g: Generation) -> DeviceError:
+    """e, naming how many of the asked tokens had arrived when it happened (once)."""
+    if "tokens arrived" in str(e) or not g.tokens:
+        return e
+    return DeviceError(f"{e} ({len(g.tokens)} of {g.max_tokens} tokens arrived)")
 
 
 def _one_line(e: Exception) -> str:
