@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -633,56 +629,11 @@ def bridge_key(model_path) -> str:
 def build_bridge_sim(model_path=None, *, force: bool = False, log=None, timeout: float = 3600.0) -> Path:
     """Build (or reuse) soc/sim.py --variant bridge under build/soc/sim-bridge/ (its own cache key
     and lock: the default simulator's build is not touched)."""
-    from bakedllama.device.sim import BUILD_ROOT
+    from bakedllama.device.sim import build_soc_sim
 
-    if not (REPO / "soc" / "sim.py").exists():
-        raise DeviceError("the simulation needs the source tree (soc/, firmware/): run from a clone")
-    model_path = Path(model_path) if model_path else None
-    if model_path is not None:
-        from bakedllama.fileformat import ModelFileError
-        from bakedllama.model import load_baked
-
-        try:
-            load_baked(model_path)
-        except ModelFileError as e:
-            raise DeviceError(f"cannot build the simulator: {e}") from None
-    out = BUILD_ROOT / BRIDGE_DIR
-    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(BUILD_ROOT / f"{BRIDGE_DIR}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        key = bridge_key(model_path)
-        stamp = out / "build.key"
-        binary = out / "gateware" / "obj_dir" / "Vsim"
-        if not force and binary.exists() and stamp.exists() and stamp.read_text() == key:
-            return out
-        if log:
-            log(f"building the simulated PCIe bridge SoC in {out.relative_to(REPO)} ...")
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "soc.sim", "--variant", "bridge", "--output-dir", str(out),
-               "--build"]
-        if model_path:
-            cmd += ["--model", str(model_path.resolve())]
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-        t0 = time.monotonic()
-        with open(out / "build.log", "w") as f:
-            try:
-                r = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                   timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise DeviceError(f"simulator build took over {timeout:.0f} s "
-                                  f"(see {out / 'build.log'})") from None
-        if r.returncode != 0 or not binary.exists():
-            tail = (out / "build.log").read_text(errors="replace").strip().splitlines()[-1:]
-            raise DeviceError(f"simulator build failed: {tail[0] if tail else '?'} "
-                              f"(see {out / 'build.log'})")
-        stamp.write_text(key)
-        (out / "build_time_s").write_text(f"{time.monotonic() - t0:.1f}\n")
-        if log:
-            log(f"built in {time.monotonic() - t0:.0f} s")
-        return out
+    return build_soc_sim(BRIDGE_DIR, ["--variant", "bridge"], bridge_key,
+                         "the simulated PCIe bridge SoC", model_path, force=force, log=log,
+                         timeout=timeout)
 
 
 @contextlib.contextmanager

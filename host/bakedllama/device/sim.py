@@ -83,6 +83,16 @@ def build_key(core: str, model_path: Path | None) -> str:
 def build_sim(core: str = "real", model_path: Path | str | None = None, *, force: bool = False,
               log=None, timeout: float = 3600.0) -> Path:
     """Build (or reuse) the simulator; returns its output dir. log(str) reports progress."""
+    return build_soc_sim(f"sim-{core}", ["--core", core], lambda mp: build_key(core, mp),
+                         f"the simulated SoC ({core} core)", model_path, force=force, log=log,
+                         timeout=timeout)
+
+
+def build_soc_sim(name: str, args: list, key_of, what: str, model_path=None, *, force: bool = False,
+                  log=None, timeout: float = 3600.0) -> Path:
+    """Build (or reuse) `python -m soc.sim ARGS` under BUILD_ROOT/name, cached by key_of(model
+    path) and locked (one build at a time; others wait and reuse it). A bad model is refused
+    before the cached build of a good one is touched."""
     if not (REPO / "soc" / "sim.py").exists():
         raise DeviceError("the simulation needs the source tree (soc/, firmware/): run from a clone")
     model_path = Path(model_path) if model_path else None
@@ -94,20 +104,20 @@ def build_sim(core: str = "real", model_path: Path | str | None = None, *, force
             load_baked(model_path)
         except ModelFileError as e:
             raise DeviceError(f"cannot build the simulator: {e}") from None
-    out = BUILD_ROOT / f"sim-{core}"
+    out = BUILD_ROOT / name
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(BUILD_ROOT / f"sim-{core}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; others wait and reuse it
-        key = build_key(core, model_path)
+    with open(BUILD_ROOT / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = key_of(model_path)
         stamp = out / "build.key"
         binary = out / "gateware" / "obj_dir" / "Vsim"
         if not force and binary.exists() and stamp.exists() and stamp.read_text() == key:
             return out
         if log:
-            log(f"building the simulated SoC ({core} core) in {out.relative_to(REPO)} ...")
+            log(f"building {what} in {out.relative_to(REPO)} ...")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "soc.sim", "--core", core, "--output-dir", str(out), "--build"]
+        cmd = [sys.executable, "-m", "soc.sim", *args, "--output-dir", str(out), "--build"]
         if model_path:
             cmd += ["--model", str(model_path.resolve())]
         env = dict(os.environ)
