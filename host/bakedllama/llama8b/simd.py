@@ -1,6 +1,7 @@
 """The integer kernels of simd.c: compiled once per machine with the system C compiler, loaded
 with ctypes, threaded over row blocks (ctypes releases the GIL). Two instruction sets: AVX-512
-VNNI (vpdpbusd, used where the CPU has it) and AVX2 (vpmaddubsw, everywhere else on x86-64).
+VNNI + VBMI ("vnni": vpdpbusd, and vpermt2b to gather the nibbles; used where the CPU has both)
+and AVX2 (vpmaddubsw, everywhere else on x86-64).
 
     available() -> bool
     kernels() -> ("vnni", "avx2") or ("avx2",) or ()
@@ -66,8 +67,9 @@ def _lib():
     I = ctypes.c_int
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mmv.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I]
-    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mmv.restype = None
+    lib.bk_mmv.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
+    lib.bk_mv4z.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
+    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mmv.restype = lib.bk_mv4z.restype = None
     return lib
 
 
@@ -81,7 +83,7 @@ def kernels() -> tuple:
     lib = _lib()
     if lib is None:
         return ()
-    return ("vnni", "avx2") if lib.bk_has_vnni() else ("avx2",)
+    return ("vnni", "avx2") if lib.bk_has_vnni() and lib.bk_has_vbmi() else ("avx2",)
 
 
 VNNI_MAX_GROUP = (1 << 31) // (255 * 127)  # a group's biased int32 sum stays exact below this
@@ -136,9 +138,12 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
             return
         o = out[t0:t1, (b0 - rb0) * 64:]
         args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
-        if kernel == "vnni":
+        if kernel == "vnni" and p.store_bits == 4:
+            lib.bk_mv4z(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
+                        o.ctypes.data, ldo)
+        elif kernel == "vnni":
             lib.bk_mmv(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
-                       o.ctypes.data, ldo, int(p.store_bits == 4))
+                       o.ctypes.data, ldo)
         elif p.store_bits == 4:
             lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
                        o.ctypes.data, ldo)
