@@ -359,7 +359,7 @@ def matvec_packed(p: Packed, a, r0: int = 0, r1: int | None = None) -> np.ndarra
     a = np.asarray(a)
     if a.ndim != 1 or a.shape[0] != p.cols:
         raise ValueError(f"activation of shape {a.shape} for a matrix of {p.cols} columns")
-    if simd.supports(p) and (p.store_bits == 4 or "vnni" in simd.kernels()):
+    if simd.supports(p) and (p.store_bits == 4 or simd.default_kernel(p) == "vnni"):
         import numba
 
         big = (-(-r1 // p.lanes) - r0 // p.lanes) * p.lanes * p.cols >= SERIAL_BELOW

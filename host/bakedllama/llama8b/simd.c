@@ -212,17 +212,28 @@ void bk_mm8(const int8_t *planes, const uint16_t *m, const int8_t *a, int T, int
     }
 }
 
-/* ---- AVX-512 VNNI (vpdpbusd on 256-bit vectors): the 8-bit layout -----------------------------
+/* ---- AVX-512 VNNI + VBMI, 512-bit vectors: both layouts -----------------------------------------
 
    vpdpbusd adds four unsigned x signed byte products to each int32 slot, without the int16 step
-   of vpmaddubsw, so a weight needs no sign trick: it is used biased, u = q + 128 in [0, 255],
-   and the group's sum is corrected by 128 * sum(a).
-   A lane's four columns sit in one 32-bit slot after the same byte interleave as bk_mm8 (vector k
-   of the 64: lanes [B[k%4], +4) and [B[k%4] + 16, +4) of half k / 4). |sum u a| <= 255 * 127 *
-   group < 2^31 for group < 66,311 (checked by simd.py). A decode step (T = 1) multiplies each
-   quad as it is decoded; a prompt decodes a tile once for all its tokens. */
+   of vpmaddubsw, so a weight needs no sign trick: it is used biased (unsigned), and the group's
+   sum is corrected by the bias times the group's sum of a. A column quad (columns c .. c + 3 of a row block) becomes four vectors of 16 lane quads (each
+   32-bit slot: one lane's four weights, biased unsigned), multiplied by vpdpbusd with the four
+   activations broadcast; a group's sums stay in registers and meet their multipliers there
+   (vpmuldq into int64 lanes). A prompt decodes a tile (in L1) once and passes over it with NT = 4
+   tokens at a time (16 accumulators), so each decoded vector serves four vpdpbusd.
 
-#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+   4-bit layout: the quad is 128 contiguous bytes (32 per column: lane l in the low nibble, stored
+   q + 8; lane 32 + l in the high one, q as signed 4 bits). Two byte permutes (vpermt2b) gather
+   them: Z_h byte 4 i + k = column c + k, byte 16 h + i, i.e. the lanes 16 h + i (low nibbles) and
+   32 + 16 h + i (high nibbles). The low nibble is u = q + 8; the high one, masked in place with
+   its top bit flipped ((z & 0xF0) ^ 0x80, one vpternlogd), is 16 u: its sums are 16 x the lane's,
+   corrected by 16 * 8 * sum(a), and the lane's int64 total is divided by 16 at the end (exact:
+   every term is a multiple of 16). |16 sum u a| <= 240 * 127 * group < 2^31.
+   8-bit layout: the quad is four 64-byte columns; the byte and word interleave of bk_mm8 within
+   each 128-bit chunk puts lane 16 j + 4 k + p in slot 4 j + p of vector k; u = q + 128, corrected
+   by 128 * sum(a); |sum u a| <= 255 * 127 * group < 2^31 (simd.py checks VNNI_MAX_GROUP).
+   The multipliers are gathered into the same slot order (vpermt2w), and the totals scattered
+   back to lane order once per row block. */
 
 int bk_has_vnni(void)
 {
@@ -231,86 +242,8 @@ int bk_has_vnni(void)
         && __builtin_cpu_supports("avx512bw");
 }
 
-/* the 64 lanes' biased quads (q + 128) of columns c .. c + 3 of a row block, 8-bit layout */
-static inline void decode_quads(const int8_t *blk, int c, __m256i u[8])
-{
-    const __m256i x80 = _mm256_set1_epi8((char)0x80);
-    for (int h = 0; h < 2; h++) {
-        __m256i w[4];
-        quads(blk + (size_t)c * L + 32 * h, L, w);
-        for (int k = 0; k < 4; k++)
-            u[4 * h + k] = _mm256_xor_si256(w[k], x80);
-    }
-}
-
-/* the 8-bit layout; asum: (T, ng) int32 group sums of a; else as bk_mm8 */
-VNNI void bk_mmv(const int8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                 int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
-{
-    const int ng = cols / group, tc = tile_cols(group, 4), bias = 128;
-    const size_t colbytes = L;
-    int32_t s[T][L] __attribute__((aligned(32)));
-    int64_t tot[T][L] __attribute__((aligned(32)));
-    int64_t mw[L] __attribute__((aligned(32)));
-    __m256i U[TILE / 4][8];
-    for (int rb = rb0; rb < rb1; rb++) {
-        memset(tot, 0, sizeof(tot));
-        const int8_t *blk = planes + (size_t)rb * cols * colbytes;
-        for (int g = 0; g < ng; g++) {
-            memset(s, 0, sizeof(s));
-            for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
-                if (T == 1) {  /* a decode step: each quad is used once, straight from registers */
-                    const int8_t *ap = a + c0;
-                    __m256i acc[8], u[8];
-                    for (int k = 0; k < 8; k++)
-                        acc[k] = _mm256_setzero_si256();
-                    for (int q = 0; q < tc / 4; q++) {
-                        __m256i a4 = _mm256_set1_epi32(load32(ap + 4 * q));
-                        decode_quads(blk, c0 + 4 * q, u);
-                        for (int k = 0; k < 8; k++)
-                            acc[k] = _mm256_dpbusd_epi32(acc[k], u[k], a4);
-                    }
-                    store_quads(s[0], acc);
-                    continue;
-                }
-                for (int q = 0; q < tc / 4; q++)
-                    decode_quads(blk, c0 + 4 * q, U[q]);
-                for (int t = 0; t < T; t++) {
-                    const int8_t *ap = a + (size_t)t * cols + c0;
-                    __m256i acc[8];
-                    for (int k = 0; k < 8; k++)
-                        acc[k] = _mm256_setzero_si256();
-                    for (int q = 0; q < tc / 4; q++) {
-                        __m256i a4 = _mm256_set1_epi32(load32(ap + 4 * q));
-                        for (int k = 0; k < 8; k++)
-                            acc[k] = _mm256_dpbusd_epi32(acc[k], U[q][k], a4);
-                    }
-                    store_quads(s[t], acc);
-                }
-            }
-            widen_m(mw, m + ((size_t)rb * ng + g) * L);
-            for (int t = 0; t < T; t++)
-                apply_m64(tot[t], mw, s[t], bias * asum[(size_t)t * ng + g]);
-        }
-        for (int t = 0; t < T; t++)
-            memcpy(out + (size_t)t * ldo + (size_t)(rb - rb0) * L, tot[t], sizeof(tot[t]));
-    }
-}
-
-/* ---- AVX-512 VNNI + VBMI, 512-bit: the 4-bit layout --------------------------------------------
-
-   Columns c .. c + 3 of a row block are 128 contiguous bytes (32 per column: lane l in the low
-   nibble, stored q + 8; lane 32 + l in the high one, q as signed 4 bits). Two byte permutes
-   (vpermt2b) gather them into lane quads: Z_h byte 4 i + k = column c + k, byte 16 h + i, for the
-   lanes 16 h + i (low nibbles) and 32 + 16 h + i (high nibbles). The low nibble is the biased
-   weight u = q + 8; the high one, masked in place and its top bit flipped ((z & 0xF0) ^ 0x80,
-   one vpternlogd), is 16 u: its sums are 16 x the lane's, corrected by 128 x sum(a), and the
-   lane's int64 total is divided by 16 at the end (exact: every term is a multiple of 16).
-   |16 sum u a| <= 240 * 127 * group < 2^31 (group < 70,000; simd.py checks VNNI_MAX_GROUP).
-   A group's sums stay in registers and meet their multipliers there (vpmuldq into int64 lanes);
-   for a prompt, each decoded tile (in L1) serves NT tokens per pass, NT x 4 accumulators. */
-
 #define V512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512dq")))
+#define INLINE static inline __attribute__((always_inline))
 
 int bk_has_vbmi(void)
 {
@@ -318,25 +251,56 @@ int bk_has_vbmi(void)
     return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512dq");
 }
 
-/* the four 16-lane sets of biased quads of columns c .. c + 3: lanes 0-15, 16-31 (u), 32-47,
-   48-63 (16 u) */
-V512 static inline void nibble_quads(const uint8_t *b, __m512i i0, __m512i i1, __m512i u[4])
+/* the lane of slot i of vector k */
+static int slot_lane(int nibbles, int k, int i)
 {
-    const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0),
-                  x80 = _mm512_set1_epi8((char)0x80);
-    __m512i x0 = _mm512_loadu_si512(b), x1 = _mm512_loadu_si512(b + 64);
-    __m512i z0 = _mm512_permutex2var_epi8(x0, i0, x1), z1 = _mm512_permutex2var_epi8(x0, i1, x1);
-    u[0] = _mm512_and_si512(z0, lo4);
-    u[1] = _mm512_and_si512(z1, lo4);
-    u[2] = _mm512_ternarylogic_epi32(z0, hi4, x80, 0x6A);  /* (z & 0xF0) ^ 0x80 */
-    u[3] = _mm512_ternarylogic_epi32(z1, hi4, x80, 0x6A);
+    return nibbles ? 16 * k + i : 16 * (i / 4) + 4 * k + i % 4;
 }
 
-/* tot[8] (int64, lanes 8 j .. 8 j + 7) += mw[8] * (acc[k] - bias_k * as), k = j / 2 */
-V512 static inline void apply_m512(__m512i tot[8], const __m512i mw[8], const __m512i acc[4], int32_t as)
+/* the four vectors of biased lane quads of columns c .. c + 3 (ix: the two vpermt2b indices) */
+V512 INLINE void quads512(const uint8_t *blk, int c, int nibbles, const __m512i ix[2], __m512i u[4])
+{
+    if (nibbles) {
+        const uint8_t *b = blk + (size_t)c * 32;
+        const __m512i lo4 = _mm512_set1_epi8(0x0F), hi4 = _mm512_set1_epi8((char)0xF0),
+                      x80 = _mm512_set1_epi8((char)0x80);
+        __m512i x0 = _mm512_loadu_si512(b), x1 = _mm512_loadu_si512(b + 64);
+        __m512i z0 = _mm512_permutex2var_epi8(x0, ix[0], x1), z1 = _mm512_permutex2var_epi8(x0, ix[1], x1);
+        u[0] = _mm512_and_si512(z0, lo4);
+        u[1] = _mm512_and_si512(z1, lo4);
+        u[2] = _mm512_ternarylogic_epi32(z0, hi4, x80, 0x6A);  /* (z & 0xF0) ^ 0x80 */
+        u[3] = _mm512_ternarylogic_epi32(z1, hi4, x80, 0x6A);
+    } else {
+        const uint8_t *b = blk + (size_t)c * L;
+        const __m512i x80 = _mm512_set1_epi8((char)0x80);
+        __m512i x0 = _mm512_loadu_si512(b), x1 = _mm512_loadu_si512(b + L);
+        __m512i x2 = _mm512_loadu_si512(b + 2 * L), x3 = _mm512_loadu_si512(b + 3 * L);
+        __m512i l01 = _mm512_unpacklo_epi8(x0, x1), l23 = _mm512_unpacklo_epi8(x2, x3);
+        __m512i h01 = _mm512_unpackhi_epi8(x0, x1), h23 = _mm512_unpackhi_epi8(x2, x3);
+        u[0] = _mm512_xor_si512(_mm512_unpacklo_epi16(l01, l23), x80);
+        u[1] = _mm512_xor_si512(_mm512_unpackhi_epi16(l01, l23), x80);
+        u[2] = _mm512_xor_si512(_mm512_unpacklo_epi16(h01, h23), x80);
+        u[3] = _mm512_xor_si512(_mm512_unpackhi_epi16(h01, h23), x80);
+    }
+}
+
+/* a group's 64 multipliers in slot order, as int64: mw[2 k + h] = slots 8 h .. 8 h + 7 of k */
+V512 INLINE void widen_m512(__m512i mw[8], const uint16_t *m, const __m512i mix[4])
+{
+    __m512i m0 = _mm512_loadu_si512(m), m1 = _mm512_loadu_si512(m + 32);
+    for (int k = 0; k < 4; k++) {
+        __m512i p = _mm512_permutex2var_epi16(m0, mix[k], m1);  /* slot i of k in word i */
+        mw[2 * k] = _mm512_cvtepu16_epi64(_mm512_castsi512_si128(p));
+        mw[2 * k + 1] = _mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(p, 1));
+    }
+}
+
+/* tot[2 k + h] (int64) += mw[2 k + h] * (acc[k] - bias_k * as), slots 8 h .. 8 h + 7 */
+V512 INLINE void apply_m512(__m512i tot[8], const __m512i mw[8], const __m512i acc[4], int32_t as,
+                            int nibbles)
 {
     for (int k = 0; k < 4; k++) {
-        __m512i s = _mm512_sub_epi32(acc[k], _mm512_set1_epi32((k < 2 ? 8 : 128) * as));
+        __m512i s = _mm512_sub_epi32(acc[k], _mm512_set1_epi32((nibbles && k < 2 ? 8 : 128) * as));
         __m512i s0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s));
         __m512i s1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1));
         tot[2 * k] = _mm512_add_epi64(tot[2 * k], _mm512_mul_epi32(s0, mw[2 * k]));
@@ -344,21 +308,24 @@ V512 static inline void apply_m512(__m512i tot[8], const __m512i mw[8], const __
     }
 }
 
-V512 static inline void widen_m512(__m512i mw[8], const uint16_t *m)
+/* a row block's totals to out[lane] (the high nibbles' / 16) */
+V512 INLINE void store_tot(int64_t *o, const __m512i tot[8], int nibbles, const uint8_t *lane)
 {
+    if (nibbles) {
+        for (int j = 0; j < 8; j++)
+            _mm512_storeu_si512(o + 8 * j, j < 4 ? tot[j] : _mm512_srai_epi64(tot[j], 4));
+        return;
+    }
+    int64_t t[L] __attribute__((aligned(64)));
     for (int j = 0; j < 8; j++)
-        mw[j] = _mm512_cvtepu16_epi64(_mm_loadu_si128((const __m128i *)(m + 8 * j)));
+        _mm512_store_si512(t + 8 * j, tot[j]);
+    for (int i = 0; i < L; i++)
+        o[lane[i]] = t[i];
 }
 
-V512 static inline void store_tot(int64_t *o, __m512i tot[8])
-{
-    for (int j = 0; j < 8; j++)
-        _mm512_storeu_si512(o + 8 * j, j < 4 ? tot[j] : _mm512_srai_epi64(tot[j], 4));
-}
-
-/* NT tokens' sums over a decoded tile (nq quads): acc[t][k] += U[q][k] . a_t[4q .. 4q + 3] */
-V512 static inline __attribute__((always_inline)) void tile_dot(const __m512i (*U)[4], int nq,
-        const int8_t *a, size_t lda, int NT, __m512i acc[][4])
+/* NT tokens' sums over a decoded tile of nq quads: acc[t][k] += U[q][k] . a_t[4q .. 4q + 3] */
+V512 INLINE void tile_dot(const __m512i (*U)[4], int nq, const int8_t *a, size_t lda, int NT,
+                          __m512i acc[][4])
 {
     for (int q = 0; q < nq; q++)
         for (int t = 0; t < NT; t++) {
@@ -368,80 +335,103 @@ V512 static inline __attribute__((always_inline)) void tile_dot(const __m512i (*
         }
 }
 
-/* the 4-bit layout; arguments as bk_mmv's. group % 16 == 0. */
-V512 void bk_mv4z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
+/* S[t][k] = (first ? 0 : S[t][k]) + the tile's sums, for NT tokens from t0 */
+V512 INLINE void tile_tokens(const __m512i (*U)[4], int nq, const int8_t *a, int cols, int t0,
+                             int NT, int first, __m512i (*S)[4])
+{
+    __m512i acc[4][4];
+    for (int t = 0; t < NT; t++)
+        for (int k = 0; k < 4; k++)
+            acc[t][k] = first ? _mm512_setzero_si512() : S[t0 + t][k];
+    tile_dot(U, nq, a + (size_t)t0 * cols, cols, NT, acc);
+    for (int t = 0; t < NT; t++)
+        for (int k = 0; k < 4; k++)
+            S[t0 + t][k] = acc[t][k];
+}
+
+V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+                     int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int nibbles)
 {
     const int ng = cols / group, tc = tile_cols(group, 8), nq = tc / 4;
-    uint8_t ix[2][64];
+    const size_t colbytes = nibbles ? 32 : L;
+    uint8_t ix[2][64], lane[L];
+    uint16_t mi[4][32];
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < 16; i++)
             for (int k = 0; k < 4; k++)
                 ix[h][4 * i + k] = (uint8_t)(32 * k + 16 * h + i);
-    const __m512i i0 = _mm512_loadu_si512(ix[0]), i1 = _mm512_loadu_si512(ix[1]);
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 32; i++)
+            mi[k][i] = (uint16_t)slot_lane(nibbles, k, i % 16);
+    for (int i = 0; i < L; i++)
+        lane[i] = (uint8_t)slot_lane(nibbles, i / 16, i % 16);
+    __m512i vix[2], mix[4], mw[8];
+    for (int h = 0; h < 2; h++)
+        vix[h] = _mm512_loadu_si512(ix[h]);
+    for (int k = 0; k < 4; k++)
+        mix[k] = _mm512_loadu_si512(mi[k]);
     for (int rb = rb0; rb < rb1; rb++) {
-        const uint8_t *blk = planes + (size_t)rb * cols * 32;
+        const uint8_t *blk = planes + (size_t)rb * cols * colbytes;
         const uint16_t *mb = m + (size_t)rb * ng * L;
         int64_t *o = out + (size_t)(rb - rb0) * L;
         if (T == 1) {  /* a decode step: sums, multipliers and totals all in registers */
-            __m512i tot[8], mw[8];
+            __m512i tot[8];
             for (int j = 0; j < 8; j++)
                 tot[j] = _mm512_setzero_si512();
             for (int g = 0; g < ng; g++) {
                 __m512i acc[2][4], u[4];
                 for (int k = 0; k < 4; k++)
                     acc[0][k] = acc[1][k] = _mm512_setzero_si512();
-                for (int c = g * group; c < (g + 1) * group; c += 8) {  /* two quads, two chains */
+                for (int c = g * group; c < (g + 1) * group; c += 8)  /* two quads, two chains */
                     for (int e = 0; e < 2; e++) {
                         __m512i a4 = _mm512_set1_epi32(load32(a + c + 4 * e));
-                        nibble_quads(blk + (size_t)(c + 4 * e) * 32, i0, i1, u);
+                        quads512(blk, c + 4 * e, nibbles, vix, u);
                         for (int k = 0; k < 4; k++)
                             acc[e][k] = _mm512_dpbusd_epi32(acc[e][k], u[k], a4);
                     }
-                }
                 for (int k = 0; k < 4; k++)
                     acc[0][k] = _mm512_add_epi32(acc[0][k], acc[1][k]);
-                widen_m512(mw, mb + (size_t)g * L);
-                apply_m512(tot, mw, acc[0], asum[g]);
+                widen_m512(mw, mb + (size_t)g * L, mix);
+                apply_m512(tot, mw, acc[0], asum[g], nibbles);
             }
-            store_tot(o, tot);
+            store_tot(o, tot, nibbles, lane);
             continue;
         }
-        __m512i U[TILE / 4][4], S[T][4], mw[8];
-        __m512i tot[T][8];
+        __m512i U[TILE / 4][4], S[T][4], tot[T][8];
         for (int t = 0; t < T; t++)
             for (int j = 0; j < 8; j++)
                 tot[t][j] = _mm512_setzero_si512();
         for (int g = 0; g < ng; g++) {
             for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
                 for (int q = 0; q < nq; q++)
-                    nibble_quads(blk + (size_t)(c0 + 4 * q) * 32, i0, i1, U[q]);
+                    quads512(blk, c0 + 4 * q, nibbles, vix, U[q]);
+                const int8_t *ac = a + c0;
+                const int first = c0 == g * group;
                 int t0 = 0;
-                for (; t0 + 4 <= T; t0 += 4) {
-                    __m512i acc[4][4];
-                    for (int t = 0; t < 4; t++)
-                        for (int k = 0; k < 4; k++)
-                            acc[t][k] = _mm512_setzero_si512();
-                    tile_dot((const __m512i (*)[4])U, nq, a + (size_t)t0 * cols + c0, cols, 4, acc);
-                    for (int t = 0; t < 4; t++)
-                        for (int k = 0; k < 4; k++)
-                            S[t0 + t][k] = c0 == g * group ? acc[t][k]
-                                                           : _mm512_add_epi32(S[t0 + t][k], acc[t][k]);
-                }
-                for (; t0 < T; t0++) {
-                    __m512i acc[1][4];
-                    for (int k = 0; k < 4; k++)
-                        acc[0][k] = _mm512_setzero_si512();
-                    tile_dot((const __m512i (*)[4])U, nq, a + (size_t)t0 * cols + c0, cols, 1, acc);
-                    for (int k = 0; k < 4; k++)
-                        S[t0][k] = c0 == g * group ? acc[0][k] : _mm512_add_epi32(S[t0][k], acc[0][k]);
-                }
+                for (; t0 + 4 <= T; t0 += 4)
+                    tile_tokens((const __m512i (*)[4])U, nq, ac, cols, t0, 4, first, S);
+                for (; t0 < T; t0++)
+                    tile_tokens((const __m512i (*)[4])U, nq, ac, cols, t0, 1, first, S);
             }
-            widen_m512(mw, mb + (size_t)g * L);
+            widen_m512(mw, mb + (size_t)g * L, mix);
             for (int t = 0; t < T; t++)
-                apply_m512(tot[t], mw, S[t], asum[(size_t)t * ng + g]);
+                apply_m512(tot[t], mw, S[t], asum[(size_t)t * ng + g], nibbles);
         }
         for (int t = 0; t < T; t++)
-            store_tot(o + (size_t)t * ldo, tot[t]);
+            store_tot(o + (size_t)t * ldo, tot[t], nibbles, lane);
     }
+}
+
+/* the 4-bit / 8-bit layout; asum: (T, ng) int32 group sums of a; else as bk_mm8. group % 8 == 0
+   (kernels.pack makes it a multiple of 32) */
+V512 void bk_mv4z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
+{
+    mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1);
+}
+
+V512 void bk_mv8z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
+{
+    mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 0);
 }

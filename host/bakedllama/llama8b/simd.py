@@ -67,9 +67,9 @@ def _lib():
     I = ctypes.c_int
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mmv.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mv4z.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mmv.restype = lib.bk_mv4z.restype = None
+    lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
+    lib.bk_mv8z.restype = None
+    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = None
     return lib
 
 
@@ -105,13 +105,18 @@ def _executor(n: int) -> ThreadPoolExecutor:
     return _pool[n]
 
 
+def default_kernel(p) -> str:
+    """The kernel matmat runs for packed matrix p by default ("vnni" where it has one, else "avx2")."""
+    return "vnni" if "vnni" in kernels() and p.group < VNNI_MAX_GROUP else "avx2"
+
+
 def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) -> np.ndarray:
     """Accumulators of rows [r0, r1) of packed matrix p for each activation row of a: (T, r1 - r0)
     int64, exactly numerics.matvec (|a| <= 127). kernel: "vnni" or "avx2" (None: the default)."""
     lib = _lib()
     if kernel is None:
-        kernel = "vnni" if "vnni" in kernels() and p.group < VNNI_MAX_GROUP else "avx2"
-    if kernel not in kernels() or (kernel == "vnni" and p.group >= VNNI_MAX_GROUP):
+        kernel = default_kernel(p)
+    if kernel not in kernels() or (kernel == "vnni" and default_kernel(p) != "vnni"):
         raise ValueError(f"no {kernel} kernel for this matrix on this machine (have {kernels()})")
     a = np.asarray(a)
     if a.ndim != 2 or a.shape[1] != p.cols:
@@ -138,12 +143,9 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
             return
         o = out[t0:t1, (b0 - rb0) * 64:]
         args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
-        if kernel == "vnni" and p.store_bits == 4:
-            lib.bk_mv4z(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
-                        o.ctypes.data, ldo)
-        elif kernel == "vnni":
-            lib.bk_mmv(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
-                       o.ctypes.data, ldo)
+        if kernel == "vnni":
+            (lib.bk_mv4z if p.store_bits == 4 else lib.bk_mv8z)(
+                *args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1, o.ctypes.data, ldo)
         elif p.store_bits == 4:
             lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
                        o.ctypes.data, ldo)
