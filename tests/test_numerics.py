@@ -19,11 +19,24 @@ def test_round_shift_matches_python_integers():
         if s > 0:
             assert g == math.floor(x / 2**s + 0.5)  # round half up, also for negatives
     assert nx.round_shift(np.array([5, -5, 6, -6]), 1).tolist() == [3, -2, 3, -3]
+    # all shifts right, all left, per-row shifts broadcast: the shorter paths, the same integers
+    for lo, hi in ((1, 30), (-8, 1)):
+        ss = rng.integers(lo, hi, 2000)
+        want = [x << -s if s <= 0 else (x + (1 << (s - 1))) >> s for x, s in zip(xs.tolist(), ss.tolist())]
+        assert nx.round_shift(xs, ss).tolist() == want
+    rows = xs[:12].reshape(3, 4)
+    for k in ([[3], [0], [7]], [[3], [1], [7]], [[-2], [0], [-1]]):
+        want = [[nx.round_shift(v, kk[0]) for v in r] for r, kk in zip(rows.tolist(), k)]
+        assert nx.round_shift(rows, np.array(k)).tolist() == want
 
 
 def test_bit_length_matches_python():
     xs = np.concatenate([np.arange(0, 600), rng.integers(0, 1 << 62, 500)])
     assert nx.bit_length(xs).tolist() == [int(x).bit_length() for x in xs.tolist()]
+    # below 2^53 (the float64 path): every power of two and its neighbours, up to 2^53 - 1
+    p2 = np.array([(1 << b) + d for b in range(54) for d in (-1, 0, 1) if 0 <= (1 << b) + d < (1 << 53)])
+    for xs in (p2, rng.integers(0, 1 << 53, 2000), np.array([0, 0])):
+        assert nx.bit_length(xs).tolist() == [int(x).bit_length() for x in xs.tolist()]
 
 
 def test_quantize_act_range_and_shift():
@@ -133,6 +146,38 @@ def test_attention_head_against_float_softmax():
     p /= p.sum()
     ref = p @ (v8 / 2.0**e_v)
     assert np.abs(out - ref).max() < 0.02
+
+
+def _attention_head_by_integers(q8, fq, k8, v8, e_k, e_v, hd, mask=None):
+    """attention_head's arithmetic with its two products as exact int64 sums (no float BLAS)."""
+    dot = (np.asarray(k8, np.int64) * np.asarray(q8, np.int64)[..., None, :]).sum(-1)
+    shift = np.asarray(fq, np.int64)[..., None] + e_k + 15 - nx.SCORE_FRAC
+    s = nx.round_shift(dot * nx.score_scale(hd), shift)
+    if mask is not None:
+        s = np.where(mask, s, np.iinfo(np.int64).min // 4)
+    e = nx.exp_neg(s.max(axis=-1, keepdims=True) - s)
+    out = (e[..., :, None] * np.asarray(v8, np.int64)).sum(-2)
+    recip = (1 << nx.ATT_RECIP_BITS) // e.sum(axis=-1)
+    return nx.round_shift(out * recip[..., None], nx.ATT_RECIP_BITS + e_v - nx.ATT_OUT_FRAC)
+
+
+@pytest.mark.parametrize("hd", [16, 128, 2048])
+def test_attention_head_products_are_exact_at_the_extremes(hd):
+    """The float BLAS products inside attention_head are exact integers: the largest dots
+    (q = 127 against k = -128 in every element) and weighted sums (every weight 1.0, v = -128)
+    give what int64 sums give, for one query and for causally masked queries over many positions."""
+    T = 300
+    for trial in range(3):
+        q8 = rng.integers(-127, 128, (2, 3, hd))
+        k8 = rng.integers(-128, 128, (2, 1, T, hd))
+        v8 = rng.integers(-128, 128, (2, 1, T, hd))
+        if trial:  # the extremes: every score equal and largest, every v at -128
+            q8[:] = -127 if trial == 2 else 127
+            k8[:], v8[:] = -128, -128
+        mask = np.arange(T)[None, None, :] <= np.array([[5, T - 1, 200]])[..., None]
+        for fq, mk in ((np.array([[4, 4, 4], [9, 9, 9]]), None), (7, mask)):
+            got = nx.attention_head(q8, fq, k8, v8, 3, 4, hd, mk)
+            assert np.array_equal(got, _attention_head_by_integers(q8, fq, k8, v8, 3, 4, hd, mk))
 
 
 def test_argmax_lowest_index_on_ties():

@@ -52,6 +52,10 @@ def round_shift(x, s):
         if s <= 0:
             return x << -s
         return (x + (1 << (s - 1))) >> s
+    if s.size and s.min() > 0:  # (the usual case, in fewer array passes than the general one)
+        return (x + np.left_shift(1, s - 1)) >> s
+    if s.size and s.max() <= 0:
+        return x << -s
     pos = np.maximum(s, 0)
     half = np.where(pos > 0, np.left_shift(1, np.maximum(pos - 1, 0)), 0)
     return np.where(s > 0, (x + half) >> pos, x << np.maximum(-s, 0))
@@ -66,6 +70,8 @@ def saturate(x, bits: int):
 def bit_length(x):
     """Per-element bit length of non-negative integers (leading-one position + 1; 0 for 0)."""
     x = np.asarray(x, dtype=np.int64)
+    if x.size and x.max() < (1 << 53):  # exact as float64: frexp's exponent is the bit length
+        return np.frexp(x.astype(np.float64))[1].astype(np.int64)
     out = np.zeros(x.shape, dtype=np.int64)
     v = x.copy()
     for b in (32, 16, 8, 4, 2, 1):
@@ -291,15 +297,20 @@ def attention_head(q8, fq, k8, v8, e_k: int, e_v: int, head_dim: int, mask=None)
     mask (..., T) bool, optional: the positions a query sees (several positions of one sequence
     at once, causally); the others get weight 0 and do not enter the max, exactly as if they
     were not there. Returns the head output (..., hd), frac ATT_OUT_FRAC."""
-    q8 = np.asarray(q8, dtype=np.int64)
-    dot = np.einsum("...d,...td->...t", q8, np.asarray(k8, dtype=np.int64))
+    # the integer products as float BLAS products, exact: |q k| <= 127 * 128 per term, so the dot
+    # (head_dim terms) is below 2^24 for head_dim <= 1032 (float32), and the weighted sum of v
+    # (Q15 weights <= 2^15 times |v| <= 128, T terms) below 2^53 for any T < 2^31 (float64)
+    dt = np.float32 if head_dim * 127 * 128 < (1 << 24) else np.float64
+    k8 = np.asarray(k8)
+    dot = np.matmul(k8.astype(dt), np.asarray(q8, dtype=dt)[..., None])[..., 0].astype(np.int64)
     fq = np.asarray(fq, dtype=np.int64)[..., None]
     s = round_shift(dot * score_scale(head_dim), fq + e_k + 15 - SCORE_FRAC)  # Q8 scores
     if mask is not None:
         s = np.where(mask, s, np.iinfo(np.int64).min // 4)  # exp_neg(max - s) = 0 there
     e = exp_neg(s.max(axis=-1, keepdims=True) - s)  # Q15 weights, the max is exactly 1.0
     total = e.sum(axis=-1)
-    out = np.einsum("...t,...td->...d", e, np.asarray(v8, dtype=np.int64))
+    out = np.matmul(e[..., None, :].astype(np.float64),
+                    np.asarray(v8, dtype=np.float64))[..., 0, :].astype(np.int64)
     recip = (1 << ATT_RECIP_BITS) // total
     return round_shift(out * recip[..., None], ATT_RECIP_BITS + e_v - ATT_OUT_FRAC)
 
