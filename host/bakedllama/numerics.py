@@ -53,7 +53,8 @@ def round_shift(x, s):
             return x << -s
         return (x + (1 << (s - 1))) >> s
     if s.size and s.min() > 0:  # (the usual case, in fewer array passes than the general one)
-        return (x + np.left_shift(1, s - 1)) >> s
+        r = x + np.left_shift(1, s - 1)
+        return np.right_shift(r, s, out=r)
     if s.size and s.max() <= 0:
         return x << -s
     pos = np.maximum(s, 0)
