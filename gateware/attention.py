@@ -9,8 +9,8 @@ For each group of kv_par KV heads (HP = kv_par * kv_mul query heads), two stages
 The stages overlap: the NG groups run in NG + 1 phases of pos + 1 issues, the score stage on group
 k while the value stage is on group k - 1 (the score buffer holds two groups, the Softmax freezes a
 group's max for its value stage). Then over the whole vector (rotated one beat of P per cycle, so
-no wide read multiplexer): o = round_shift(out * recip, ATT_RECIP_BITS + e_v - 12), one pass for max |o|, one
-pass emitting quantize_act(o) (P int8 per beat) to the matrix-vector engine.
+no wide read multiplexer): o = round_shift(out * recip, the layer's AttentionStep.out), one pass for
+max |o|, one pass emitting quantize_act(o) (P int8 per beat) to the matrix-vector engine.
 
 The KV cache is two block RAMs (keys, values): word = kv_par heads x head_dim int8, address
 ((layer * seq_len + t) * groups + group). The current position's K/V rows are collected from the
@@ -21,7 +21,6 @@ from migen import *
 from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
-from bakedllama import steps
 
 from gateware import latency as lat
 from gateware.hw import (SHARED_A, SHARED_B, SHARED_P, absval, bit_length, clip, const_mul, field,
@@ -30,12 +29,18 @@ from gateware.units import Softmax, lanes_of
 
 
 class Attention(Module):
-    def __init__(self, cfg, e_k: list, e_v: list, f_qk: int, kv_par: int, P: int, Q: int,
-                 q_k_max: int = 9, mul_ext: int = 0):
-        """mul_ext: the first mul_ext e x v products are made outside (MatVec's lent packed-pair
+    def __init__(self, cfg, att: list, kv_par: int, P: int, Q: int, q_k_max: int = 9,
+                 mul_ext: int = 0):
+        """att: each layer's steps.AttentionStep (one score scale and one score_q for all of them:
+        the score shift's per-layer part is e_k).
+        mul_ext: the first mul_ext e x v products are made outside (MatVec's lent packed-pair
         multipliers): their operands go out on mul_a / mul_b, the registered product comes back
         on mul_p, with the latency of the unit's own product register."""
         c = cfg
+        if len(att) != c.n_layers:
+            raise ValueError(f"Attention: {len(att)} attention steps for {c.n_layers} layers")
+        if len({(a.scale, a.score_q) for a in att}) != 1:
+            raise ValueError("Attention: the layers' steps differ in score scale or score_q")
         D, hd, S, NL = c.dim, c.head_dim, c.seq_len, c.n_layers
         KVD = c.kv_dim
         KP = kv_par
@@ -47,7 +52,8 @@ class Attention(Module):
         self.start = Signal()
         self.layer = Signal(ubits(max(1, NL - 1)))
         self.pos = Signal(ubits(S))
-        obound = max(127 * (1 << max(0, nx.ATT_OUT_FRAC - ev)) + 1 for ev in e_v)
+        # |out| <= 127 sum(e) and recip <= 2^ATT_RECIP_BITS / sum(e), so |o| <= 127 * 2^(RECIP - out)
+        obound = max(127 * (1 << max(0, nx.ATT_RECIP_BITS - a.out)) + 1 for a in att)
         obw = sbits(obound)
         self.k_max = max(0, obw - 7)
         self.source = stream.Endpoint([("a", P * 8), ("k", ubits(16))])
@@ -123,18 +129,19 @@ class Attention(Module):
         self.comb += qg.eq(Array([Cat(*q8[i * HP * hd:(i + 1) * HP * hd]) for i in range(NG)])[gs])
         qs = lanes_of(self, qg, HP * hd, 8, False)  # raw bits: plane_dot slices them
         ks = lanes_of(self, kr.dat_r, W, 8)
-        scale = nx.score_scale(hd)
-        # the score shift of layer l is steps.score_base(f_qk, e_k[l]) - kq (it grows with e_k):
-        # score_base(f_qk, 0) wired in, e_k[l] added in hardware (a per-layer mux of e_k)
-        sh_lo = steps.score_base(f_qk, min(e_k)) - q_k_max
-        sh_hi = steps.score_base(f_qk, max(e_k))
+        scale = att[0].scale
+        # the score shift of layer l is att[l].score_shift(kq) = score_q + e_k[l] - kq: score_q
+        # wired in, e_k[l] added in hardware (a per-layer mux of e_k)
+        e_k = [a.e_k for a in att]
+        sh_lo = min(a.score_base for a in att) - q_k_max
+        sh_hi = max(a.score_base for a in att)
         dot_max = hd * 127 * 128
         s_max = max(-(-(dot_max * scale) >> sh_lo) if sh_lo >= 0 else (dot_max * scale) << -sh_lo, 1)
         s_bits = sbits(s_max) + 1
         ek = Signal((sbits(min(e_k), max(e_k)) + 1, True))
         self.comb += ek.eq(Array([Constant(v, (len(ek), True)) for v in e_k])[self.layer])
         shift = Signal((sbits(sh_lo, sh_hi) + 1, True))
-        self.comb += shift.eq(steps.score_base(f_qk, 0) + ek - kq)
+        self.comb += shift.eq(att[0].score_q + ek - kq)
         self.submodules.softmax = sm = Softmax(HP, s_bits, S)
         # operands registered at the KV cache's output (its clock-to-out is ~6 ns)
         # (lat.KV_READ registers: yosys folds the first into the block RAM's output register, so
@@ -252,7 +259,7 @@ class Attention(Module):
         for h in range(c.n_heads):
             self.sync += If(sm.source_recip.valid & (gv == h // HP), recip[h].eq(rs[h % HP]))
 
-        # output passes over the vector: o = round_shift(out * recip, 40 + e_v - 12); a beat of P
+        # output passes over the vector: o = round_shift(out * recip, att[layer].out); a beat of P
         # lies within one head (P divides head_dim), so one reciprocal serves the beat
         ob = Signal(ubits(D // P))
         outs = out[:P]
@@ -260,7 +267,7 @@ class Attention(Module):
         hsh = (hd // P).bit_length() - 1
         self.comb += rcur.eq(Array(recip)[ob[hsh:] if hsh else ob])
         rl = [rcur] * P
-        sho = [steps.att_out_shift(ev) for ev in e_v]
+        sho = [a.out for a in att]
         osh = Signal((sbits(min(sho), max(sho)) + 1, True))
         self.comb += osh.eq(Array([Constant(v, (len(osh), True)) for v in sho])[self.layer])
         prod1 = [Signal((aw + len(recip[0]) + 1, True)) for _ in range(P)]

@@ -10,8 +10,8 @@
     tables     lookup tables from bakedllama.numerics (rsqrt, exp, sigmoid, RoPE cos/sin, norm
                gains) - generated there, never copied here
     steps      every shift of the pass (bakedllama.steps.make_steps: requantization bases, the
-               embedding, key cache, score and attention output shifts, norm gain fracs), the
-               same constants the golden model and the 8B runner apply
+               embedding, key cache, the attention's score scale and shifts, the norms' eps and
+               shifts), the same constants the golden model and the 8B runner apply
     schedule   the fixed sequence of steps of one forward pass (which matrix, which unit, when)
 
 Nothing here touches Migen, so the cycle model (and the 8B projection) can import it cheaply.
@@ -473,10 +473,9 @@ def compile_model(model, lanes: int = DEFAULT_LANES, vlanes: int | None = None,
         exp_lo=[int(v) for v in nx.EXP_LO],
         sigmoid=[int(v) for v in nx.SIGMOID_TABLE],
         rope_cos=cos.astype(np.int64), rope_sin=sin.astype(np.int64),
-        gains=np.stack([np.asarray(g, dtype=np.int64) for g in gains]),  # (2L+1, dim) int16
-        f_g=steps.norm_fracs(),  # in the order of norm_select
+        gains=np.stack([np.asarray(g, dtype=np.int64) for g in gains]),  # (2L+1, dim) int16, in the
+        # order of norm_select and of steps.norms()
         score_scale=nx.score_scale(c.head_dim),
-        eps_int=steps.eps_int,
     )
     for b in banks:
         assert all(0 <= w < (1 << b.width) for w in b.words)

@@ -44,12 +44,11 @@ def make_units(plan: compiler.Plan) -> dict:
     return dict(
         mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q,
                   dsp_pairs=g.dsp_pairs, share=g.share),
-        rms=RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"]),
+        rms=RMSNorm(D, P, t["gains"], f.norms()),
         aq=ActQuant(kmax, Q, P),
-        att=Attention(c, [s.e_k for s in f.layers], [s.e_v for s in f.layers], f.layers[0].q_frac,
-                      g.kv_par, P, Q, mul_ext=g.share),  # (one q_frac, h_frac for all layers)
+        att=Attention(c, [s.att for s in f.layers], g.kv_par, P, Q, mul_ext=g.share),
         rope=Rope(Q),
-        swiglu=SwiGLU(Q, f.layers[0].h_frac),
+        swiglu=SwiGLU(Q, f.layers[0].h_frac),  # (one h_frac for all layers)
         argmax=Argmax(Q, plan.acc_bits, V, n_valid=c.vocab_size),  # never a pad row
         sampler=Sampler(c.vocab_size, Q, n_fill=V),
     )

@@ -57,11 +57,11 @@ def rom(m, values: list, width: int, nports: int = 1) -> list:
 
 
 # ----------------------------------------------------------------------------- RMSNorm
-def rsqrt_u_max() -> int:
-    """Bound on |u| = |x| * r >> (7 + k) over all mantissas (x^2 <= sum of squares)."""
+def rsqrt_u_max(u_base: int) -> int:
+    """Bound on |u| = |x| * r >> (u_base + k) over all mantissas (x^2 <= sum of squares)."""
     mant = np.arange(1 << 14, 1 << 16)
     r = nx.RSQRT_TABLE[(mant >> 6) - 256]
-    return int(np.ceil((np.sqrt(mant + 1.0) * r / 2.0**7).max())) + 1
+    return int(np.ceil((np.sqrt(mant + 1.0) * r / 2.0**u_base).max())) + 1
 
 
 def _ceil_shift(v: int, s: int) -> int:
@@ -69,13 +69,19 @@ def _ceil_shift(v: int, s: int) -> int:
 
 
 class RMSNorm(Module):
-    """quantize_act(rmsnorm(x, gains[sel], f_g[sel], eps_int)) for x of `dim` int16 values.
+    """quantize_act(rmsnorm(x, gains[sel], norms[sel])) for x of `dim` int16 values.
 
+    norms: the steps.NormStep of each gain (one eps_int and one u_base for all of them).
     sink: the vector x, sent three times (P values per beat, `last` ends each pass).
     source: dim/P beats of P int8 activations, with k (the quantization shift) on every beat."""
 
-    def __init__(self, dim: int, P: int, gains, f_g: list, eps_int: int):
-        n_sel = len(f_g)
+    def __init__(self, dim: int, P: int, gains, norms: list):
+        n_sel = len(norms)
+        if len(gains) != n_sel:
+            raise ValueError(f"RMSNorm: {len(gains)} gains for {n_sel} norm steps")
+        if len({(n.eps_int, n.u_base) for n in norms}) != 1:
+            raise ValueError("RMSNorm: the norm steps differ in eps_int or u_base (one each here)")
+        eps_int, sh_u = norms[0].eps_int, norms[0].u_base
         nb = dim // P
         self.sel = Signal(ubits(max(1, n_sel - 1)))
         self.sink = stream.Endpoint([("x", P * 16)])
@@ -88,10 +94,10 @@ class RMSNorm(Module):
         ss_max = dim * (1 << 30) + eps_int
         ss_bits = ubits(ss_max)
         k_rs_max = (ss_bits - 15) // 2  # rsqrt exponent range [-7, k_rs_max]
-        u_max = rsqrt_u_max()
+        u_max = rsqrt_u_max(sh_u)
         uw = sbits(u_max)
         g_max = int(np.abs(np.asarray(gains)).max())
-        xb_max = max(_ceil_shift(u_max * g_max, nx.U_FRAC + fg - nx.NORM_OUT_FRAC) + 1 for fg in f_g)
+        xb_max = max(_ceil_shift(u_max * g_max, n.out) + 1 for n in norms)
         xbw = sbits(xb_max)
         if xbw - 7 > kmax:
             raise ValueError("RMSNorm output too wide for the quantizer")
@@ -133,11 +139,10 @@ class RMSNorm(Module):
         sq_sum = Signal(ss_bits)
         self.comb += sq_sum.eq(sum(xr1))
         self.sync += If(ce & v1 & (ph1 == 0), ss.eq(ss + sq_sum))
-        # stage 2: u = round_shift(x*r, RSQRT_FRAC + k - U_FRAC)
+        # stage 2: u = round_shift(x*r, u_shift(k) = sh_u + k)
         v2, ph2, last2 = Signal(), Signal(2), Signal()
         u2 = [Signal((uw, True)) for _ in range(P)]
         g2 = Signal(P * 16)
-        sh_u = nx.RSQRT_FRAC - nx.U_FRAC
         us = [round_shift(self, xr1[j], krs + sh_u, (sh_u - 7, sh_u + k_rs_max)) for j in range(P)]
         self.sync += If(ce, v2.eq(v1 & (ph1 != 0)), ph2.eq(ph1), last2.eq(last1), g2.eq(g1),
                         *[u2[j].eq(us[j]) for j in range(P)])
@@ -147,8 +152,8 @@ class RMSNorm(Module):
         gs = lanes_of(self, g2, P, 16)
         self.sync += If(ce, v3.eq(v2), ph3.eq(ph2), last3.eq(last2),
                         *[ug3[j].eq(u2[j] * gs[j]) for j in range(P)])
-        # stage 4: xb = round_shift(u*g, U_FRAC + f_g - NORM_OUT_FRAC)
-        fgs = [nx.U_FRAC + fg - nx.NORM_OUT_FRAC for fg in f_g]
+        # stage 4: xb = round_shift(u*g, out) (the selected norm's step)
+        fgs = [n.out for n in norms]
         fsel = Signal((sbits(min(fgs), max(fgs)) + 1, True))
         self.comb += fsel.eq(Array([Constant(v, (len(fsel), True)) for v in fgs])[self.sel])
         v4, ph4, last4 = Signal(), Signal(2), Signal()

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 from bakedllama import numerics as nx
+from bakedllama import steps
 from migen import run_simulation
 
 from gateware import compiler, units
@@ -203,12 +204,13 @@ def test_rmsnorm():
     plan = compiler.compile_model(baked(TINY), lanes=16)
     D, P = TINY.dim, 4
     t = plan.tables
-    dut = units.RMSNorm(D, P, t["gains"], t["f_g"], t["eps_int"])
+    norms = plan.steps.norms()
+    dut = units.RMSNorm(D, P, t["gains"], norms)
     rng = random.Random(1)
     nrng = np.random.default_rng(1)
     vecs = [nrng.integers(-32768, 32768, D), nrng.integers(-300, 300, D), np.zeros(D, np.int64),
             nrng.integers(-3, 4, D), np.full(D, -32768), nrng.normal(0, 2000, D).astype(np.int64)]
-    sels = [int(nrng.integers(0, len(t["f_g"]))) for _ in vecs]
+    sels = [int(nrng.integers(0, len(norms))) for _ in vecs]
     out = []
 
     def driver():
@@ -227,7 +229,7 @@ def test_rmsnorm():
 
     run_simulation(dut, [driver(), receiver()])
     for n, (x, sel) in enumerate(zip(vecs, sels)):
-        ref_xb = nx.rmsnorm(x, t["gains"][sel], t["f_g"][sel], t["eps_int"])
+        ref_xb = nx.rmsnorm(x, t["gains"][sel], norms[sel])
         ref_a, ref_k = nx.quantize_act(ref_xb)
         beats = out[n * D // P:(n + 1) * D // P]
         got = np.concatenate([unpack(b["a"], P, 8) for b in beats])
@@ -394,8 +396,8 @@ def test_attention(kv_par):
     from gateware.attention import Attention
     cfg = TINY
     P, Q = 4, 2
-    e_k, e_v, f_qk = [4], [3], 10
-    dut = Attention(cfg, e_k, e_v, f_qk, kv_par, P, Q)
+    att = steps.attention_step(f_qk=10, e_k=4, e_v=3, head_dim=cfg.head_dim)
+    dut = Attention(cfg, [att], kv_par, P, Q)
     nrng = np.random.default_rng(8 + kv_par)
     T = 6
     D, KVD, hd = cfg.dim, cfg.kv_dim, cfg.head_dim
@@ -446,7 +448,7 @@ def test_attention(kv_par):
         q8 = a.reshape(cfg.n_kv_heads, cfg.kv_mul, hd)
         kk = kc[:pos + 1].reshape(pos + 1, cfg.n_kv_heads, hd).transpose(1, 0, 2)
         vv = vc[:pos + 1].reshape(pos + 1, cfg.n_kv_heads, hd).transpose(1, 0, 2)
-        o = nx.attention_head(q8, np.int64(f_qk - k), kk[:, None], vv[:, None], e_k[0], e_v[0], hd)
+        o = nx.attention_head(q8, np.int64(k), kk[:, None], vv[:, None], att)
         ref_a, ref_k = nx.quantize_act(o.reshape(D))
         got = np.concatenate([unpack(w, P, 8) for w, _ in outs[pos]])
         assert all(kk_ == ref_k for _, kk_ in outs[pos]), (pos, outs[pos][0][1], ref_k)

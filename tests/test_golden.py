@@ -50,13 +50,12 @@ def test_trace_has_every_layer_and_matches_residual(small_baked, small_cfg):
     for l, layer in enumerate(tr.layers):
         lw = g.layer(l)
         assert layer["x_att"].shape == (1, small_cfg.dim)
-        x_att = attention_block(small_cfg, f, lw, x, s2.key_cache[l], s2.value_cache[l], 1, cos, sin)
+        x_att = attention_block(small_cfg, lw, x, s2.key_cache[l], s2.value_cache[l], 1, cos, sin)
         assert (x_att == layer["x_att"]).all(), f"layer {l}: x_att is not the attention block's output"
-        assert (ffn_block(small_cfg, f, lw, layer["x_att"]) == layer["x_ffn"]).all(), f"layer {l}: x_ffn"
+        assert (ffn_block(small_cfg, lw, layer["x_att"]) == layer["x_ffn"]).all(), f"layer {l}: x_ffn"
         assert not (layer["x_att"] == x).all()  # each block changes the residual
         x = layer["x_ffn"]
-    want = classifier(f, small_baked.norms["rms_final_weight"], f["f_g_rms_final_weight"],
-                      small_baked.wcls, x)
+    want = classifier(small_baked.norms["rms_final_weight"], g.steps.rms_final, small_baked.wcls, x)
     assert (want.acc == out.acc).all() and (want.frac == out.frac).all()
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from bakedllama import numerics as nx
+from bakedllama import steps
 
 rng = np.random.default_rng(1234)
 
@@ -82,7 +83,8 @@ def test_rmsnorm_against_float():
     xi = np.round(x * 2**f_x).astype(np.int64)
     g = rng.uniform(0.3, 3, 128)
     gq, f_g = nx.norm_weight_q(g)
-    y = nx.rmsnorm(xi, gq, f_g, nx.rms_eps_int(1e-5, 128, f_x)) / 2.0**nx.NORM_OUT_FRAC
+    step = steps.norm_step(f_g, nx.rms_eps_int(1e-5, 128, f_x))
+    y = nx.rmsnorm(xi, gq, step) / 2.0**nx.NORM_OUT_FRAC
     xr = xi / 2.0**f_x
     ref = xr / np.sqrt((xr**2).mean(-1, keepdims=True) + 1e-5) * g
     assert np.abs(y - ref).max() < 0.004 * np.abs(ref).max()
@@ -139,8 +141,10 @@ def test_attention_head_against_float_softmax():
     q8 = rng.integers(-127, 128, hd)
     k8 = rng.integers(-127, 128, (T, hd))
     v8 = rng.integers(-127, 128, (T, hd))
-    fq, e_k, e_v = 7, 6, 5
-    out = nx.attention_head(q8, fq, k8, v8, e_k, e_v, hd) / 2.0**nx.ATT_OUT_FRAC
+    f_qk, kq, e_k, e_v = 9, 2, 6, 5
+    fq = f_qk - kq  # q8's frac
+    step = steps.attention_step(f_qk, e_k, e_v, hd)
+    out = nx.attention_head(q8, kq, k8, v8, step) / 2.0**nx.ATT_OUT_FRAC
     s = (k8 / 2.0**e_k) @ (q8 / 2.0**fq) / math.sqrt(hd)
     p = np.exp(s - s.max())
     p /= p.sum()
@@ -148,17 +152,16 @@ def test_attention_head_against_float_softmax():
     assert np.abs(out - ref).max() < 0.02
 
 
-def _attention_head_by_integers(q8, fq, k8, v8, e_k, e_v, hd, mask=None):
+def _attention_head_by_integers(q8, kq, k8, v8, step, mask=None):
     """attention_head's arithmetic with its two products as exact int64 sums (no float BLAS)."""
     dot = (np.asarray(k8, np.int64) * np.asarray(q8, np.int64)[..., None, :]).sum(-1)
-    shift = np.asarray(fq, np.int64)[..., None] + e_k + 15 - nx.SCORE_FRAC
-    s = nx.round_shift(dot * nx.score_scale(hd), shift)
+    s = nx.round_shift(dot * step.scale, step.score_shift(kq)[..., None])
     if mask is not None:
         s = np.where(mask, s, np.iinfo(np.int64).min // 4)
     e = nx.exp_neg(s.max(axis=-1, keepdims=True) - s)
     out = (e[..., :, None] * np.asarray(v8, np.int64)).sum(-2)
     recip = (1 << nx.ATT_RECIP_BITS) // e.sum(axis=-1)
-    return nx.round_shift(out * recip[..., None], nx.ATT_RECIP_BITS + e_v - nx.ATT_OUT_FRAC)
+    return nx.round_shift(out * recip[..., None], step.out)
 
 
 @pytest.mark.parametrize("hd", [16, 128, 2048])
@@ -167,6 +170,7 @@ def test_attention_head_products_are_exact_at_the_extremes(hd):
     (q = 127 against k = -128 in every element) and weighted sums (every weight 1.0, v = -128)
     give what int64 sums give, for one query and for causally masked queries over many positions."""
     T = 300
+    step = steps.attention_step(f_qk=11, e_k=3, e_v=4, head_dim=hd)  # q8's frac: 11 - kq
     for trial in range(3):
         q8 = rng.integers(-127, 128, (2, 3, hd))
         k8 = rng.integers(-128, 128, (2, 1, T, hd))
@@ -175,9 +179,9 @@ def test_attention_head_products_are_exact_at_the_extremes(hd):
             q8[:] = -127 if trial == 2 else 127
             k8[:], v8[:] = -128, -128
         mask = np.arange(T)[None, None, :] <= np.array([[5, T - 1, 200]])[..., None]
-        for fq, mk in ((np.array([[4, 4, 4], [9, 9, 9]]), None), (7, mask)):
-            got = nx.attention_head(q8, fq, k8, v8, 3, 4, hd, mk)
-            assert np.array_equal(got, _attention_head_by_integers(q8, fq, k8, v8, 3, 4, hd, mk))
+        for kq, mk in ((np.array([[7, 7, 7], [2, 2, 2]]), None), (4, mask)):
+            got = nx.attention_head(q8, kq, k8, v8, step, mk)
+            assert np.array_equal(got, _attention_head_by_integers(q8, kq, k8, v8, step, mk))
 
 
 def test_argmax_lowest_index_on_ties():

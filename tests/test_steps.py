@@ -1,10 +1,11 @@
 """steps.make_steps: the per-step constants of the default baked model mean what the data flow says.
 
 Each matrix step's shift is checked against a float computation of the same product (the result
-must be the rounded value at the frac the data flow gives it: q at f_qk, v at e_v, ...), the
-attention's score and output shifts (which the gateware applies) against numerics.attention_head
-(which the golden model calls), and the golden model and the 8B runner are shown to take their
-shifts from the pass: a perturbed constant changes their output."""
+must be the rounded value at the frac the data flow gives it: q at f_qk, v at e_v, ...), the norms'
+and the attention's shifts likewise (u at U_FRAC, the norm at NORM_OUT_FRAC, scores at Q8, the
+attention at ATT_OUT_FRAC), numerics.rmsnorm and attention_head are shown to apply their step's
+constants, and the golden model and the 8B runner to take their shifts from the pass: a perturbed
+constant changes their output."""
 
 from __future__ import annotations
 
@@ -67,34 +68,66 @@ def test_embedding_and_key_cache_shifts(model):
     assert (nx.requantize(q, st.embed) == want).all()  # the gateware's embedding shift
     assert (embed(e, tokens, st.f_x) == want).all()  # the golden model's
     k = rng.integers(-32768, 32768, 500)  # rotated keys, int16 frac f_qk
-    for ls in st.layers:
+    for l, ls in enumerate(st.layers):
         got = nx.saturate(nx.round_shift(k, ls.k_cache), 8)
-        assert (got == _round_half_up(k * 2.0 ** (ls.e_k - ls.q_frac), 8)).all()
+        assert (got == _round_half_up(k * 2.0 ** (model.fmt["e_k"][l] - model.fmt["f_qk"]), 8)).all()
 
 
-def _head(q8, kq, k8, v8, ls, hd, score_base, att_out):
-    """One head with the shifts applied as the gateware applies them (attention.py): Q8 scores at
-    score_base - kq, exp table weights, the reciprocal, the output shift att_out."""
-    dot = k8 @ q8
-    s = nx.round_shift(dot * nx.score_scale(hd), score_base - kq)
-    e = nx.exp_neg(s.max() - s)
-    recip = (1 << nx.ATT_RECIP_BITS) // e.sum()
-    return nx.round_shift((e @ v8) * recip, att_out)
+def test_norm_steps_put_u_and_the_output_at_their_formats(model):
+    """For every norm of the pass (in Steps.norms() order, the gains' frac from the formats):
+    x * r (1/sqrt(ss) = r 2^-(RSQRT_FRAC + k)) rounded at u_shift(k) is x / sqrt(ss) at U_FRAC, and
+    u * g rounded at `out` is the product at NORM_OUT_FRAC, both rounded half up; numerics.rmsnorm
+    applies exactly these, with the step's eps_int, and takes them from the step."""
+    st, fmt, rng = steps.model_steps(model), model.fmt, np.random.default_rng(3)
+    L = model.cfg.n_layers
+    f_g = [f for l in range(L) for f in (fmt["f_g_rms_att_weight"][l], fmt["f_g_rms_ffn_weight"][l])]
+    f_g.append(fmt["f_g_rms_final_weight"])
+    gains = [model.norms[n][l] for l in range(L) for n in ("rms_att_weight", "rms_ffn_weight")]
+    gains.append(model.norms["rms_final_weight"])
+    norms = st.norms()
+    assert len(norms) == len(f_g) == 2 * L + 1
+    for ns, fg, g in zip(norms, f_g, gains):
+        assert ns.eps_int == fmt["eps_int"]
+        x = rng.integers(-3000, 3000, (4, model.cfg.dim)) >> rng.integers(0, 8, (4, 1))
+        r, k = nx.rsqrt_parts((x * x).sum(-1) + ns.eps_int)
+        u = nx.round_shift(x * r[:, None], ns.u_shift(k)[:, None])
+        want_u = np.floor(x * r[:, None] * 2.0 ** -(nx.RSQRT_FRAC + k[:, None] - nx.U_FRAC) + 0.5)
+        assert (u == want_u).all()
+        xb = nx.round_shift(u * g.astype(np.int64), ns.out)
+        want = np.floor(u * 2.0**-nx.U_FRAC * g * 2.0 ** (nx.NORM_OUT_FRAC - fg) + 0.5)
+        assert (xb == want).all()
+        assert (nx.rmsnorm(x, g, ns) == xb).all()
+        for other in (replace(ns, u_base=ns.u_base + 1), replace(ns, out=ns.out - 1),
+                      replace(ns, eps_int=ns.eps_int + (1 << 30))):
+            assert (nx.rmsnorm(x, g, other) != xb).any(), other
 
 
-def test_attention_shifts_are_those_of_attention_head(model):
-    """The score and output shifts of the pass, applied step by step, give exactly
-    numerics.attention_head's output (the golden model's attention) for every layer's formats;
-    one off in either gives other values on the same inputs."""
-    st, hd, rng = steps.model_steps(model), model.cfg.head_dim, np.random.default_rng(2)
-    for ls in st.layers:
+def test_attention_steps_put_scores_and_output_at_their_formats(model):
+    """For every layer: the score shift for kq turns q8 (frac f_qk - kq) . k8 (frac e_k) times the
+    Q15 scale into Q8 scores, and the output shift turns sum(e * v) (values frac e_v) times the
+    2^ATT_RECIP_BITS reciprocal into ATT_OUT_FRAC, both rounded half up (float64 is exact here);
+    numerics.attention_head applies exactly these and takes them from the step: one off in either
+    gives other values on the same inputs."""
+    st, fmt, rng = steps.model_steps(model), model.fmt, np.random.default_rng(2)
+    hd = model.cfg.head_dim
+    for l, ls in enumerate(st.layers):
+        a, e_k, e_v = ls.att, fmt["e_k"][l], fmt["e_v"][l]
+        assert (a.scale, a.e_k) == (nx.score_scale(hd), e_k)
         for kq in (0, 1, 4):
             q8 = rng.integers(-127, 128, hd)
             k8, v8 = rng.integers(-127, 128, (9, hd)), rng.integers(-127, 128, (9, hd))
-            want = nx.attention_head(q8, np.int64(ls.q_frac - kq), k8, v8, ls.e_k, ls.e_v, hd)
-            assert (_head(q8, kq, k8, v8, ls, hd, ls.score_base, ls.att_out) == want).all()
-            assert (_head(q8, kq, k8, v8, ls, hd, ls.score_base + 1, ls.att_out) != want).any()
-            assert (_head(q8, kq, k8, v8, ls, hd, ls.score_base, ls.att_out - 1) != want).any()
+            dot = k8 @ q8
+            s = nx.round_shift(dot * a.scale, a.score_shift(kq))
+            real = dot * 2.0 ** -(fmt["f_qk"] - kq + e_k) * a.scale * 2.0**-steps.SCORE_SCALE_FRAC
+            assert (s == np.floor(real * 2.0**nx.SCORE_FRAC + 0.5)).all()
+            e = nx.exp_neg(s.max() - s)
+            w = (e @ v8) * ((1 << nx.ATT_RECIP_BITS) // e.sum())
+            o = nx.round_shift(w, a.out)
+            want = np.floor(w * 2.0 ** -(nx.ATT_RECIP_BITS + e_v - nx.ATT_OUT_FRAC) + 0.5)
+            assert (o == want).all()
+            assert (nx.attention_head(q8, kq, k8, v8, a) == o).all()
+            assert (nx.attention_head(q8, kq, k8, v8, replace(a, score_q=a.score_q + 1)) != o).any()
+            assert (nx.attention_head(q8, kq, k8, v8, replace(a, out=a.out - 1)) != o).any()
 
 
 def _bump(rq: steps.Requant) -> steps.Requant:
@@ -102,22 +135,34 @@ def _bump(rq: steps.Requant) -> steps.Requant:
 
 
 MATRIX_STEPS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
-LAYER_CONSTANTS = ("k_cache", "q_frac", "e_k", "e_v", "h_frac", "f_g_att", "f_g_ffn")
+LAYER_CONSTANTS = ("k_cache", "h_frac", "rms_att.eps_int", "rms_att.u_base", "rms_att.out",
+                   "rms_ffn.out", "att.scale", "att.score_q", "att.e_k", "att.out")
+BUMP = {"eps_int": 1 << 30}  # eps_int: a change that is not lost in the sum of squares
+
+
+def _bumped(step, field: str):
+    return replace(step, **{field: getattr(step, field) + BUMP.get(field, 1)})
 
 
 def _perturbed(s: steps.Steps, what: str) -> steps.Steps:
-    """The pass with one constant changed: f_x, a matrix step of layer 1, or a constant of layer 0."""
+    """The pass with one constant changed: f_x, the final norm's output shift, a matrix step of
+    layer 1, or a constant of layer 0 (part.field: a field of one of its steps)."""
     if what == "f_x":
         return replace(s, f_x=s.f_x - 1)
+    if what == "rms_final.out":
+        return replace(s, rms_final=_bumped(s.rms_final, "out"))
     layers = list(s.layers)
     if what in MATRIX_STEPS:
         layers[1] = replace(layers[1], **{what: _bump(getattr(layers[1], what))})
+    elif "." in what:
+        part, field = what.split(".")
+        layers[0] = replace(layers[0], **{part: _bumped(getattr(layers[0], part), field)})
     else:
-        layers[0] = replace(layers[0], **{what: getattr(layers[0], what) + 1})
+        layers[0] = _bumped(layers[0], what)
     return replace(s, layers=tuple(layers))
 
 
-@pytest.mark.parametrize("what", ["f_x", *MATRIX_STEPS, *LAYER_CONSTANTS])
+@pytest.mark.parametrize("what", ["f_x", *MATRIX_STEPS, *LAYER_CONSTANTS, "rms_final.out"])
 def test_golden_forward_takes_its_shifts_from_the_pass(model, what):
     """The golden model computes no shift of its own: a constant changed in Golden.steps changes
     the logits (or, for the classifier step, their frac)."""
@@ -145,9 +190,10 @@ def test_classifier_step_gives_the_golden_q8_logits(model):
         assert (lg.q8() != replace(g.steps.cls, base=g.steps.cls.base - 1).apply(lg.acc, k)).any()
 
 
-def test_runner_takes_its_shifts_from_the_pass(model):
+@pytest.mark.parametrize("what", ["w2", "rms_att.out", "att.score_q", "rms_final.out"])
+def test_runner_takes_its_shifts_from_the_pass(model, what):
     """The 8B runner likewise: equal to the golden model with the pass as it is, different with
-    one matrix step's shift changed."""
+    one constant changed (a matrix step, a norm's, the attention's)."""
     from bakedllama.llama8b import partition, quant, runner
 
     qm = quant.from_baked(model)
@@ -155,14 +201,13 @@ def test_runner_takes_its_shifts_from_the_pass(model):
     g = Golden(model)
     gs = g.new_state(1)
     toks = [5, 9, 300]
-    want = [g.forward(gs, [t]).acc for t in toks]
+    want = [g.forward(gs, [t]) for t in toks]
     s = r.new_state()
-    assert all((r.forward(s, t).acc == w).all() for t, w in zip(toks, want))
-    r.steps = replace(r.steps, layers=(replace(r.steps.layers[0], w2=_bump(r.steps.layers[0].w2)),
-                                       *r.steps.layers[1:]))
+    assert all((r.forward(s, t).acc == w.acc).all() for t, w in zip(toks, want))
+    r.steps = _perturbed(r.steps, what)
     s = r.new_state()
-    got = [r.forward(s, t).acc for t in toks]
-    assert any((a != b).any() for a, b in zip(got, want))
+    got = [r.forward(s, t) for t in toks]
+    assert any((a.acc != b.acc).any() or (a.frac != b.frac).any() for a, b in zip(got, want)), what
 
 
 def test_bad_formats_are_refused(model):

@@ -70,12 +70,12 @@ def linear_q(w: nx.QTensor, a, k, rq: steps.Requant):
 class LayerWeights:
     """One decoder block's baked weights (what a partition carries for a whole layer)."""
 
-    rms_att: np.ndarray  # (dim,) int16 gain, frac st.f_g_att
+    rms_att: np.ndarray  # (dim,) int16 gain (its step: st.rms_att)
     wq: nx.QTensor
     wk: nx.QTensor
     wv: nx.QTensor
     wo: nx.QTensor
-    rms_ffn: np.ndarray  # (dim,) int16 gain, frac st.f_g_ffn
+    rms_ffn: np.ndarray  # (dim,) int16 gain (its step: st.rms_ffn)
     w1: nx.QTensor
     w2: nx.QTensor
     w3: nx.QTensor
@@ -86,7 +86,7 @@ def attention_core(c, st: steps.LayerSteps, q, k, v, key_cache, value_cache, pos
                    consecutive: bool = False):
     """Between the q/k/v projections and wo: RoPE, KV cache write, scores, softmax, weighted sum.
 
-    q (B, n_heads, hd), k (B, n_kv_heads, hd) int16 frac st.q_frac; v (B, kv_dim) int8 frac st.e_v.
+    q (B, n_heads, hd), k (B, n_kv_heads, hd) int16 frac f_qk; v (B, kv_dim) int8 frac e_v.
     B sequences at position `pos` (cos, sin: that position's rows); or, consecutive=True, B
     consecutive positions pos .. pos + B - 1 of the caches' one sequence (cos, sin: (B, hd/2)),
     each query over the positions up to its own: the same integers as B calls in turn.
@@ -106,21 +106,19 @@ def attention_core(c, st: steps.LayerSteps, q, k, v, key_cache, value_cache, pos
     q8 = q8.reshape(B, c.n_kv_heads, c.kv_mul, hd)  # query heads grouped by their kv head
     kk = key_cache[:, :n].reshape(S, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
     vv = value_cache[:, :n].reshape(S, n, c.n_kv_heads, hd).transpose(0, 2, 1, 3)
-    fq = (st.q_frac - kq)[:, None, None]
     mask = None
     if consecutive and B > 1:  # query i sees positions 0 .. pos + i
         mask = (np.arange(n)[None, :] <= (pos + np.arange(B))[:, None])[:, None, None, :]
-    att = nx.attention_head(q8, fq, kk[:, :, None], vv[:, :, None], st.e_k, st.e_v, hd, mask)
+    att = nx.attention_head(q8, kq[:, None, None], kk[:, :, None], vv[:, :, None], st.att, mask)
     return att.reshape(B, c.dim)
 
 
-def attention_block(c, f: dict, lw: LayerWeights, x, key_cache, value_cache, pos: int, cos, sin):
+def attention_block(c, lw: LayerWeights, x, key_cache, value_cache, pos: int, cos, sin):
     """x (B, dim) int16 -> x + attention(x); writes position `pos` of this layer's cache.
 
-    f: the model's formats (the norm's eps_int); key_cache / value_cache: (B, seq_len, kv_dim) int8
-    views of this layer's cache."""
+    key_cache / value_cache: (B, seq_len, kv_dim) int8 views of this layer's cache."""
     B, hd, st = x.shape[0], c.head_dim, lw.st
-    xb = nx.rmsnorm(x, lw.rms_att, st.f_g_att, f["eps_int"])
+    xb = nx.rmsnorm(x, lw.rms_att, st.rms_att)
     a, k_a = nx.quantize_act(xb)
     q = linear_q(lw.wq, a, k_a, st.wq).reshape(B, c.n_heads, hd)
     k = linear_q(lw.wk, a, k_a, st.wk).reshape(B, c.n_kv_heads, hd)
@@ -129,10 +127,10 @@ def attention_block(c, f: dict, lw: LayerWeights, x, key_cache, value_cache, pos
     return nx.saturate(x + linear(lw.wo, o, st.wo), 16)
 
 
-def ffn_block(c, f: dict, lw: LayerWeights, x):
+def ffn_block(c, lw: LayerWeights, x):
     """x (B, dim) int16 -> x + w2(silu(w1 xb) * w3 xb)."""
     st = lw.st
-    xb = nx.rmsnorm(x, lw.rms_ffn, st.f_g_ffn, f["eps_int"])
+    xb = nx.rmsnorm(x, lw.rms_ffn, st.rms_ffn)
     a, k_a = nx.quantize_act(xb)
     h1 = linear_q(lw.w1, a, k_a, st.w1)
     h3 = linear_q(lw.w3, a, k_a, st.w3)
@@ -140,9 +138,9 @@ def ffn_block(c, f: dict, lw: LayerWeights, x):
     return nx.saturate(x + linear(lw.w2, hb, st.w2), 16)
 
 
-def classifier(f: dict, rms_final, f_g_final: int, wcls: nx.QTensor, x) -> "Logits":
-    """Final RMSNorm and the classifier: x (B, dim) -> Logits."""
-    xb = nx.rmsnorm(x, rms_final, f_g_final, f["eps_int"])
+def classifier(rms_final, norm: steps.NormStep, wcls: nx.QTensor, x) -> "Logits":
+    """Final RMSNorm (gain rms_final, step norm) and the classifier: x (B, dim) -> Logits."""
+    xb = nx.rmsnorm(x, rms_final, norm)
     a, k = nx.quantize_act(xb)
     return Logits(nx.matvec(wcls, a), steps.classifier_step(wcls.shift).acc_frac(k))
 
@@ -170,7 +168,7 @@ class Golden:
 
     def forward(self, s: RunState, tokens, trace: Trace | None = None) -> Logits:
         """One position for a batch: tokens (B,) -> classifier logits; advances s.pos."""
-        c, f = self.cfg, self.fmt
+        c = self.cfg
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         pos = s.pos
         if pos >= c.seq_len:
@@ -181,13 +179,13 @@ class Golden:
             trace.embedding = x.copy()
         for l in range(c.n_layers):
             lw = self.layer(l)
-            x = attention_block(c, f, lw, x, s.key_cache[l], s.value_cache[l], pos, cos, sin)
+            x = attention_block(c, lw, x, s.key_cache[l], s.value_cache[l], pos, cos, sin)
             x_att = x.copy()
-            x = ffn_block(c, f, lw, x)
+            x = ffn_block(c, lw, x)
             if trace is not None:
                 trace.layers.append(dict(x_att=x_att, x_ffn=x.copy()))
         s.pos += 1
-        return classifier(f, self.m.norms["rms_final_weight"], self.steps.f_g_final, self.m.wcls, x)
+        return classifier(self.m.norms["rms_final_weight"], self.steps.rms_final, self.m.wcls, x)
 
 
 def generate(g: Golden, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,

@@ -13,6 +13,8 @@ Formats (a "frac" is the number of fractional bits of a fixed-point integer):
   KV cache     int8, per-layer frac e_k / e_v (bake-time calibrated), saturating.
   scores       Q8 (frac 8); exp output Q15 (1.0 = 32768); sigmoid Q15; cos/sin Q14; rsqrt Q22.
 Rounding is round-half-up (add half, arithmetic shift right) everywhere: `round_shift`.
+Which shift applies at which step (the composition of these formats) is bakedllama.steps': the
+kernels that need a model's shifts (rmsnorm, attention_head) take their step from there.
 """
 
 from __future__ import annotations
@@ -224,13 +226,15 @@ def rms_eps_int(eps: float, dim: int, f_x: int) -> int:
     return int(round(eps * dim * 2.0 ** (2 * f_x)))
 
 
-def rmsnorm(x, gq, f_g: int, eps_int: int):
-    """x (..., dim) int16 frac f_x -> x / rms(x) * g, frac NORM_OUT_FRAC (int64)."""
+def rmsnorm(x, gq, step):
+    """x (..., dim) int16 frac f_x -> x / rms(x) * g, frac NORM_OUT_FRAC (int64).
+
+    gq: the int16 gain; step (steps.NormStep): eps_int and the two rounding shifts."""
     x = np.asarray(x, dtype=np.int64)
-    ss = (x * x).sum(axis=-1) + eps_int  # (...,)
+    ss = (x * x).sum(axis=-1) + step.eps_int  # (...,)
     r, k = rsqrt_parts(np.maximum(ss, 1))
-    u = round_shift(x * r[..., None], (RSQRT_FRAC + k - U_FRAC)[..., None])  # x/sqrt(ss), Q15
-    return round_shift(u * np.asarray(gq, dtype=np.int64), U_FRAC + f_g - NORM_OUT_FRAC)
+    u = round_shift(x * r[..., None], step.u_shift(k)[..., None])  # x/sqrt(ss), Q15
+    return round_shift(u * np.asarray(gq, dtype=np.int64), step.out)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -291,21 +295,22 @@ def score_scale(head_dim: int) -> int:
     return int(round(2.0**15 / math.sqrt(head_dim)))
 
 
-def attention_head(q8, fq, k8, v8, e_k: int, e_v: int, head_dim: int, mask=None):
+def attention_head(q8, kq, k8, v8, step, mask=None):
     """One head at one position over T cached positions.
 
-    q8 (..., hd) int8 frac fq (per vector); k8, v8 (..., T, hd) int8 frac e_k / e_v.
+    q8 (..., hd) int8, quantized with shift kq (per vector); k8, v8 (..., T, hd) int8 cache rows;
+    step (steps.AttentionStep): the score scale, the score shift for kq, the output shift.
     mask (..., T) bool, optional: the positions a query sees (several positions of one sequence
     at once, causally); the others get weight 0 and do not enter the max, exactly as if they
     were not there. Returns the head output (..., hd), frac ATT_OUT_FRAC."""
     # the integer products as float BLAS products, exact: |q k| <= 127 * 128 per term, so the dot
     # (head_dim terms) is below 2^24 for head_dim <= 1032 (float32), and the weighted sum of v
     # (Q15 weights <= 2^15 times |v| <= 128, T terms) below 2^53 for any T < 2^31 (float64)
-    dt = np.float32 if head_dim * 127 * 128 < (1 << 24) else np.float64
     k8 = np.asarray(k8)
+    head_dim = k8.shape[-1]
+    dt = np.float32 if head_dim * 127 * 128 < (1 << 24) else np.float64
     dot = np.matmul(k8.astype(dt), np.asarray(q8, dtype=dt)[..., None])[..., 0].astype(np.int64)
-    fq = np.asarray(fq, dtype=np.int64)[..., None]
-    s = round_shift(dot * score_scale(head_dim), fq + e_k + 15 - SCORE_FRAC)  # Q8 scores
+    s = round_shift(dot * step.scale, step.score_shift(kq)[..., None])  # Q8 scores
     if mask is not None:
         s = np.where(mask, s, np.iinfo(np.int64).min // 4)  # exp_neg(max - s) = 0 there
     e = exp_neg(s.max(axis=-1, keepdims=True) - s)  # Q15 weights, the max is exactly 1.0
@@ -313,7 +318,7 @@ def attention_head(q8, fq, k8, v8, e_k: int, e_v: int, head_dim: int, mask=None)
     out = np.matmul(e[..., None, :].astype(np.float64),
                     np.asarray(v8, dtype=np.float64))[..., 0, :].astype(np.int64)
     recip = (1 << ATT_RECIP_BITS) // total
-    return round_shift(out * recip[..., None], ATT_RECIP_BITS + e_v - ATT_OUT_FRAC)
+    return round_shift(out * recip[..., None], step.out)
 
 
 # ----------------------------------------------------------------------------- SiLU

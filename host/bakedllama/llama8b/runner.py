@@ -180,8 +180,7 @@ class Runner:
                 st.x[here] = embed(qm.embed, tk[here], sp.f_x)
             return
         if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
-            f_g = sp.f_g_final if l is None else ls.f_g_att if n == "rms_att_weight" else ls.f_g_ffn
-            xb = nx.rmsnorm(st.x, qm.norms[(n, l)], f_g, sp.eps_int)
+            xb = nx.rmsnorm(st.x, qm.norms[(n, l)], sp.norm(n, l))
             st.a, st.ka = nx.quantize_act(xb)
             st.out_a = None
             if n == "rms_att_weight":
