@@ -48,7 +48,7 @@ def make_units(plan: compiler.Plan) -> dict:
         aq=ActQuant(kmax, Q, P),
         att=Attention(c, [s.att for s in f.layers], g.kv_par, P, Q, mul_ext=g.share),
         rope=Rope(Q),
-        swiglu=SwiGLU(Q, f.layers[0].h_frac),  # (one h_frac for all layers)
+        swiglu=SwiGLU(Q, f.layers[0].swiglu),  # (one f_h for all layers)
         argmax=Argmax(Q, plan.acc_bits, V, n_valid=c.vocab_size),  # never a pad row
         sampler=Sampler(c.vocab_size, Q, n_fill=V),
     )

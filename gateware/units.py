@@ -315,11 +315,11 @@ class Rope(Module):
 
 # ----------------------------------------------------------------------------- SwiGLU
 class SwiGLU(Module):
-    """numerics.swiglu(h1, h3, f_h): silu(h1) * h3 for Q lanes of int16."""
+    """numerics.swiglu(h1, h3, step): silu(h1) * h3 for Q lanes of int16 (step: steps.SwiGLUStep)."""
 
     latency = lat.SWIGLU
 
-    def __init__(self, Q: int, f_h: int):
+    def __init__(self, Q: int, step):
         self.sink = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16)])
         self.source = stream.Endpoint([("hb", Q * 16)])
 
@@ -339,7 +339,7 @@ class SwiGLU(Module):
         self.specials += sig_mem
         half = nx.SIG_ENTRIES // 2
         outs = []
-        sh_in = f_h - nx.SIG_FRAC_IN
+        sh_in, sh_out = step.index, step.out
         for j in range(Q):
             t = round_shift(self, h1[j], sh_in, (sh_in, sh_in))
             i0 = signed(self, t + half, len(t) + 2)
@@ -355,7 +355,7 @@ class SwiGLU(Module):
             silu = round_shift(self, p2, 15, (15, 15))
             p3 = Signal((48, True))
             self.sync += If(ce, p3.eq(silu * b2))
-            o = saturate(self, round_shift(self, p3, f_h, (f_h, f_h)), 16)
+            o = saturate(self, round_shift(self, p3, sh_out, (sh_out, sh_out)), 16)
             r = Signal((16, True))
             self.sync += If(ce, r.eq(o))
             outs.append(r)

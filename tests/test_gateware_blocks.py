@@ -307,7 +307,8 @@ def test_rope():
 @pytest.mark.parametrize("f_h", [10, 5])
 def test_swiglu(f_h):
     Q = 2
-    dut = units.SwiGLU(Q, f_h)
+    step = steps.swiglu_step(f_h)
+    dut = units.SwiGLU(Q, step)
     rng = random.Random(4)
     nrng = np.random.default_rng(4)
     n = 80
@@ -325,7 +326,7 @@ def test_swiglu(f_h):
 
     run_simulation(dut, [driver(), receiver()])
     for i in range(n):
-        assert (unpack(out[i]["hb"], Q, 16) == nx.swiglu(h1[i], h3[i], f_h)).all(), i
+        assert (unpack(out[i]["hb"], Q, 16) == nx.swiglu(h1[i], h3[i], step)).all(), i
 
 
 # ----------------------------------------------------------------------------- softmax

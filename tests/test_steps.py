@@ -130,13 +130,34 @@ def test_attention_steps_put_scores_and_output_at_their_formats(model):
             assert (nx.attention_head(q8, kq, k8, v8, replace(a, out=a.out - 1)) != o).any()
 
 
+def test_swiglu_steps_put_the_index_and_hb_at_their_formats(model):
+    """The SwiGLU step of every layer: h1 (frac f_h) rounded at `index` is h1 at the sigmoid
+    table's resolution SIG_FRAC_IN, silu * h3 rounded at `out` is the product at f_h (silu, from
+    the Q15 sigmoid, has h1's frac); numerics.swiglu applies exactly these and takes them from
+    the step."""
+    st, f_h, rng = steps.model_steps(model), model.fmt["f_h"], np.random.default_rng(4)
+    for ls in st.layers:
+        sw = ls.swiglu
+        h1, h3 = rng.integers(-32768, 32768, (2, 500))
+        h1[:100] >>= 6  # inside the table's range
+        t = nx.round_shift(h1, sw.index)
+        assert (t == np.floor(h1 * 2.0 ** (nx.SIG_FRAC_IN - f_h) + 0.5)).all()
+        idx = np.clip(t + nx.SIG_ENTRIES // 2, 0, nx.SIG_ENTRIES - 1)
+        silu = nx.round_shift(h1 * nx.SIGMOID_TABLE[idx], 15)
+        hb = nx.saturate(nx.round_shift(silu * h3, sw.out), 16)
+        assert (hb == _round_half_up(silu * 2.0**-f_h * h3 * 2.0**-f_h * 2.0**f_h, 16)).all()
+        assert (nx.swiglu(h1, h3, sw) == hb).all()
+        for other in (replace(sw, index=sw.index + 1), replace(sw, out=sw.out + 1)):
+            assert (nx.swiglu(h1, h3, other) != hb).any(), other
+
+
 def _bump(rq: steps.Requant) -> steps.Requant:
     return replace(rq, base=rq.base + 1)
 
 
 MATRIX_STEPS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
-LAYER_CONSTANTS = ("k_cache", "h_frac", "rms_att.eps_int", "rms_att.u_base", "rms_att.out",
-                   "rms_ffn.out", "att.scale", "att.score_q", "att.e_k", "att.out")
+LAYER_CONSTANTS = ("k_cache", "rms_att.eps_int", "rms_att.u_base", "rms_att.out", "rms_ffn.out",
+                   "att.scale", "att.score_q", "att.e_k", "att.out", "swiglu.index", "swiglu.out")
 BUMP = {"eps_int": 1 << 30}  # eps_int: a change that is not lost in the sum of squares
 
 

@@ -134,7 +134,7 @@ def ffn_block(c, lw: LayerWeights, x):
     a, k_a = nx.quantize_act(xb)
     h1 = linear_q(lw.w1, a, k_a, st.w1)
     h3 = linear_q(lw.w3, a, k_a, st.w3)
-    hb = nx.swiglu(h1, h3, st.h_frac)
+    hb = nx.swiglu(h1, h3, st.swiglu)
     return nx.saturate(x + linear(lw.w2, hb, st.w2), 16)
 
 

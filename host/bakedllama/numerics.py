@@ -14,7 +14,7 @@ Formats (a "frac" is the number of fractional bits of a fixed-point integer):
   scores       Q8 (frac 8); exp output Q15 (1.0 = 32768); sigmoid Q15; cos/sin Q14; rsqrt Q22.
 Rounding is round-half-up (add half, arithmetic shift right) everywhere: `round_shift`.
 Which shift applies at which step (the composition of these formats) is bakedllama.steps': the
-kernels that need a model's shifts (rmsnorm, attention_head) take their step from there.
+kernels that need a model's shifts (rmsnorm, attention_head, swiglu) take their step from there.
 """
 
 from __future__ import annotations
@@ -330,12 +330,14 @@ def sigmoid_table() -> np.ndarray:
 SIGMOID_TABLE = sigmoid_table()
 
 
-def swiglu(h1, h3, f_h: int):
-    """silu(h1) * h3 for int16 h1, h3 of frac f_h -> int16 frac f_h."""
+def swiglu(h1, h3, step):
+    """silu(h1) * h3 for int16 h1, h3 of frac f_h -> int16 frac f_h.
+
+    step (steps.SwiGLUStep): the shifts of h1 to the table index and of silu * h3."""
     h1 = np.asarray(h1, dtype=np.int64)
-    idx = np.clip(round_shift(h1, f_h - SIG_FRAC_IN) + SIG_ENTRIES // 2, 0, SIG_ENTRIES - 1)
-    silu = round_shift(h1 * SIGMOID_TABLE[idx], 15)
-    return saturate(round_shift(silu * np.asarray(h3, dtype=np.int64), f_h), 16)
+    idx = np.clip(round_shift(h1, step.index) + SIG_ENTRIES // 2, 0, SIG_ENTRIES - 1)
+    silu = round_shift(h1 * SIGMOID_TABLE[idx], 15)  # the sigmoid is Q15: silu has h1's frac
+    return saturate(round_shift(silu * np.asarray(h3, dtype=np.int64), step.out), 16)
 
 
 # ----------------------------------------------------------------------------- sampling

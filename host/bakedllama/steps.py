@@ -6,7 +6,8 @@ formats (f_x, f_qk, f_h, e_k, e_v, f_g_*, eps_int) and quantize_matrix gives eac
 shift. This pass combines the two into the constant of every step of one forward pass. The golden
 model (golden.py), the gateware (gateware/compiler.py -> Plan.steps -> core.py; units.RMSNorm,
 attention.py) and the 8B runner (llama8b/runner.py) take them from here and compute no shift of
-their own; numerics.rmsnorm and numerics.attention_head take their step (NormStep, AttentionStep).
+their own; numerics.rmsnorm, attention_head and swiglu take their step (NormStep, AttentionStep,
+SwiGLUStep).
 
 Some shifts depend on a value known only at run time, and the step gives them as a method of it:
 a matrix-vector step's output shift on the quantization shift k of its int8 input
@@ -125,6 +126,21 @@ def attention_step(f_qk: int, e_k: int, e_v: int, head_dim: int) -> AttentionSte
                          int(e_k), nx.ATT_RECIP_BITS + int(e_v) - nx.ATT_OUT_FRAC)
 
 
+@dataclass(frozen=True)
+class SwiGLUStep:
+    """SwiGLU (numerics.swiglu) on h1, h3 of frac f_h: h1 rounded at `index` addresses the sigmoid
+    table (SIG_FRAC_IN), silu(h1) = h1 * sigmoid (Q15) keeps h1's frac, silu * h3 rounded at `out`
+    is hb at f_h."""
+
+    index: int  # h1 -> the sigmoid table's input resolution: f_h - SIG_FRAC_IN
+    out: int  # silu (frac f_h) * h3 (frac f_h) -> f_h: f_h
+
+
+def swiglu_step(f_h: int) -> SwiGLUStep:
+    """The SwiGLU of h1, h3 (and its output hb) at frac f_h."""
+    return SwiGLUStep(int(f_h) - nx.SIG_FRAC_IN, int(f_h))
+
+
 def classifier_step(w_shift: int) -> Requant:
     """The classifier: normed input -> Q8 logits (the sampler's input), 32 bits; argmax works on the
     accumulators, whose frac is Requant.acc_frac(k)."""
@@ -145,8 +161,8 @@ class LayerSteps:
     rms_ffn: NormStep  # the FFN RMSNorm
     w1: Requant  # w1: RMSNorm output -> h1, int16 frac f_h
     w3: Requant  # w3: -> h3, int16 frac f_h
-    h_frac: int  # frac of h1, h3 and of SwiGLU's output hb (numerics.swiglu's f_h)
-    w2: Requant  # w2: hb (frac h_frac) -> residual frac f_x, 32 bits, then x += it
+    swiglu: SwiGLUStep  # h1, h3 -> hb, all int16 frac f_h, see swiglu_step()
+    w2: Requant  # w2: hb (frac f_h) -> residual frac f_x, 32 bits, then x += it
 
 
 @dataclass(frozen=True)
@@ -200,7 +216,8 @@ def make_steps(cfg, fmt: dict, shifts: dict) -> Steps:
             k_cache=k_cache_shift(f_qk, e_k), att=attention_step(f_qk, e_k, e_v, cfg.head_dim),
             wo=requant(s["wo"], nx.ATT_OUT_FRAC, f_x, 32),
             rms_ffn=norm_step(fmt["f_g_rms_ffn_weight"][l], eps),
-            w1=requant(s["w1"], N, f_h, 16), w3=requant(s["w3"], N, f_h, 16), h_frac=f_h,
+            w1=requant(s["w1"], N, f_h, 16), w3=requant(s["w3"], N, f_h, 16),
+            swiglu=swiglu_step(f_h),
             w2=requant(s["w2"], f_h, f_x, 32)))
     emb = int(shifts[("tok_embeddings", None)])
     wcls = int(shifts.get(("wcls", None), emb))

@@ -214,7 +214,7 @@ class Runner:
             st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
         elif n == "w2":
             if st.out_a is None:
-                st.out_a, st.out_k = nx.quantize_act(nx.swiglu(st.h1, st.h3, ls.h_frac))
+                st.out_a, st.out_k = nx.quantize_act(nx.swiglu(st.h1, st.h3, ls.swiglu))
             y = linear_rows(p, st.out_a, st.out_k, ls.w2, r0, r1, u)
             st.x = st.x.copy() if r0 == 0 else st.x
             st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
