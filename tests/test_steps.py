@@ -118,7 +118,7 @@ def test_attention_steps_put_scores_and_output_at_their_formats(model):
             k8, v8 = rng.integers(-127, 128, (9, hd)), rng.integers(-127, 128, (9, hd))
             dot = k8 @ q8
             s = nx.round_shift(dot * a.scale, a.score_shift(kq))
-            real = dot * 2.0 ** -(fmt["f_qk"] - kq + e_k) * a.scale * 2.0**-steps.SCORE_SCALE_FRAC
+            real = dot * 2.0 ** -(fmt["f_qk"] - kq + e_k) * a.scale * 2.0**-nx.SCORE_SCALE_FRAC
             assert (s == np.floor(real * 2.0**nx.SCORE_FRAC + 0.5)).all()
             e = nx.exp_neg(s.max() - s)
             w = (e @ v8) * ((1 << nx.ATT_RECIP_BITS) // e.sum())

@@ -41,6 +41,7 @@ U_FRAC = 15  # RMSNorm's unit-normalized value x/sqrt(sum x^2) in Q15
 # 4 (2^40 took 26 bits); the baked model's validation loss moved by +0.0004 nats (48 windows)
 ATT_RECIP_BITS = 31
 NORM_OUT_FRAC = 12  # RMSNorm output (before int8 quantization)
+SCORE_SCALE_FRAC = 15  # the attention score scale 1/sqrt(head_dim) in Q15 (score_scale)
 ATT_OUT_FRAC = 12  # attention output (before int8 quantization)
 
 
@@ -291,8 +292,8 @@ def exp_neg(d):
 
 
 def score_scale(head_dim: int) -> int:
-    """1/sqrt(head_dim) in Q15."""
-    return int(round(2.0**15 / math.sqrt(head_dim)))
+    """1/sqrt(head_dim) in Q15 (SCORE_SCALE_FRAC)."""
+    return int(round(2.0**SCORE_SCALE_FRAC / math.sqrt(head_dim)))
 
 
 def attention_head(q8, kq, k8, v8, step, mask=None):

@@ -5,9 +5,9 @@ and the fixed formats (NORM_OUT_FRAC, ATT_OUT_FRAC, SCORE_FRAC, ...); bake.py ca
 formats (f_x, f_qk, f_h, e_k, e_v, f_g_*, eps_int) and quantize_matrix gives each weight matrix its
 shift. This pass combines the two into the constant of every step of one forward pass. The golden
 model (golden.py), the gateware (gateware/compiler.py -> Plan.steps -> core.py; units.RMSNorm,
-attention.py) and the 8B runner (llama8b/runner.py) take them from here and compute no shift of
-their own; numerics.rmsnorm, attention_head and swiglu take their step (NormStep, AttentionStep,
-SwiGLUStep).
+units.SwiGLU, attention.py) and the 8B runner (llama8b/runner.py) take them from here and compute
+no shift of their own; numerics.rmsnorm, attention_head and swiglu take their step (NormStep,
+AttentionStep, SwiGLUStep).
 
 Some shifts depend on a value known only at run time, and the step gives them as a method of it:
 a matrix-vector step's output shift on the quantization shift k of its int8 input
@@ -29,7 +29,6 @@ import numpy as np
 from bakedllama import numerics as nx
 
 MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # per layer; tok_embeddings, wcls: one each
-SCORE_SCALE_FRAC = 15  # numerics.score_scale(head_dim) is 1/sqrt(head_dim) in Q15
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class AttentionStep:
 def attention_step(f_qk: int, e_k: int, e_v: int, head_dim: int) -> AttentionStep:
     """The attention of a layer whose q / k have frac f_qk before quantization, key cache frac e_k,
     value cache frac e_v."""
-    return AttentionStep(nx.score_scale(head_dim), int(f_qk) + SCORE_SCALE_FRAC - nx.SCORE_FRAC,
+    return AttentionStep(nx.score_scale(head_dim), int(f_qk) + nx.SCORE_SCALE_FRAC - nx.SCORE_FRAC,
                          int(e_k), nx.ATT_RECIP_BITS + int(e_v) - nx.ATT_OUT_FRAC)
 
 
