@@ -52,7 +52,8 @@ class Attention(Module):
         self.start = Signal()
         self.layer = Signal(ubits(max(1, NL - 1)))
         self.pos = Signal(ubits(S))
-        # |out| <= 127 sum(e) and recip <= 2^ATT_RECIP_BITS / sum(e), so |o| <= 127 * 2^(RECIP - out)
+        # out in [-128, 127] * sum(e), recip <= 2^ATT_RECIP_BITS / sum(e): o in [-128, 127] shifted
+        # left by ATT_RECIP_BITS - the output shift (a signed width for +-(127 * 2^that + 1) holds it)
         obound = max(127 * (1 << max(0, nx.ATT_RECIP_BITS - a.out)) + 1 for a in att)
         obw = sbits(obound)
         self.k_max = max(0, obw - 7)
