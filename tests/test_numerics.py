@@ -31,6 +31,19 @@ def test_round_shift_matches_python_integers():
         assert nx.round_shift(rows, np.array(k)).tolist() == want
 
 
+def test_requantize_rounds_and_saturates_without_touching_its_input():
+    acc = rng.integers(-(1 << 40), 1 << 40, (4, 500))
+    keep = acc.copy()
+    for shift in (12, np.array([[20], [3], [0], [-2]]), np.array([[20], [-1], [5], [9]])):
+        s = np.broadcast_to(shift, acc.shape)
+        want = [[max(-32768, min(32767, x << -k if k <= 0 else (x + (1 << (k - 1))) >> k))
+                 for x, k in zip(r, ks)] for r, ks in zip(acc.tolist(), s.tolist())]
+        assert nx.requantize(acc, shift).tolist() == want
+        assert np.array_equal(acc, keep)
+    assert int(nx.requantize(np.int64(1 << 30), 3, 8)) == 127
+    assert int(nx.requantize(-(1 << 30), 3, 8)) == -128
+
+
 def test_bit_length_matches_python():
     xs = np.concatenate([np.arange(0, 600), rng.integers(0, 1 << 62, 500)])
     assert nx.bit_length(xs).tolist() == [int(x).bit_length() for x in xs.tolist()]

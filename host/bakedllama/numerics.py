@@ -194,7 +194,12 @@ def matvec(w: QTensor, a):
 
 def requantize(acc, shift, bits: int = 16):
     """Accumulator -> fixed point by a rounding shift, saturated to `bits`."""
-    return saturate(round_shift(acc, shift), bits)
+    r = round_shift(acc, shift)  # (always a fresh array: it is clamped in place)
+    if not isinstance(r, np.ndarray) or r.ndim == 0:
+        return saturate(r, bits)
+    lim = (1 << (bits - 1)) - 1
+    np.minimum(r, lim, out=r)
+    return np.maximum(r, -lim - 1, out=r)
 
 
 # ----------------------------------------------------------------------------- RMSNorm
