@@ -207,9 +207,11 @@ def test_fastquant_equals_quantize_matrix(bits, group):
     for w in _matrices(rng):
         g = w.shape[1] if group is None else group
         ref = nx.quantize_matrix(w, bits, g)
-        # default bounds; every group's search by the spec's arithmetic; every q by true division
-        T = (fastquant.TERM_TOL, fastquant.SUM_TOL, fastquant.TIE_TOL)
-        for tol in (None, (1.0, 1.0, T[2]), (T[0], T[1], 1.0)):
+        # default bounds; every search decided in float64 (float32 bounds too wide to call);
+        # every search by the spec's arithmetic; every q by true division
+        T = fastquant.TOL
+        for tol in (None, T[:3] + (1.0, 1.0, T[5]), (1.0, 1.0, T[2], 1.0, 1.0, T[5]),
+                    (T[0], T[1], 1.0, T[3], T[4], 1.0)):
             got = fastquant.quantize_matrix(w, bits, g, tol=tol)
             assert np.array_equal(got.q, ref.q) and got.q.dtype == ref.q.dtype
             assert np.array_equal(got.m, ref.m) and got.m.dtype == ref.m.dtype
