@@ -4,7 +4,7 @@
 q, m and shift, and is tested equal to it on random matrices of the 8B's shapes and on whole
 caches (tests/test_llama8b_cache.py). It exists because the spec's numpy form evaluates each of
 the 26 clipping ratios over float64 temporaries of the whole matrix (~35 minutes and ~20 GB for
-Llama 3.1 8B); here each group is searched in registers, one row per thread.
+Llama 3.1 8B); here each group is searched in registers, rows in parallel.
 
 Why it is the same, step by step (the spec's expression, then what is done here):
   scale = max|g| / qmax                 the same max and the same float64 division;
@@ -25,6 +25,24 @@ Why it is the same, step by step (the spec's expression, then what is done here)
   q = clip(round(g / s_best)): as rint(g * fl(1/s)), within a few ulps of fl(g / s) (< 2^-50
       relative): the same integer unless g / s lies that near a half-integer; a group holding
       such an element is redone with the true division.
+Float32 w in groups of G = 32 (the 8B schemes' 3/4/6-bit groups; |shift| <= SHIFT32) is searched
+in float32 first (`_search32`: half the vector work of float64), each step still the spec's:
+  |g| is exact in float32, and so are s = m 2^-shift (9-bit m) and q s (q m < 2^16); for
+      |shift| <= 40, s^2 and g^2 stay normal and finite (an underflowed tiny term errs by < 2^-149,
+      far inside the bound's s^2 part);
+  q by t = fl32(|g| inv), inv = fl32(fl64(1/s)): |t - g/s| <= 2^-22.98 g/s. It is the spec's q
+      unless g/s lies that near a half-integer k + 1/2 below qmax, where the term moves by
+      2 s^2 |g/s - k - 1/2| < qmax s^2 2^-21.98: TERM_TOL32 = 2^-21 per element, / (qmax s^2);
+  each term (q s - |g|)^2 is otherwise the exact square rounded at most twice (3 2^-24), and G of
+      them summed in any order in float32 add (G - 1) 2^-24: within G err 2^-22 (SUM_TOL32);
+      the float64 bound arithmetic (B, A -+ B) rounds far inside those margins;
+  a group whose float32 bounds do not single out one candidate is bounded again in float64
+      (TERM_TOL, SUM_TOL, as above), then decided by the spec's arithmetic if still needed;
+  candidates are computed four at a time, the clipping cut tested per four (a candidate past
+      the cut enters the decision with valid bounds; the cut only saves work), and the cut uses
+      fl(scale qmax)(1 - 2^-50) <= max|g| (scale = fl(max|g| / qmax)): a weaker cut, as sound;
+  the final q by the same t, a group with a quotient within TIE_TOL32 = 2^-21 t of a
+      half-integer (2x the distance t can be from fl(g / s)) redone with the true division.
 The float inputs may be float32 (a checkpoint's bf16 / f16 / f32 read as float32): each element is
 widened to float64 exactly, as np.asarray(w, float64) does."""
 
@@ -332,30 +350,34 @@ def _search32(w, scale, qm, mmax, up, down, ratios, tol, s32, inv32, bq32, q_out
     nb = min(rows, 256)  # row blocks (a task each): the buffers are made once per block
     for b in prange(nb):
         e = np.empty(G, np.float64)
-        mk = np.empty(nr, np.float64)
         ms = np.empty(nr + 3, np.float64)  # the distinct m, largest first (+ padding)
-        mi = np.empty(nr + 3, np.int64)
+        mi = np.empty(nr + 3, np.uint64)  # (unsigned indices: no negative-index wrap-around)
         lo = np.empty(nr + 3, np.float64)
         for r in range(b * rows // nb, (b + 1) * rows // nb):
             for j in range(ng):
                 sc = scale[r, j]
-                for k in range(nr):
-                    mk[k] = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
-                nc = 0
-                for k in range(nr):  # m never decreases with the ratio: repeats are adjacent
-                    ms[nc] = mk[k]
-                    nc += k == 0 or mk[k] != mk[k - 1]
+                if sc * up >= 60.0:  # steps of the ratios >= 1.2 in m: every m distinct
+                    for k in range(nr):
+                        ms[k] = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
+                    nc = nr
+                else:  # m never decreases with the ratio: repeats are adjacent
+                    nc = 0
+                    for k in range(nr):
+                        m = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
+                        ms[nc] = m
+                        nc += nc == 0 or m != ms[nc - 1]
                 for k in range(nc, nc + 3):
                     ms[k] = ms[nc - 1]
                 for k in range(nc + 3):
-                    mi[k] = int(ms[k])
+                    mi[k] = np.uint64(ms[k])
                 # Below a ratio whose largest element alone errs more than a candidate's whole
                 # error can, no ratio can win (their steps only shrink): checked per four.
                 amax = sc * qm * (1.0 - 2.0 ** -50)  # <= max |w| (sc = fl(max |w| / qm))
-                best_hi, k = np.inf, 0
-                while k < nc:
+                best_hi, kn = np.inf, nc
+                for k in range(0, nc, 4):
                     d = amax - qm * (ms[k] * down)
                     if d > 0.0 and d * d * clip > best_hi:
+                        kn = k
                         break
                     i0, i1, i2, i3 = mi[k], mi[k + 1], mi[k + 2], mi[k + 3]
                     A0 = _err32(w, r, j, s32[i0], inv32[i0], qm32)
@@ -366,8 +388,7 @@ def _search32(w, scale, qm, mmax, up, down, ratios, tol, s32, inv32, bq32, q_out
                     B2, B3 = bq32[i2] + A2 * bsum, bq32[i3] + A3 * bsum
                     lo[k], lo[k + 1], lo[k + 2], lo[k + 3] = A0 - B0, A1 - B1, A2 - B2, A3 - B3
                     best_hi = min(best_hi, min(min(A0 + B0, A1 + B1), min(A2 + B2, A3 + B3)))
-                    k += 4
-                nc = min(k, nc)  # (the padding repeats the last candidate: the same bounds)
+                nc = kn  # (the padding repeats the last candidate: the same bounds)
                 best_m, n_in = 0.0, 0
                 for k in range(nc):
                     if lo[k] <= best_hi:
