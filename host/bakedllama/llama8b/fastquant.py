@@ -356,7 +356,9 @@ def _search32(w, scale, qm, mmax, up, down, ratios, tol, s32, inv32, bq32, q_out
         for r in range(b * rows // nb, (b + 1) * rows // nb):
             for j in range(ng):
                 sc = scale[r, j]
-                if sc * up >= 60.0:  # steps of the ratios >= 1.2 in m: every m distinct
+                # the m of the ratios, largest first, each once (a repeat would only tie with
+                # itself and go to _choose): where the ratios' steps in m are >= 1.2, all differ
+                if sc * up >= 60.0:
                     for k in range(nr):
                         ms[k] = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
                     nc = nr
