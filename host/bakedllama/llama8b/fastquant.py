@@ -346,7 +346,9 @@ def _search32(w, scale, qm, mmax, up, down, ratios, tol, s32, inv32, bq32, q_out
     bsum = G * tol[4]
     qm32 = np.float32(qm)
     clip = 1.0 - (G + 3) * 2.0 ** -52
-    desc = ratios[::-1].copy()
+    desc = np.empty(nr + 3, np.float64)  # largest first, the smallest repeated (padding)
+    for k in range(nr + 3):
+        desc[k] = ratios[max(nr - 1 - k, 0)]
     nb = min(rows, 256)  # row blocks (a task each): the buffers are made once per block
     for b in prange(nb):
         e = np.empty(G, np.float64)
@@ -359,8 +361,9 @@ def _search32(w, scale, qm, mmax, up, down, ratios, tol, s32, inv32, bq32, q_out
                 # the m of the ratios, largest first, each once (a repeat would only tie with
                 # itself and go to _choose): where the ratios' steps in m are >= 1.2, all differ
                 if sc * up >= 60.0:
-                    for k in range(nr):
-                        ms[k] = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
+                    for k in range(nr + 3):
+                        m = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
+                        ms[k], mi[k] = m, np.uint64(m)
                     nc = nr
                 else:  # m never decreases with the ratio: repeats are adjacent
                     nc = 0
@@ -368,10 +371,10 @@ def _search32(w, scale, qm, mmax, up, down, ratios, tol, s32, inv32, bq32, q_out
                         m = min(max(np.rint(sc * desc[k] * up), 1.0), mmax)
                         ms[nc] = m
                         nc += nc == 0 or m != ms[nc - 1]
-                for k in range(nc, nc + 3):
-                    ms[k] = ms[nc - 1]
-                for k in range(nc + 3):
-                    mi[k] = np.uint64(ms[k])
+                    for k in range(nc, nc + 3):
+                        ms[k] = ms[nc - 1]
+                    for k in range(nc + 3):
+                        mi[k] = np.uint64(ms[k])
                 # Below a ratio whose largest element alone errs more than a candidate's whole
                 # error can, no ratio can win (their steps only shrink): checked per four.
                 amax = sc * qm * (1.0 - 2.0 ** -50)  # <= max |w| (sc = fl(max |w| / qm))
