@@ -207,9 +207,11 @@ def test_fastquant_equals_quantize_matrix(bits, group):
     for w in _matrices(rng):
         g = w.shape[1] if group is None else group
         ref = nx.quantize_matrix(w, bits, g)
-        # default bounds; every group's search by the spec's arithmetic; every q by true division
-        T = (fastquant.TERM_TOL, fastquant.SUM_TOL, fastquant.TIE_TOL)
-        for tol in (None, (1.0, 1.0, T[2]), (T[0], T[1], 1.0)):
+        # default bounds; every search decided in float64 (float32 bounds too wide to call);
+        # every search by the spec's arithmetic; every q by true division
+        T = fastquant.TOL
+        for tol in (None, T[:3] + (1.0, 1.0, T[5]), (1.0, 1.0, T[2], 1.0, 1.0, T[5]),
+                    (T[0], T[1], 1.0, T[3], T[4], 1.0)):
             got = fastquant.quantize_matrix(w, bits, g, tol=tol)
             assert np.array_equal(got.q, ref.q) and got.q.dtype == ref.q.dtype
             assert np.array_equal(got.m, ref.m) and got.m.dtype == ref.m.dtype
@@ -218,6 +220,34 @@ def test_fastquant_equals_quantize_matrix(bits, group):
         scale = fastquant.group_scales(w, g, float(nx.qmax(bits)))
         part = fastquant.quantize_matrix(w[8:24], bits, g, int(ref.shift), scale[8:24])
         assert np.array_equal(part.q, ref.q[8:24]) and np.array_equal(part.m, ref.m[8:24])
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_fastquant_float32_search_limits(bits):
+    """The float32 search (float32 w, groups of 32, |shift| <= SHIFT32) and the float64 one beside
+    it: float64 w; matrices scaled so the shift lands on the limit (float32 search, its tiniest
+    and largest steps) and one past it (float64 search); tiny values whose squares underflow."""
+    rng = np.random.default_rng(bits)
+    w = _bf16(rng.standard_normal((24, 4096), dtype=np.float32) * np.float32(0.02))
+    w[3, :64] = 2.0 ** -140  # subnormal float32 weights in a normal matrix
+    qm = float(nx.qmax(bits))
+    lim = fastquant.SHIFT32
+    base = fastquant.shift_for(float(fastquant.group_scales(w, 32, qm).max()))
+    seen = set()
+    cases = [(w.astype(np.float64), "f64"), (w, "f32")]
+    for k, path in ((base - lim, "f32"), (base - lim - 1, "f64"), (base + lim, "f32"),
+                    (base + lim + 1, "f64")):
+        cases.append((w * np.float32(2.0 ** k), path))  # shift = base - k
+    for x, path in cases:
+        ref = nx.quantize_matrix(x, bits, 32)
+        shift = int(ref.shift)
+        assert (x.dtype == np.float32 and abs(shift) <= lim) == (path == "f32"), shift
+        seen.add((path, abs(shift) == lim))
+        for tol in (None, fastquant.TOL[:3] + (1.0, 1.0, 1.0)):
+            got = fastquant.quantize_matrix(x, bits, 32, tol=tol)
+            assert np.array_equal(got.q, ref.q) and np.array_equal(got.m, ref.m), (shift, tol)
+            assert int(got.shift) == shift
+    assert seen == {("f64", False), ("f32", False), ("f32", True)}
 
 
 def test_pairwise_sum_is_numpys():
