@@ -68,8 +68,7 @@ def _lib():
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
     lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mv8z.restype = None
-    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = None
+    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = lib.bk_mv8z.restype = None
     return lib
 
 
