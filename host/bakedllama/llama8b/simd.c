@@ -349,6 +349,20 @@ V512 INLINE void tile_tokens(const __m512i (*U)[4], int nq, const int8_t *a, int
             S[t0 + t][k] = acc[t][k];
 }
 
+/* software prefetch for a decode step's 8 columns from c: PF_L1 columns ahead into L1 and PF_L2
+   into L2 (past the block's end it reads the next block, which follows it in memory). On an
+   Intel Xeon (Sapphire Rapids) VM it raised the single-thread read rate from DRAM from 9.6 to
+   11.6 GB/s (4-bit) and 11.7 to 12.8 (8-bit); on an AMD EPYC it changed nothing measurable. */
+#define PF_L1 64
+#define PF_L2 256
+V512 INLINE void prefetch_cols(const uint8_t *blk, int c, size_t colbytes)
+{
+    for (size_t b = 0; b < 8 * colbytes; b += 64) {
+        _mm_prefetch((const char *)(blk + (size_t)(c + PF_L1) * colbytes + b), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + (size_t)(c + PF_L2) * colbytes + b), _MM_HINT_T1);
+    }
+}
+
 V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
                      int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int nibbles)
 {
@@ -382,13 +396,15 @@ V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, 
                 __m512i acc[2][4], u[4];
                 for (int k = 0; k < 4; k++)
                     acc[0][k] = acc[1][k] = _mm512_setzero_si512();
-                for (int c = g * group; c < (g + 1) * group; c += 8)  /* two quads, two chains */
+                for (int c = g * group; c < (g + 1) * group; c += 8) {  /* two quads, two chains */
+                    prefetch_cols(blk, c, colbytes);
                     for (int e = 0; e < 2; e++) {
                         __m512i a4 = _mm512_set1_epi32(load32(a + c + 4 * e));
                         quads512(blk, c + 4 * e, nibbles, vix, u);
                         for (int k = 0; k < 4; k++)
                             acc[e][k] = _mm512_dpbusd_epi32(acc[e][k], u[k], a4);
                     }
+                }
                 for (int k = 0; k < 4; k++)
                     acc[0][k] = _mm512_add_epi32(acc[0][k], acc[1][k]);
                 widen_m512(mw, mb + (size_t)g * L, mix);
