@@ -85,6 +85,12 @@ class Packed:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.planes) + self.m.nbytes
 
+    def m_max(self) -> int:
+        """The largest multiplier (read once, then kept: the kernels size their sums by it)."""
+        if getattr(self, "_m_max", None) is None:
+            self._m_max = int(np.asarray(self.m).max(initial=0))
+        return self._m_max
+
 
 # Layout width per arithmetic width for speed: 3-bit weights in nibbles, 5..7-bit in bytes (the
 # bit-plane decoders of 2- and 1-bit planes run at 1/2..1/4 of the nibble/byte ones on AVX2).

@@ -21,7 +21,7 @@ import numpy as np
 from bakedllama import numerics as nx
 from bakedllama import steps
 from bakedllama.golden import Logits, attention_core, embed
-from bakedllama.llama8b import simd
+from bakedllama.llama8b import fastglue, simd
 from bakedllama.llama8b.kernels import matvec_packed, unpack
 from bakedllama.llama8b.partition import Partition
 from bakedllama.llama8b.quant import QuantModel
@@ -94,7 +94,15 @@ def matmul_rows(p, a, r0: int, r1: int, unpacked=None) -> np.ndarray:
 def linear_rows(p, a, k, rq: steps.Requant, r0: int, r1: int, unpacked=None):
     """golden.linear_q on rows [r0, r1) of a packed matrix (T rows of activations, quantization
     shift k each; rq: the matrix's step, which carries its shift)."""
-    return rq.apply(matmul_rows(p, a, r0, r1, unpacked), k)
+    return fastglue.requantize(matmul_rows(p, a, r0, r1, unpacked), rq.shift(k), rq.bits)
+
+
+def residual_rows(x: np.ndarray, p, a, k, rq: steps.Requant, r0: int, r1: int, unpacked=None):
+    """x[:, r0:r1] := saturate(x[:, r0:r1] + linear_rows(...), 16), in place (golden's residual
+    add of wo / w2)."""
+    xs = np.ascontiguousarray(x[:, r0:r1])
+    fastglue.residual_add(xs, matmul_rows(p, a, r0, r1, unpacked), rq.shift(k), rq.bits)
+    x[:, r0:r1] = xs
 
 
 
@@ -181,7 +189,7 @@ class Runner:
             return
         if n in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight"):
             xb = nx.rmsnorm(st.x, qm.norms[(n, l)], sp.norm(n, l))
-            st.a, st.ka = nx.quantize_act(xb)
+            st.a, st.ka = fastglue.quantize_act(xb)
             st.out_a = None
             if n == "rms_att_weight":
                 st.q = np.zeros((T, c.dim), np.int64)
@@ -208,16 +216,14 @@ class Runner:
                                                                     r0, r1, u)
         elif n == "wo":
             if st.out_a is None:  # all of q, k, v are there: the attention itself (no weights)
-                st.out_a, st.out_k = nx.quantize_act(self._attention(s, st, l))
-            y = linear_rows(p, st.out_a, st.out_k, ls.wo, r0, r1, u)
+                st.out_a, st.out_k = fastglue.quantize_act(self._attention(s, st, l))
             st.x = st.x.copy() if r0 == 0 else st.x
-            st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
+            residual_rows(st.x, p, st.out_a, st.out_k, ls.wo, r0, r1, u)
         elif n == "w2":
             if st.out_a is None:
-                st.out_a, st.out_k = nx.quantize_act(nx.swiglu(st.h1, st.h3, ls.swiglu))
-            y = linear_rows(p, st.out_a, st.out_k, ls.w2, r0, r1, u)
+                st.out_a, st.out_k = fastglue.swiglu_act(st.h1, st.h3, ls.swiglu)
             st.x = st.x.copy() if r0 == 0 else st.x
-            st.x[:, r0:r1] = nx.saturate(st.x[:, r0:r1] + y, 16)
+            residual_rows(st.x, p, st.out_a, st.out_k, ls.w2, r0, r1, u)
         elif n == "wcls":
             st.logits[:, r0:r1] = matmul_rows(p, st.a, r0, r1, u)
             st.logit_frac = sp.cls.acc_frac(st.ka)

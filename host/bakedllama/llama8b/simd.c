@@ -438,12 +438,179 @@ V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, 
     }
 }
 
-/* the 4-bit / 8-bit layout; asum: (T, ng) int32 group sums of a; else as bk_mm8. group % 8 == 0
-   (kernels.pack makes it a multiple of 32) */
-V512 void bk_mv4z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
+/* ---- 4-bit layout, groups of 32: the multipliers on int16 pairs (vpmaddwd)
+
+   A group's exact sum s = sum q a (the bias removed; the high nibbles' sums, 16 s, shifted right
+   by 4, exactly) has |s| <= 32 * 8 * 127 = 32,512 < 2^15, so it is an int16. With multipliers
+   m < 2^15, two groups g, g + 1 of a lane go into one int32 lane as int16 pairs (s_g, s_g+1) and
+   (m_g, m_g+1), and one vpmaddwd makes m_g s_g + m_g+1 s_g+1 (|.| <= 2 * 32,767 * 32,512 < 2^31).
+   The int32 totals take `flush` such pairs (flush * 2 * max(m) * 32,512 < 2^31, from the
+   caller) before they are added to the int64 totals. Against the int64 path (mvz) this halves the
+   per-group finishing: 4 vpermt2w per pair of groups instead of 4 vpermt2w + 16 widenings per
+   group, and no 64-bit multiplies. */
+
+/* the multiplier pairs of groups g, g + 1 in slot order: word 2i of mp[k] = m_g[16k + i],
+   word 2i + 1 = m_g+1[16k + i]; m1 = NULL: the second group is absent (zeros) */
+V512 INLINE void pair_m(__m512i mp[4], const uint16_t *m0, const uint16_t *m1, const __m512i pix[2])
 {
-    mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1);
+    const __m512i z = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {  /* lanes 32 h .. 32 h + 31 */
+        __m512i a = _mm512_loadu_si512(m0 + 32 * h), b = m1 ? _mm512_loadu_si512(m1 + 32 * h) : z;
+        mp[2 * h] = _mm512_permutex2var_epi16(a, pix[0], b);
+        mp[2 * h + 1] = _mm512_permutex2var_epi16(a, pix[1], b);
+    }
+}
+
+/* a group's four sum vectors as int16-valued int32 lanes (bias removed, high nibbles / 16) */
+V512 INLINE void sums16(__m512i s[4], const __m512i acc[4], int32_t as)
+{
+    for (int k = 0; k < 4; k++) {
+        __m512i v = _mm512_sub_epi32(acc[k], _mm512_set1_epi32((k < 2 ? 8 : 128) * as));
+        s[k] = k < 2 ? v : _mm512_srai_epi32(v, 4);
+    }
+}
+
+/* t32[k] += m_g s_g + m_g+1 s_g+1 (s1 = NULL: no second group) */
+V512 INLINE void apply_pair(__m512i t32[4], const __m512i mp[4], const __m512i s0[4], const __m512i *s1)
+{
+    for (int k = 0; k < 4; k++) {
+        __m512i pr = s1 ? _mm512_mask_blend_epi16(0xAAAAAAAA, s0[k], _mm512_slli_epi32(s1[k], 16))
+                        : _mm512_and_si512(s0[k], _mm512_set1_epi32(0xFFFF));
+        t32[k] = _mm512_add_epi32(t32[k], _mm512_madd_epi16(pr, mp[k]));
+    }
+}
+
+/* tot[2 k + h] (int64) += t32[k]'s lanes 8 h .. 8 h + 7; t32 := 0 */
+V512 INLINE void flush32(__m512i tot[8], __m512i t32[4])
+{
+    for (int k = 0; k < 4; k++) {
+        tot[2 * k] = _mm512_add_epi64(tot[2 * k], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(t32[k])));
+        tot[2 * k + 1] = _mm512_add_epi64(tot[2 * k + 1],
+                                          _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(t32[k], 1)));
+        t32[k] = _mm512_setzero_si512();
+    }
+}
+
+/* one group's sums of one decode step (T = 1) in registers */
+V512 INLINE void group_dot1(__m512i acc[4], const uint8_t *blk, const int8_t *a, int c0,
+                            const __m512i vix[2])
+{
+    __m512i ac[2][4], u[4];
+    for (int k = 0; k < 4; k++)
+        ac[0][k] = ac[1][k] = _mm512_setzero_si512();
+    for (int c = c0; c < c0 + 32; c += 8) {  /* two quads, two chains */
+        prefetch_cols(blk, c, 32);
+        for (int e = 0; e < 2; e++) {
+            __m512i a4 = _mm512_set1_epi32(load32(a + c + 4 * e));
+            quads512(blk, c + 4 * e, 1, vix, u);
+            for (int k = 0; k < 4; k++)
+                ac[e][k] = _mm512_dpbusd_epi32(ac[e][k], u[k], a4);
+        }
+    }
+    for (int k = 0; k < 4; k++)
+        acc[k] = _mm512_add_epi32(ac[0][k], ac[1][k]);
+}
+
+#define TMAX 64  /* tokens per call (simd.TOKEN_TILE) */
+
+V512 INLINE void mv16(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+                      int T, int cols, int rb0, int rb1, int64_t *out, int ldo, int flush)
+{
+    const int ng = cols / 32;
+    uint8_t ix[2][64];
+    uint16_t pi[2][32];
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 16; i++)
+            for (int k = 0; k < 4; k++)
+                ix[h][4 * i + k] = (uint8_t)(32 * k + 16 * h + i);
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < 16; i++) {
+            pi[j][2 * i] = (uint16_t)(16 * j + i);
+            pi[j][2 * i + 1] = (uint16_t)(32 + 16 * j + i);
+        }
+    __m512i vix[2], pix[2], mp[4];
+    for (int h = 0; h < 2; h++) {
+        vix[h] = _mm512_loadu_si512(ix[h]);
+        pix[h] = _mm512_loadu_si512(pi[h]);
+    }
+    for (int rb = rb0; rb < rb1; rb++) {
+        const uint8_t *blk = planes + (size_t)rb * cols * 32;
+        const uint16_t *mb = m + (size_t)rb * ng * L;
+        int64_t *o = out + (size_t)(rb - rb0) * L;
+        if (T == 1) {
+            __m512i tot[8], t32[4], acc[4], s0[4], s1[4];
+            for (int j = 0; j < 8; j++)
+                tot[j] = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                t32[k] = _mm512_setzero_si512();
+            for (int g = 0, np = 0; g < ng; g += 2) {
+                const int two = g + 1 < ng;
+                group_dot1(acc, blk, a, 32 * g, vix);
+                sums16(s0, acc, asum[g]);
+                if (two) {
+                    group_dot1(acc, blk, a, 32 * (g + 1), vix);
+                    sums16(s1, acc, asum[g + 1]);
+                }
+                pair_m(mp, mb + (size_t)g * L, two ? mb + (size_t)(g + 1) * L : NULL, pix);
+                apply_pair(t32, mp, s0, two ? s1 : NULL);
+                if (++np == flush || g + 2 >= ng) {
+                    flush32(tot, t32);
+                    np = 0;
+                }
+            }
+            for (int j = 0; j < 8; j++)
+                _mm512_storeu_si512(o + 8 * j, tot[j]);
+            continue;
+        }
+        __m512i U[8][4], S[2][TMAX][4], t32[TMAX][4], tot[TMAX][8];
+        for (int t = 0; t < T; t++) {
+            for (int j = 0; j < 8; j++)
+                tot[t][j] = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                t32[t][k] = _mm512_setzero_si512();
+        }
+        for (int g = 0, np = 0; g < ng; g += 2) {
+            const int two = g + 1 < ng;
+            for (int h = 0; h < 1 + two; h++) {
+                const int c0 = 32 * (g + h);
+                for (int q = 0; q < 8; q++)
+                    quads512(blk, c0 + 4 * q, 1, vix, U[q]);
+                int t0 = 0;
+                for (; t0 + 4 <= T; t0 += 4)
+                    tile_tokens((const __m512i (*)[4])U, 8, a + c0, cols, t0, 4, 1, S[h]);
+                for (; t0 < T; t0++)
+                    tile_tokens((const __m512i (*)[4])U, 8, a + c0, cols, t0, 1, 1, S[h]);
+            }
+            pair_m(mp, mb + (size_t)g * L, two ? mb + (size_t)(g + 1) * L : NULL, pix);
+            const int fl = ++np == flush || g + 2 >= ng;
+            for (int t = 0; t < T; t++) {
+                __m512i s0[4], s1[4];
+                sums16(s0, S[0][t], asum[(size_t)t * ng + g]);
+                if (two)
+                    sums16(s1, S[1][t], asum[(size_t)t * ng + g + 1]);
+                apply_pair(t32[t], mp, s0, two ? s1 : NULL);
+                if (fl)
+                    flush32(tot[t], t32[t]);
+            }
+            if (fl)
+                np = 0;
+        }
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < 8; j++)
+                _mm512_storeu_si512(o + (size_t)t * ldo + 8 * j, tot[t][j]);
+    }
+}
+
+/* the 4-bit / 8-bit layout; asum: (T, ng) int32 group sums of a; else as bk_mm8. group % 8 == 0
+   (kernels.pack makes it a multiple of 32). 4-bit, group == 32 and flush > 0 (T <= TMAX): the
+   int16-pair path (mv16; flush: pairs of groups per int32 total, see above); else int64 (mvz). */
+V512 void bk_mv4z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
+                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int flush)
+{
+    if (group == 32 && flush > 0 && T <= TMAX)
+        mv16(planes, m, a, asum, T, cols, rb0, rb1, out, ldo, flush);
+    else
+        mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1);
 }
 
 V512 void bk_mv8z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,

@@ -1,0 +1,163 @@
+"""The vector steps between the 8B runner's matrix products, compiled (numba) and fused.
+
+bakedllama.numerics stays the one definition of the arithmetic; these are the same integers in
+one pass over the data instead of numpy's several (each numpy step of numerics.requantize,
+quantize_act, swiglu reads and writes a whole int64 array: at a prompt's 64 x 14,336 that is the
+prefill's largest cost after the weights). tests/test_llama8b_fastglue.py holds each to its
+numerics original on random values and at the edges (rounding ties, saturation, shifts <= 0).
+
+    requantize(acc (T, R) int64, shift (T,) int64, bits) -> (T, R) int64
+    quantize_act(v (T, N) int64) -> (a (T, N) int64, k (T,) int64)
+    swiglu_act(h1, h3 (T, H) int64, step) -> (a, k): quantize_act(numerics.swiglu(h1, h3, step))
+    residual_add(x (T, R) int64, acc (T, R) int64, shift (T,), bits) -> x + requantize, saturated
+        to 16 bits, in place
+
+Rows run in parallel (prange) when an array is large enough to pay for waking the threads."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from bakedllama import numerics as nx
+
+PARALLEL_FROM = 1 << 16  # elements: smaller arrays run on the calling thread
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    from numba import njit, prange
+
+    def rs(x, s):  # numerics.round_shift for one integer
+        if s <= 0:
+            return x << -s
+        return (x + (np.int64(1) << (s - 1))) >> s
+
+    rs = njit(inline="always")(rs)
+
+    def body_requant(acc, shift, lo, hi, out):
+        T, R = acc.shape
+        for t in prange(T):
+            s = shift[t]
+            for r in range(R):
+                v = rs(acc[t, r], s)
+                out[t, r] = lo if v < lo else (hi if v > hi else v)
+
+    def body_residual(x, acc, shift, lo, hi):
+        T, R = acc.shape
+        for t in prange(T):
+            s = shift[t]
+            for r in range(R):
+                v = rs(acc[t, r], s)
+                v = lo if v < lo else (hi if v > hi else v)
+                v += x[t, r]
+                x[t, r] = -32768 if v < -32768 else (32767 if v > 32767 else v)
+
+    def body_quant(v, a, k):
+        T, N = v.shape
+        for t in prange(T):
+            mx = np.int64(0)
+            for j in range(N):
+                x = v[t, j]
+                x = -x if x < 0 else x
+                if x > mx:
+                    mx = x
+            n = 0  # bit length of mx
+            while mx >> n:
+                n += 1
+            kt = n - 7 if n > 7 else 0
+            k[t] = kt
+            for j in range(N):
+                y = rs(v[t, j], kt)
+                a[t, j] = -127 if y < -127 else (127 if y > 127 else y)
+
+    def body_swiglu(h1, h3, index, out_shift, table, half, a, k):
+        T, N = h1.shape
+        n_tab = table.shape[0]
+        for t in prange(T):
+            hb = np.empty(N, np.int64)
+            mx = np.int64(0)
+            for j in range(N):
+                x = h1[t, j]
+                i = rs(x, index) + half
+                i = 0 if i < 0 else (n_tab - 1 if i > n_tab - 1 else i)
+                silu = rs(x * table[i], 15)
+                y = rs(silu * h3[t, j], out_shift)
+                y = -32768 if y < -32768 else (32767 if y > 32767 else y)
+                hb[j] = y
+                y = -y if y < 0 else y
+                if y > mx:
+                    mx = y
+            n = 0
+            while mx >> n:
+                n += 1
+            kt = n - 7 if n > 7 else 0
+            k[t] = kt
+            for j in range(N):
+                z = rs(hb[j], kt)
+                a[t, j] = -127 if z < -127 else (127 if z > 127 else z)
+
+    out = {}
+    for name, f in (("requant", body_requant), ("residual", body_residual), ("quant", body_quant),
+                    ("swiglu", body_swiglu)):
+        out[name] = (njit(cache=True, nogil=True, boundscheck=False)(f),
+                     njit(cache=True, nogil=True, boundscheck=False, parallel=True)(f))
+    return out
+
+
+def _pick(name: str, size: int):
+    serial, parallel = _kernels()[name]
+    return parallel if size >= PARALLEL_FROM else serial
+
+
+def _rows(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def _shifts(shift, T: int) -> np.ndarray:
+    s = np.broadcast_to(np.asarray(shift, dtype=np.int64).reshape(-1), (T,))
+    if np.any(s > 62) or np.any(s < -62):
+        raise ValueError(f"shift out of range: {s.min()}..{s.max()}")
+    return np.ascontiguousarray(s)
+
+
+def requantize(acc, shift, bits: int = 16) -> np.ndarray:
+    """numerics.requantize(acc, shift[:, None], bits) for acc (T, R), one shift per row."""
+    acc = _rows(acc)
+    T = acc.shape[0]
+    lim = (1 << (bits - 1)) - 1
+    out = np.empty_like(acc)
+    _pick("requant", acc.size)(acc, _shifts(shift, T), -lim - 1, lim, out)
+    return out
+
+
+def residual_add(x: np.ndarray, acc, shift, bits: int) -> None:
+    """x := saturate(x + numerics.requantize(acc, shift[:, None], bits), 16), in place; x (T, R)
+    int64 contiguous (a column slice of the residual is copied back by the caller)."""
+    acc = _rows(acc)
+    if x.dtype != np.int64 or not x.flags.c_contiguous or x.shape != acc.shape:
+        raise ValueError("residual_add needs a contiguous int64 x of the accumulators' shape")
+    lim = (1 << (bits - 1)) - 1
+    _pick("residual", acc.size)(x, acc, _shifts(shift, acc.shape[0]), -lim - 1, lim)
+
+
+def quantize_act(v) -> tuple[np.ndarray, np.ndarray]:
+    """numerics.quantize_act for v (T, N): per row, a int64 in [-127, 127] and its shift k."""
+    v = _rows(v)
+    a = np.empty_like(v)
+    k = np.empty(v.shape[0], np.int64)
+    _pick("quant", v.size)(v, a, k)
+    return a, k
+
+
+def swiglu_act(h1, h3, step) -> tuple[np.ndarray, np.ndarray]:
+    """numerics.quantize_act(numerics.swiglu(h1, h3, step)) for (T, H) rows, in one pass."""
+    h1, h3 = _rows(h1), _rows(h3)
+    if h1.shape != h3.shape:
+        raise ValueError("h1 and h3 differ in shape")
+    a = np.empty_like(h1)
+    k = np.empty(h1.shape[0], np.int64)
+    _pick("swiglu", h1.size)(h1, h3, int(step.index), int(step.out), nx.SIGMOID_TABLE,
+                             nx.SIG_ENTRIES // 2, a, k)
+    return a, k
