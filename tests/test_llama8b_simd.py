@@ -75,40 +75,47 @@ def test_simd_matmat_equals_numerics_matvec(bits, kernel):
 
 
 @needs_simd
-@pytest.mark.parametrize("mmax", [1, 511, (1 << 15) - 1])
-def test_simd_int16_pair_path_at_its_bounds(mmax):
-    """The 4-bit kernel's int16-pair finishing (groups of 32, multipliers below 2^15): every
-    group sum at +-32,512 (q = -8 and 7 against a = +-127), multipliers at their largest, enough
-    groups that the int32 totals are flushed several times (and an odd group count: the last
-    group has no partner), for a decode step and for token tiles with a remainder."""
+@pytest.mark.parametrize("store,mmax", [(4, 1), (4, 511), (4, (1 << 15) - 1),
+                                        (8, 1), (8, 511), (8, ((1 << 31) - 1) // (32 * 128 * 127))])
+def test_simd_int32_totals_at_their_bounds(store, mmax):
+    """The kernels' int32 totals for groups of 32 (4-bit: int16 pairs on vpmaddwd, multipliers
+    below 2^15; 8-bit: vpmulld): every group sum at its largest magnitude (q at the layout's most
+    negative value against a = -127, and mixed signs), multipliers at the largest the path takes,
+    enough groups that the int32 totals are flushed several times, an odd group count (the 4-bit
+    path's last group has no partner), a decode step and token tiles with a remainder."""
     if "vnni" not in simd.kernels():
         pytest.skip("no AVX-512 VNNI + VBMI on this CPU")
-    rng = np.random.default_rng(mmax)
+    rng = np.random.default_rng(mmax + store)
     rows, group = 130, 32
-    ng = 2 * ((1 << 31) // (2 * mmax * simd.PAIR_SUM_MAX)) * 3 + 1 if mmax > 1 else 21
-    ng = min(ng, 401)
+    lo, hi = (-8, 7) if store == 4 else (-128, 127)
+    gsum = group * -lo * 127  # the largest |group sum|
+    m = np.full((rows, 1), mmax, np.uint16)
+    p = kernels.pack(np.zeros((rows, group), np.int8), m, 7, store, group, store)
+    per = simd.flush_groups(p) * (2 if store == 4 else 1)  # groups per int32 total
+    assert per > 0
+    ng = min(3 * per + 1, 401) | 1
     cols = ng * group
-    q = np.where(rng.random((rows, cols)) < 0.5, 7, -8).astype(np.int8)
-    q[0], q[1], q[2] = -8, -8, 7
+    q = np.where(rng.random((rows, cols)) < 0.5, hi, lo).astype(np.int8)
+    q[0], q[1], q[2] = lo, lo, hi
     m = np.full((rows, ng), mmax, np.uint16)
     m[3] = rng.integers(0, mmax + 1, ng)
-    p = kernels.pack(q, m, 7, 4, group, 4)
-    assert simd.pair_flush(p) > 0
-    qt = nx.QTensor(q, m, np.int32(7), 4, group)
+    p = kernels.pack(q, m, 7, store, group, store)
+    qt = nx.QTensor(q, m, np.int32(7), store, group)
     for T in (1, 5):
         a = rng.integers(-127, 128, (T, cols))
         a[0] = -127
         if T > 1:
             a[1] = 127
         ref = nx.matvec(qt, a)
-        assert np.abs(ref[:, :2]).max() == 32512 * mmax * ng  # the bound is reached
+        assert np.abs(ref[:, :2]).max() == gsum * mmax * ng  # the bound is reached
         for threads in (1, 2):
             assert np.array_equal(simd.matmat(p, a, 0, rows, threads), ref)
-    # multipliers of 2^15 and more do not fit an int16: the int64 path takes them, still exact
-    m[4, 0] = 1 << 15
-    p = kernels.pack(q, m, 7, 4, group, 4)
-    assert simd.pair_flush(p) == 0
-    assert np.array_equal(simd.matmat(p, a, 0, rows), nx.matvec(nx.QTensor(q, m, np.int32(7), 4, group), a))
+    # one multiplier too large for even one group in int32 (or, 4-bit, for an int16): the int64
+    # path takes the matrix, still exact
+    m[4, 0] = (1 << 15) if store == 4 else (1 << 31) // (group * 128 * 127) + 1
+    p = kernels.pack(q, m, 7, store, group, store)
+    assert simd.flush_groups(p) == 0
+    assert np.array_equal(simd.matmat(p, a, 0, rows), nx.matvec(nx.QTensor(q, m, np.int32(7), store, group), a))
 
 
 @needs_simd

@@ -363,8 +363,49 @@ V512 INLINE void prefetch_cols(const uint8_t *blk, int c, size_t colbytes)
     }
 }
 
+/* int32 totals for small groups (flush > 0): a group's sum s (bias removed) times its multiplier
+   by vpmulld, exact while |s m| summed over `flush` groups stays below 2^31 (the caller sizes
+   flush from the largest multiplier and the group: |s| <= group * 128 * 127); then widened into
+   the int64 totals. Else each group's products are int64 (vpmuldq). */
+V512 INLINE void widen_m32(__m512i mw[4], const uint16_t *m, const __m512i mix[4])
+{
+    __m512i m0 = _mm512_loadu_si512(m), m1 = _mm512_loadu_si512(m + 32);
+    for (int k = 0; k < 4; k++)
+        mw[k] = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(_mm512_permutex2var_epi16(m0, mix[k], m1)));
+}
+
+V512 INLINE void apply_m32(__m512i t32[4], const __m512i mw[4], const __m512i acc[4], int32_t as,
+                           int nibbles)
+{
+    for (int k = 0; k < 4; k++) {
+        __m512i v = _mm512_sub_epi32(acc[k], _mm512_set1_epi32((nibbles && k < 2 ? 8 : 128) * as));
+        t32[k] = _mm512_add_epi32(t32[k], _mm512_mullo_epi32(v, mw[k]));
+    }
+}
+
+V512 INLINE void flush32(__m512i tot[8], __m512i t32[4]);
+
+/* a group's finishing: into the int32 totals (flushed every `flush` groups, and after the last)
+   or straight into the int64 ones */
+V512 INLINE void finish_group(__m512i tot[8], __m512i t32[4], const __m512i acc[4], const uint16_t *m,
+                              const __m512i mix[4], int32_t as, int nibbles, int flush, int g, int ng)
+{
+    if (flush > 0) {
+        __m512i mw[4];
+        widen_m32(mw, m, mix);
+        apply_m32(t32, mw, acc, as, nibbles);
+        if ((g + 1) % flush == 0 || g + 1 == ng)
+            flush32(tot, t32);
+    } else {
+        __m512i mw[8];
+        widen_m512(mw, m, mix);
+        apply_m512(tot, mw, acc, as, nibbles);
+    }
+}
+
 V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                     int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int nibbles)
+                     int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int nibbles,
+                     int flush)
 {
     const int ng = cols / group, tc = tile_cols(group, 8), nq = tc / 4;
     const size_t colbytes = nibbles ? 32 : L;
@@ -379,7 +420,7 @@ V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, 
             mi[k][i] = (uint16_t)slot_lane(nibbles, k, i % 16);
     for (int i = 0; i < L; i++)
         lane[i] = (uint8_t)slot_lane(nibbles, i / 16, i % 16);
-    __m512i vix[2], mix[4], mw[8];
+    __m512i vix[2], mix[4];
     for (int h = 0; h < 2; h++)
         vix[h] = _mm512_loadu_si512(ix[h]);
     for (int k = 0; k < 4; k++)
@@ -389,9 +430,11 @@ V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, 
         const uint16_t *mb = m + (size_t)rb * ng * L;
         int64_t *o = out + (size_t)(rb - rb0) * L;
         if (T == 1) {  /* a decode step: sums, multipliers and totals all in registers */
-            __m512i tot[8];
+            __m512i tot[8], t32[4];
             for (int j = 0; j < 8; j++)
                 tot[j] = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                t32[k] = _mm512_setzero_si512();
             for (int g = 0; g < ng; g++) {
                 __m512i acc[2][4], u[4];
                 for (int k = 0; k < 4; k++)
@@ -407,16 +450,18 @@ V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, 
                 }
                 for (int k = 0; k < 4; k++)
                     acc[0][k] = _mm512_add_epi32(acc[0][k], acc[1][k]);
-                widen_m512(mw, mb + (size_t)g * L, mix);
-                apply_m512(tot, mw, acc[0], asum[g], nibbles);
+                finish_group(tot, t32, acc[0], mb + (size_t)g * L, mix, asum[g], nibbles, flush, g, ng);
             }
             store_tot(o, tot, nibbles, lane);
             continue;
         }
-        __m512i U[TILE / 4][4], S[T][4], tot[T][8];
-        for (int t = 0; t < T; t++)
+        __m512i U[TILE / 4][4], S[T][4], tot[T][8], t32[T][4];
+        for (int t = 0; t < T; t++) {
             for (int j = 0; j < 8; j++)
                 tot[t][j] = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++)
+                t32[t][k] = _mm512_setzero_si512();
+        }
         for (int g = 0; g < ng; g++) {
             for (int c0 = g * group; c0 < (g + 1) * group; c0 += tc) {
                 for (int q = 0; q < nq; q++)
@@ -429,9 +474,21 @@ V512 INLINE void mvz(const uint8_t *planes, const uint16_t *m, const int8_t *a, 
                 for (; t0 < T; t0++)
                     tile_tokens((const __m512i (*)[4])U, nq, ac, cols, t0, 1, first, S);
             }
-            widen_m512(mw, mb + (size_t)g * L, mix);
-            for (int t = 0; t < T; t++)
-                apply_m512(tot[t], mw, S[t], asum[(size_t)t * ng + g], nibbles);
+            if (flush > 0) {
+                __m512i mw[4];
+                widen_m32(mw, mb + (size_t)g * L, mix);
+                const int fl = (g + 1) % flush == 0 || g + 1 == ng;
+                for (int t = 0; t < T; t++) {
+                    apply_m32(t32[t], mw, S[t], asum[(size_t)t * ng + g], nibbles);
+                    if (fl)
+                        flush32(tot[t], t32[t]);
+                }
+            } else {
+                __m512i mw[8];
+                widen_m512(mw, mb + (size_t)g * L, mix);
+                for (int t = 0; t < T; t++)
+                    apply_m512(tot[t], mw, S[t], asum[(size_t)t * ng + g], nibbles);
+            }
         }
         for (int t = 0; t < T; t++)
             store_tot(o + (size_t)t * ldo, tot[t], nibbles, lane);
@@ -610,11 +667,12 @@ V512 void bk_mv4z(const uint8_t *planes, const uint16_t *m, const int8_t *a, con
     if (group == 32 && flush > 0 && T <= TMAX)
         mv16(planes, m, a, asum, T, cols, rb0, rb1, out, ldo, flush);
     else
-        mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1);
+        mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1, 0);
 }
 
+/* the 8-bit layout; flush > 0: int32 totals over that many groups (see widen_m32), 0: int64 */
 V512 void bk_mv8z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo)
+                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int flush)
 {
-    mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 0);
+    mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 0, flush);
 }

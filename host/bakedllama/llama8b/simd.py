@@ -67,8 +67,7 @@ def _lib():
     I = ctypes.c_int
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mv4z.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I]
-    lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
+    lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I]
     lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = lib.bk_mv8z.restype = None
     return lib
 
@@ -111,17 +110,20 @@ def default_kernel(p) -> str:
 
 
 PAIR_SUM_MAX = 32 * 8 * 127  # |sum q a| of a group of 32 nibble weights (|q| <= 8, |a| <= 127)
+BYTE_SUM_MAX = 128 * 127  # |q a| of one 8-bit-layout weight (|q| <= 128)
 
 
-def pair_flush(p) -> int:
-    """Pairs of groups the 4-bit kernel sums in int32 before widening (simd.c's mv16: its int16
-    pairs need group 32 and multipliers below 2^15); 0: the int64 path."""
-    if p.store_bits != 4 or p.group != 32:
-        return 0
-    mmax = p.m_max()
-    if mmax >= 1 << 15:
-        return 0
-    return ((1 << 31) - 1) // (2 * max(mmax, 1) * PAIR_SUM_MAX)
+def flush_groups(p) -> int:
+    """How the kernel sums the multiplied group sums (0: in int64, each group). The 4-bit layout
+    with groups of 32 and multipliers below 2^15: pairs of groups on int16 (simd.c's mv16), this
+    many pairs per int32 total. The 8-bit layout: this many groups per int32 total (vpmulld), where
+    one group's product fits at all."""
+    mmax = max(p.m_max(), 1)
+    if p.store_bits == 4:
+        if p.group != 32 or mmax >= 1 << 15:
+            return 0
+        return ((1 << 31) - 1) // (2 * mmax * PAIR_SUM_MAX)
+    return ((1 << 31) - 1) // (mmax * p.group * BYTE_SUM_MAX)
 
 
 def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) -> np.ndarray:
@@ -148,7 +150,7 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
     ng = p.cols // p.group
     asum = (a8.reshape(T, ng, p.group).sum(-1, dtype=np.int64).astype(np.int32)
             if p.store_bits == 4 or kernel == "vnni" else None)
-    flush = pair_flush(p) if kernel == "vnni" else 0
+    flush = flush_groups(p) if kernel == "vnni" else 0
     n = max(1, min(threads, nblk))
     cuts = [rb0 + nblk * i // n for i in range(n + 1)]
 
@@ -160,10 +162,7 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
         args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
         if kernel == "vnni":
             rest = (asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1, o.ctypes.data, ldo)
-            if p.store_bits == 4:
-                lib.bk_mv4z(*args, *rest, flush)
-            else:
-                lib.bk_mv8z(*args, *rest)
+            (lib.bk_mv4z if p.store_bits == 4 else lib.bk_mv8z)(*args, *rest, flush)
         elif p.store_bits == 4:
             lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
                        o.ctypes.data, ldo)
