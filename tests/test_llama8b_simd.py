@@ -78,11 +78,12 @@ def test_simd_matmat_equals_numerics_matvec(bits, kernel):
 @pytest.mark.parametrize("store,mmax", [(4, 1), (4, 511), (4, (1 << 15) - 1),
                                         (8, 1), (8, 511), (8, ((1 << 31) - 1) // (32 * 128 * 127))])
 def test_simd_int32_totals_at_their_bounds(store, mmax):
-    """The kernels' int32 totals for groups of 32 (4-bit: int16 pairs on vpmaddwd, multipliers
-    below 2^15; 8-bit: vpmulld): every group sum at its largest magnitude (q at the layout's most
-    negative value against a = -127, and mixed signs), multipliers at the largest the path takes,
-    enough groups that the int32 totals are flushed several times, an odd group count (the 4-bit
-    path's last group has no partner), a decode step and token tiles with a remainder."""
+    """The kernels' int32 totals for groups of 32 (vpmulld; and the 4-bit prompts' int16 pairs on
+    vpmaddwd, multipliers below 2^15): every group sum at its largest magnitude (q at the layout's
+    most negative value against a = -127, and mixed signs), multipliers at the largest a path
+    takes, enough groups that the int32 totals are flushed several times, an odd group count
+    (the pair path's last group has no partner), a decode step and token tiles with a
+    remainder."""
     if "vnni" not in simd.kernels():
         pytest.skip("no AVX-512 VNNI + VBMI on this CPU")
     rng = np.random.default_rng(mmax + store)
@@ -91,8 +92,9 @@ def test_simd_int32_totals_at_their_bounds(store, mmax):
     gsum = group * -lo * 127  # the largest |group sum|
     m = np.full((rows, 1), mmax, np.uint16)
     p = kernels.pack(np.zeros((rows, group), np.int8), m, 7, store, group, store)
-    per = simd.flush_groups(p) * (2 if store == 4 else 1)  # groups per int32 total
+    per = max(simd.flush_groups(p), 2 * simd.flush_pairs(p))  # groups per int32 total
     assert per > 0
+    assert store == 8 or simd.flush_pairs(p) > 0
     ng = min(3 * per + 1, 401) | 1
     cols = ng * group
     q = np.where(rng.random((rows, cols)) < 0.5, hi, lo).astype(np.int8)
@@ -114,7 +116,7 @@ def test_simd_int32_totals_at_their_bounds(store, mmax):
     # path takes the matrix, still exact
     m[4, 0] = (1 << 15) if store == 4 else (1 << 31) // (group * 128 * 127) + 1
     p = kernels.pack(q, m, 7, store, group, store)
-    assert simd.flush_groups(p) == 0
+    assert simd.flush_groups(p) == simd.flush_pairs(p) == 0
     assert np.array_equal(simd.matmat(p, a, 0, rows), nx.matvec(nx.QTensor(q, m, np.int32(7), store, group), a))
 
 

@@ -548,26 +548,6 @@ V512 INLINE void flush32(__m512i tot[8], __m512i t32[4])
     }
 }
 
-/* one group's sums of one decode step (T = 1) in registers */
-V512 INLINE void group_dot1(__m512i acc[4], const uint8_t *blk, const int8_t *a, int c0,
-                            const __m512i vix[2])
-{
-    __m512i ac[2][4], u[4];
-    for (int k = 0; k < 4; k++)
-        ac[0][k] = ac[1][k] = _mm512_setzero_si512();
-    for (int c = c0; c < c0 + 32; c += 8) {  /* two quads, two chains */
-        prefetch_cols(blk, c, 32);
-        for (int e = 0; e < 2; e++) {
-            __m512i a4 = _mm512_set1_epi32(load32(a + c + 4 * e));
-            quads512(blk, c + 4 * e, 1, vix, u);
-            for (int k = 0; k < 4; k++)
-                ac[e][k] = _mm512_dpbusd_epi32(ac[e][k], u[k], a4);
-        }
-    }
-    for (int k = 0; k < 4; k++)
-        acc[k] = _mm512_add_epi32(ac[0][k], ac[1][k]);
-}
-
 #define TMAX 64  /* tokens per call (simd.TOKEN_TILE) */
 
 V512 INLINE void mv16(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
@@ -594,31 +574,6 @@ V512 INLINE void mv16(const uint8_t *planes, const uint16_t *m, const int8_t *a,
         const uint8_t *blk = planes + (size_t)rb * cols * 32;
         const uint16_t *mb = m + (size_t)rb * ng * L;
         int64_t *o = out + (size_t)(rb - rb0) * L;
-        if (T == 1) {
-            __m512i tot[8], t32[4], acc[4], s0[4], s1[4];
-            for (int j = 0; j < 8; j++)
-                tot[j] = _mm512_setzero_si512();
-            for (int k = 0; k < 4; k++)
-                t32[k] = _mm512_setzero_si512();
-            for (int g = 0, np = 0; g < ng; g += 2) {
-                const int two = g + 1 < ng;
-                group_dot1(acc, blk, a, 32 * g, vix);
-                sums16(s0, acc, asum[g]);
-                if (two) {
-                    group_dot1(acc, blk, a, 32 * (g + 1), vix);
-                    sums16(s1, acc, asum[g + 1]);
-                }
-                pair_m(mp, mb + (size_t)g * L, two ? mb + (size_t)(g + 1) * L : NULL, pix);
-                apply_pair(t32, mp, s0, two ? s1 : NULL);
-                if (++np == flush || g + 2 >= ng) {
-                    flush32(tot, t32);
-                    np = 0;
-                }
-            }
-            for (int j = 0; j < 8; j++)
-                _mm512_storeu_si512(o + 8 * j, tot[j]);
-            continue;
-        }
         __m512i U[8][4], S[2][TMAX][4], t32[TMAX][4], tot[TMAX][8];
         for (int t = 0; t < T; t++) {
             for (int j = 0; j < 8; j++)
@@ -659,20 +614,26 @@ V512 INLINE void mv16(const uint8_t *planes, const uint16_t *m, const int8_t *a,
 }
 
 /* the 4-bit / 8-bit layout; asum: (T, ng) int32 group sums of a; else as bk_mm8. group % 8 == 0
-   (kernels.pack makes it a multiple of 32). 4-bit, group == 32 and flush > 0 (T <= TMAX): the
-   int16-pair path (mv16; flush: pairs of groups per int32 total, see above); else int64 (mvz). */
+   (kernels.pack makes it a multiple of 32). flush: groups per int32 total (mvz; 0: int64 each
+   group); pairs: 4-bit prompts (1 < T <= TMAX) with groups of 32 take the int16-pair path
+   (mv16) with that many pairs of groups per int32 total (0: not). A decode step stays on mvz:
+   it is bound by memory either way, and mvz's register use leaves it more compute headroom. */
 V512 void bk_mv4z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int flush)
+                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int flush,
+                  int pairs)
 {
-    if (group == 32 && flush > 0 && T <= TMAX)
-        mv16(planes, m, a, asum, T, cols, rb0, rb1, out, ldo, flush);
+    if (group == 32 && pairs > 0 && T > 1 && T <= TMAX)
+        mv16(planes, m, a, asum, T, cols, rb0, rb1, out, ldo, pairs);
     else
-        mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1, 0);
+        mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 1, flush);
 }
 
-/* the 8-bit layout; flush > 0: int32 totals over that many groups (see widen_m32), 0: int64 */
+/* the 8-bit layout; flush > 0: int32 totals over that many groups (see widen_m32), 0: int64;
+   pairs: unused (the 4-bit layout's) */
 V512 void bk_mv8z(const uint8_t *planes, const uint16_t *m, const int8_t *a, const int32_t *asum,
-                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int flush)
+                  int T, int cols, int group, int rb0, int rb1, int64_t *out, int ldo, int flush,
+                  int pairs)
 {
+    (void)pairs;
     mvz(planes, m, a, asum, T, cols, group, rb0, rb1, out, ldo, 0, flush);
 }

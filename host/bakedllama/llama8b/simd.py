@@ -67,7 +67,7 @@ def _lib():
     I = ctypes.c_int
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I]
+    lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I, I]
     lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = lib.bk_mv8z.restype = None
     return lib
 
@@ -110,20 +110,23 @@ def default_kernel(p) -> str:
 
 
 PAIR_SUM_MAX = 32 * 8 * 127  # |sum q a| of a group of 32 nibble weights (|q| <= 8, |a| <= 127)
-BYTE_SUM_MAX = 128 * 127  # |q a| of one 8-bit-layout weight (|q| <= 128)
+BYTE_SUM_MAX = 128 * 127  # |q a| per weight: 8-bit layout (|q| <= 128), nibbles' high half (16 x 8)
 
 
 def flush_groups(p) -> int:
-    """How the kernel sums the multiplied group sums (0: in int64, each group). The 4-bit layout
-    with groups of 32 and multipliers below 2^15: pairs of groups on int16 (simd.c's mv16), this
-    many pairs per int32 total. The 8-bit layout: this many groups per int32 total (vpmulld), where
-    one group's product fits at all."""
+    """Groups per int32 total in the kernels (simd.c's mvz: each group's sum times its multiplier
+    by vpmulld, exact while the total stays below 2^31; 0: int64 totals, for groups or
+    multipliers too large for even one product in int32)."""
+    return ((1 << 31) - 1) // (max(p.m_max(), 1) * p.group * BYTE_SUM_MAX)
+
+
+def flush_pairs(p) -> int:
+    """Pairs of groups per int32 total on the 4-bit prompt path (simd.c's mv16: int16 pairs, which
+    need groups of 32 and multipliers below 2^15); 0: that path is not taken."""
     mmax = max(p.m_max(), 1)
-    if p.store_bits == 4:
-        if p.group != 32 or mmax >= 1 << 15:
-            return 0
-        return ((1 << 31) - 1) // (2 * mmax * PAIR_SUM_MAX)
-    return ((1 << 31) - 1) // (mmax * p.group * BYTE_SUM_MAX)
+    if p.store_bits != 4 or p.group != 32 or mmax >= 1 << 15:
+        return 0
+    return ((1 << 31) - 1) // (2 * mmax * PAIR_SUM_MAX)
 
 
 def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) -> np.ndarray:
@@ -150,7 +153,7 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
     ng = p.cols // p.group
     asum = (a8.reshape(T, ng, p.group).sum(-1, dtype=np.int64).astype(np.int32)
             if p.store_bits == 4 or kernel == "vnni" else None)
-    flush = flush_groups(p) if kernel == "vnni" else 0
+    flush = (flush_groups(p), flush_pairs(p)) if kernel == "vnni" else (0, 0)
     n = max(1, min(threads, nblk))
     cuts = [rb0 + nblk * i // n for i in range(n + 1)]
 
@@ -162,7 +165,7 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
         args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
         if kernel == "vnni":
             rest = (asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1, o.ctypes.data, ldo)
-            (lib.bk_mv4z if p.store_bits == 4 else lib.bk_mv8z)(*args, *rest, flush)
+            (lib.bk_mv4z if p.store_bits == 4 else lib.bk_mv8z)(*args, *rest, *flush)
         elif p.store_bits == 4:
             lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
                        o.ctypes.data, ldo)
