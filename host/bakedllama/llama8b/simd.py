@@ -21,13 +21,14 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 
 SRC = Path(__file__).with_name("simd.c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=c11"]
+CHUNK_BLOCKS = 8  # row blocks a thread takes at a time (bk_dyn), at most
 TOKEN_TILE = 64  # activation rows per call (the kernel's int32 / int64 sums live on its stack)
 LAYOUTS = (4, 8)  # store_bits with a kernel here
 
@@ -68,7 +69,9 @@ def _lib():
     lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
     lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
     lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I, I]
+    lib.bk_dyn.argtypes = [I, P, P, P, P, I, I, I, I, I, P, I, I, I, P, I]
     lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = lib.bk_mv8z.restype = None
+    lib.bk_dyn.restype = None
     return lib
 
 
@@ -155,30 +158,19 @@ def matmat(p, a, r0: int, r1: int, threads: int = 1, kernel: str | None = None) 
             if p.store_bits == 4 or kernel == "vnni" else None)
     flush = (flush_groups(p), flush_pairs(p)) if kernel == "vnni" else (0, 0)
     n = max(1, min(threads, nblk))
-    cuts = [rb0 + nblk * i // n for i in range(n + 1)]
-
-    def run(i: int, t0: int, t1: int) -> None:
-        b0, b1 = cuts[i], cuts[i + 1]
-        if b0 == b1:
-            return
-        o = out[t0:t1, (b0 - rb0) * 64:]
-        args = (planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data)
-        if kernel == "vnni":
-            rest = (asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1, o.ctypes.data, ldo)
-            (lib.bk_mv4z if p.store_bits == 4 else lib.bk_mv8z)(*args, *rest, *flush)
-        elif p.store_bits == 4:
-            lib.bk_mm4(*args, asum[t0:t1].ctypes.data, t1 - t0, p.cols, p.group, b0, b1,
-                       o.ctypes.data, ldo)
-        else:
-            lib.bk_mm8(*args, t1 - t0, p.cols, p.group, b0, b1, o.ctypes.data, ldo)
-
-    tiles = [(t0, min(T, t0 + TOKEN_TILE)) for t0 in range(0, T, TOKEN_TILE)]
-    jobs = [(i, t0, t1) for t0, t1 in tiles for i in range(n)]
-    if n == 1:
-        for j in jobs:
-            run(*j)
-    else:
-        for f in [_executor(n).submit(run, *j) for j in jobs]:
+    which = (2 if p.store_bits == 4 else 3) if kernel == "vnni" else (0 if p.store_bits == 4 else 1)
+    chunk = max(1, min(CHUNK_BLOCKS, -(-nblk // (2 * n))))  # >= 2 chunks per thread
+    null = ctypes.c_void_p(0)
+    for t0 in range(0, T, TOKEN_TILE):  # each tile: the threads share its row blocks dynamically
+        t1 = min(T, t0 + TOKEN_TILE)
+        nxt = ctypes.c_int(0)
+        call = partial(lib.bk_dyn, which, planes.ctypes.data, m.ctypes.data, a8[t0:t1].ctypes.data,
+                       asum[t0:t1].ctypes.data if asum is not None else null, t1 - t0, p.cols,
+                       p.group, rb0, rb1, out[t0:t1].ctypes.data, ldo, *flush,
+                       ctypes.byref(nxt), chunk)
+        helpers = [_executor(n - 1).submit(call) for _ in range(n - 1)]
+        call()  # the calling thread takes chunks too
+        for f in helpers:
             f.result()
     o = r0 - rb0 * 64
     return out[:, o:o + r1 - r0]
