@@ -16,6 +16,7 @@ Rows run in parallel (prange) when an array is large enough to pay for waking th
 
 from __future__ import annotations
 
+import types
 from functools import lru_cache
 
 import numpy as np
@@ -98,11 +99,20 @@ def _kernels():
                 z = rs(hb[j], kt)
                 a[t, j] = -127 if z < -127 else (127 if z > 127 else z)
 
+    def variant(f, suffix: str):
+        # numba's cache keys a function by its qualified name and line, not by its compile
+        # options: the serial and the parallel build of one body must not share a name, or one
+        # loads the other's machine code (the "serial" one then waited at OpenMP barriers)
+        g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__,
+                               f.__closure__)
+        g.__qualname__ = f.__qualname__ + suffix
+        return g
+
     out = {}
     for name, f in (("requant", body_requant), ("residual", body_residual), ("quant", body_quant),
                     ("swiglu", body_swiglu)):
-        out[name] = (njit(cache=True, nogil=True, boundscheck=False)(f),
-                     njit(cache=True, nogil=True, boundscheck=False, parallel=True)(f))
+        out[name] = (njit(cache=True, nogil=True, boundscheck=False)(variant(f, "_serial")),
+                     njit(cache=True, nogil=True, boundscheck=False, parallel=True)(variant(f, "_par")))
     return out
 
 
