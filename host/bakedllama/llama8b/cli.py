@@ -13,7 +13,17 @@ import time
 import numpy as np
 
 from bakedllama.fileformat import ModelFileError
-from bakedllama.llama8b import agreement, bandwidth, cluster, kernels, partition, projection, quant, runner
+from bakedllama.llama8b import (
+    agreement,
+    bandwidth,
+    cluster,
+    fastglue,
+    kernels,
+    partition,
+    projection,
+    quant,
+    runner,
+)
 from bakedllama.llama8b.arch import DEFAULT_CONTEXT
 from bakedllama.llama8b.checkpoint import CACHE_DIR, open_checkpoint
 
@@ -79,6 +89,7 @@ def _kernel_name(qm) -> str:
 
 def _warm_up(qm) -> None:
     """Compile (or load from numba's cache) the kernels before anything is timed."""
+    fastglue.warm_up()
     for sb in sorted({p.store_bits for p in qm.mats.values()}):
         q = np.zeros((64, 32), np.int8)
         p = kernels.pack(q, np.ones((64, 1), np.uint16), 0, min(sb, 8), 32, sb)

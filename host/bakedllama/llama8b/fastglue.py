@@ -116,6 +116,24 @@ def _kernels():
     return out
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel, serial and parallel, before anything is
+    timed: a first call otherwise costs a decode step its load time."""
+    x = np.zeros((1, 4), np.int64)
+    sh = np.zeros(1, np.int64)
+    for name in ("requant", "residual", "quant", "swiglu"):
+        for f in _kernels()[name]:
+            if name == "requant":
+                f(x, sh, -1, 1, np.empty_like(x))
+            elif name == "residual":
+                f(np.zeros_like(x), x, sh, -1, 1)
+            elif name == "quant":
+                f(x, np.empty_like(x), np.empty(1, np.int64))
+            else:
+                f(x, x, 0, 0, nx.SIGMOID_TABLE, nx.SIG_ENTRIES // 2, np.empty_like(x),
+                  np.empty(1, np.int64))
+
+
 def _pick(name: str, size: int):
     serial, parallel = _kernels()[name]
     return parallel if size >= PARALLEL_FROM else serial
@@ -126,10 +144,11 @@ def _rows(x) -> np.ndarray:
 
 
 def _shifts(shift, T: int) -> np.ndarray:
-    s = np.broadcast_to(np.asarray(shift, dtype=np.int64).reshape(-1), (T,))
-    if np.any(s > 62) or np.any(s < -62):
+    # a writable copy: a read-only array is another numba type (one more compile at first use)
+    s = np.array(np.broadcast_to(np.asarray(shift, dtype=np.int64).reshape(-1), (T,)))
+    if s.max(initial=0) > 62 or s.min(initial=0) < -62:
         raise ValueError(f"shift out of range: {s.min()}..{s.max()}")
-    return np.ascontiguousarray(s)
+    return s
 
 
 def requantize(acc, shift, bits: int = 16) -> np.ndarray:
