@@ -35,69 +35,53 @@ def _kernels():
             return x << -s
         return (x + (np.int64(1) << (s - 1))) >> s
 
-    rs = njit(inline="always")(rs)
+    def clamp(v, lo, hi):
+        return lo if v < lo else (hi if v > hi else v)
+
+    def quant_row(v, a):  # numerics.quantize_act of one row into a; returns its shift
+        mx = np.int64(0)
+        for j in range(v.shape[0]):
+            x = v[j]
+            x = -x if x < 0 else x
+            if x > mx:
+                mx = x
+        n = 0  # bit length of mx
+        while mx >> n:
+            n += 1
+        k = n - 7 if n > 7 else 0
+        for j in range(v.shape[0]):
+            a[j] = clamp(rs(v[j], k), -127, 127)
+        return k
+
+    rs, clamp = njit(inline="always")(rs), njit(inline="always")(clamp)
+    quant_row = njit(inline="always")(quant_row)
 
     def body_requant(acc, shift, lo, hi, out):
         T, R = acc.shape
         for t in prange(T):
-            s = shift[t]
             for r in range(R):
-                v = rs(acc[t, r], s)
-                out[t, r] = lo if v < lo else (hi if v > hi else v)
+                out[t, r] = clamp(rs(acc[t, r], shift[t]), lo, hi)
 
     def body_residual(x, acc, shift, lo, hi):
         T, R = acc.shape
         for t in prange(T):
-            s = shift[t]
             for r in range(R):
-                v = rs(acc[t, r], s)
-                v = lo if v < lo else (hi if v > hi else v)
-                v += x[t, r]
-                x[t, r] = -32768 if v < -32768 else (32767 if v > 32767 else v)
+                x[t, r] = clamp(x[t, r] + clamp(rs(acc[t, r], shift[t]), lo, hi), -32768, 32767)
 
     def body_quant(v, a, k):
-        T, N = v.shape
-        for t in prange(T):
-            mx = np.int64(0)
-            for j in range(N):
-                x = v[t, j]
-                x = -x if x < 0 else x
-                if x > mx:
-                    mx = x
-            n = 0  # bit length of mx
-            while mx >> n:
-                n += 1
-            kt = n - 7 if n > 7 else 0
-            k[t] = kt
-            for j in range(N):
-                y = rs(v[t, j], kt)
-                a[t, j] = -127 if y < -127 else (127 if y > 127 else y)
+        for t in prange(v.shape[0]):
+            k[t] = quant_row(v[t], a[t])
 
     def body_swiglu(h1, h3, index, out_shift, table, half, a, k):
         T, N = h1.shape
-        n_tab = table.shape[0]
+        top = table.shape[0] - 1
         for t in prange(T):
             hb = np.empty(N, np.int64)
-            mx = np.int64(0)
             for j in range(N):
                 x = h1[t, j]
-                i = rs(x, index) + half
-                i = 0 if i < 0 else (n_tab - 1 if i > n_tab - 1 else i)
-                silu = rs(x * table[i], 15)
-                y = rs(silu * h3[t, j], out_shift)
-                y = -32768 if y < -32768 else (32767 if y > 32767 else y)
-                hb[j] = y
-                y = -y if y < 0 else y
-                if y > mx:
-                    mx = y
-            n = 0
-            while mx >> n:
-                n += 1
-            kt = n - 7 if n > 7 else 0
-            k[t] = kt
-            for j in range(N):
-                z = rs(hb[j], kt)
-                a[t, j] = -127 if z < -127 else (127 if z > 127 else z)
+                silu = rs(x * table[clamp(rs(x, index) + half, 0, top)], 15)
+                hb[j] = clamp(rs(silu * h3[t, j], out_shift), -32768, 32767)
+            k[t] = quant_row(hb, a[t])
 
     def variant(f, suffix: str):
         # numba's cache keys a function by its qualified name and line, not by its compile
