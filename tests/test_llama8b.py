@@ -316,6 +316,24 @@ def test_bad_input_one_clear_line(tiny_ck, tiny_dir, tmp_path, capsys, case, exp
 
 
 # ----------------------------------------------------------------------------- the memory bound
+def test_pinned_weights_give_the_same_run(tiny_ck, tiny_dir):
+    """--resident copies the matrices out of the cache mapping (QuantModel.pin): the same bytes in
+    anonymous memory, no longer backed by the cache file, and the same logits at every position."""
+    qm = quant.quantized(tiny_ck, "4", cache_dir=tiny_dir, show_progress=False)
+    tokens = [384, 72, 101, 108]
+    ref = _run(qm, None, tokens)
+    before = {k: [np.array(a) for a in [*p.planes, p.m]] for k, p in qm.mats.items()}
+    assert all(id(p.m) in qm.where for p in qm.mats.values())  # cache-backed before
+    nbytes = qm.pin()
+    assert nbytes == sum(p.nbytes() for p in qm.mats.values())
+    for k, p in qm.mats.items():
+        assert id(p.m) not in qm.where and not any(id(a) in qm.where for a in p.planes)
+        for a, b in zip([*p.planes, p.m], before[k]):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    for a, b in zip(ref, _run(qm, None, tokens)):
+        assert np.array_equal(a.acc, b.acc) and np.array_equal(a.frac, b.frac)
+
+
 @pytest.fixture(scope="module")
 def timing_model():
     """Random packed w8 weights, ~60 MiB (about twice a 32 MiB last-level cache: decode and bound

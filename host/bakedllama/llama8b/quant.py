@@ -214,6 +214,27 @@ class QuantModel:
         norms["rms_final_weight"] = self.norms[("rms_final_weight", None)]
         return BakedModel(c, weights, norms, self.fmt, dict(self.meta))
 
+    def pin(self, keys=None, huge: bool = True) -> int:
+        """Copy the packed matrices (`keys` of mats, default all) out of the cache mapping into
+        anonymous memory (huge pages where the kernel gives them) and drop the mapped pages:
+        for a resident run. Returns the bytes copied. Measured on a Xeon VM: the decode kernels
+        read the page-cache pages of the mapping ~20-30 % slower than anonymous memory (4.2 GB of
+        w4: 390-410 ms a step mapped, 315 copied to 4 KiB pages, 310 to huge pages; the copy took
+        4 s with huge pages, 16 s without)."""
+        done = 0
+        for key in (self.mats if keys is None else keys):
+            p = self.mats[key]
+            new = []
+            for a in [*p.planes, p.m]:
+                b = _anonymous_like(a, huge)
+                b[...] = a
+                self.release(a)
+                self.where.pop(id(a), None)  # (keyed by id: a later array may reuse it)
+                new.append(b)
+                done += a.nbytes
+            p.planes, p.m = new[:-1], new[-1]
+        return done
+
     def release(self, a: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
         """Drop bytes [lo, hi) of a cache-backed array from this process's memory (streaming:
         the pages stay in the OS page cache, so the next touch maps them again without I/O)."""
@@ -227,6 +248,15 @@ class QuantModel:
         end = min(len(mm), -(-(off + hi) // mmap.PAGESIZE) * mmap.PAGESIZE)
         if end > start:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _anonymous_like(a: np.ndarray, huge: bool) -> np.ndarray:
+    """An uninitialised array of a's shape and dtype in its own anonymous mapping (MADV_HUGEPAGE
+    asked for when `huge`)."""
+    mm = mmap.mmap(-1, max(a.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mm, dtype=a.dtype, count=a.size).reshape(a.shape)
 
 
 def pack_policy(store: str):
