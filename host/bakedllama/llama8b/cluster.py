@@ -291,7 +291,7 @@ class Stage:
         """Map the cache, check it is the driver's, touch this stage's weights (resident)."""
         import numba
 
-        from bakedllama.llama8b import kernels, quant
+        from bakedllama.llama8b import fastglue, kernels, quant
 
         t = time.perf_counter()
         if self.threads:
@@ -304,6 +304,10 @@ class Stage:
         qm.cfg = type(qm.cfg).from_dict(dict(qm.cfg.to_dict(), seq_len=self.seq_len))
         self.r = Runner(qm, self.parts, streaming=False)
         self.s = self.r.new_state()
+        # this stage's matrices copied out of the page cache (QuantModel.pin: read faster there)
+        qm.pin({(pc.name, pc.layer) for part in self.parts for pc in part.pieces
+                if (pc.name, pc.layer) in qm.mats})
+        fastglue.warm_up()
         touched = sum(_touch(a) for a in _arrays(qm, self.parts))
         for p in {p.store_bits: p for p in (qm.mats[(pc.name, pc.layer)] for part in self.parts
                                             for pc in part.pieces if (pc.name, pc.layer) in qm.mats)
