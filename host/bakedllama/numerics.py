@@ -1,7 +1,9 @@
 """The integer arithmetic of bakedllama: the one definition (golden model, gateware tables, 8B sim).
 
 Every function here is exact integer arithmetic on numpy int64 arrays; floats appear only when
-tables and bake-time constants are generated. Nothing else in the project re-implements these.
+tables and bake-time constants are generated. Nothing else in the project re-implements these,
+except the 8B runner's compiled hot path (llama8b/simd.c for matvec, llama8b/fastglue.py for
+requantize, quantize_act and swiglu), which its tests hold to these functions.
 
 Formats (a "frac" is the number of fractional bits of a fixed-point integer):
   weights      int{bits} symmetric, |q| <= 2^(bits-1)-1, per-group unsigned multipliers m (M_BITS)
