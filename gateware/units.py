@@ -14,6 +14,7 @@ Pipelines stall as a whole when their output is not taken (ce = ~source.valid | 
 
 import numpy as np
 from migen import *
+from litex.gen import LiteXModule
 from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
@@ -42,6 +43,30 @@ def pipe_ctrl(m, sink, source, latency: int):
 
 def lanes_of(m, word, n: int, width: int, is_signed: bool = True) -> list:
     return [field(m, word, i * width, width, is_signed) for i in range(n)]
+
+
+class VectorRegs(LiteXModule):
+    """A vector of n signed registers filled from a stream in order, P values per beat.
+
+    sink   P values of `width` bits a beat, element 0 first, `last` on the vector's final beat;
+           always ready (a register file: it takes a beat every cycle)
+    v      out: the n registers; a beat is in them the cycle after it was taken"""
+
+    def __init__(self, n: int, P: int, width: int = 8, name: str = "v"):
+        if n % P:
+            raise ValueError(f"VectorRegs: {n} values do not fill beats of {P}")
+        self.sink = sink = stream.Endpoint([("a", P * width)])
+        self.v = [Signal((width, True), name=f"{name}{i}") for i in range(n)]
+
+        # # #
+
+        fill = Signal(ubits(n // P))
+        self.comb += sink.ready.eq(1)
+        cases = {b: [self.v[b * P + j].eq(sink.a[width * j:width * (j + 1)]) for j in range(P)]
+                 for b in range(n // P)}
+        self.sync += If(sink.valid,
+                        Case(fill, cases),
+                        If(sink.last, fill.eq(0)).Else(fill.eq(fill + 1)))
 
 
 def rom(m, values: list, width: int, nports: int = 1) -> list:
