@@ -56,6 +56,15 @@ def unsigned(m, expr, width: int, name: str | None = None) -> Signal:
     return s
 
 
+def delayed(m, sig, n: int, ce=None) -> Signal:
+    """sig through n registers of m (each advancing only while ce, if ce is given)."""
+    for _ in range(n):
+        r = Signal.like(sig)
+        m.sync += r.eq(sig) if ce is None else If(ce, r.eq(sig))
+        sig = r
+    return sig
+
+
 def field(m, word, lo: int, width: int, is_signed: bool = True) -> Signal:
     """Bits [lo, lo+width) of `word` as a (signed) signal (a Verilog slice is always unsigned)."""
     s = Signal((width, is_signed))
