@@ -95,7 +95,12 @@ def round_shift(m, x, n, n_range: tuple[int, int]) -> Signal:
         amt = Signal(ubits(hi - lo))
         m.comb += amt.eq(n - lo)
         t = signed(m, xb >> amt, len(xb))
-    return signed(m, (t + 1) >> 1, w + pre + 1)
+    return signed(m, (t + 1) >> 1, round_shift_bits(w, n_range))
+
+
+def round_shift_bits(w: int, n_range: tuple[int, int]) -> int:
+    """Width of round_shift's result for a w-bit x and a runtime n in n_range."""
+    return w + max(0, -n_range[0]) + 1
 
 
 def saturate(m, x, bits: int) -> Signal:

@@ -20,12 +20,13 @@ from litex.soc.interconnect import stream
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import (absval, bit_length, clip, field, max_tree, round_shift, saturate, sbits,
+from gateware.hw import (absval, bit_length, clip, delayed, field, max_tree, round_shift, saturate, sbits,
                          signed, ubits)
 
 
-def pipe_ctrl(m, sink, source, latency: int):
-    """Valid/first/last through `latency` registers with a global clock enable; returns ce."""
+def pipe_ctrl(m, sink, source, latency: int, side=()):
+    """Valid/first/last (and the `side` fields, a layout both endpoints carry) through `latency`
+    registers with a global clock enable; returns ce."""
     ce = Signal()
     v = [sink.valid]
     f = [sink.first]
@@ -38,6 +39,8 @@ def pipe_ctrl(m, sink, source, latency: int):
         la.append(nl)
     m.comb += [ce.eq(~source.valid | source.ready), sink.ready.eq(ce),
                source.valid.eq(v[-1]), source.first.eq(f[-1]), source.last.eq(la[-1])]
+    m.comb += [getattr(source, name).eq(delayed(m, getattr(sink, name), latency, ce))
+               for name, _ in side]
     return ce
 
 
@@ -309,17 +312,20 @@ class ActQuant(Module):
 
 # ----------------------------------------------------------------------------- RoPE
 class Rope(Module):
-    """numerics.rope on Q/2 interleaved pairs per beat, cos/sin (Q14) given with each beat."""
+    """numerics.rope on Q/2 interleaved pairs per beat, cos/sin (Q14) given with each beat.
+
+    side: a layout of fields carried from sink to source beside the data."""
 
     latency = lat.ROPE
 
-    def __init__(self, Q: int):
-        self.sink = stream.Endpoint([("x", Q * 16), ("cos", Q // 2 * 16), ("sin", Q // 2 * 16)])
-        self.source = stream.Endpoint([("x", Q * 16)])
+    def __init__(self, Q: int, side=()):
+        self.sink = stream.Endpoint([("x", Q * 16), ("cos", Q // 2 * 16), ("sin", Q // 2 * 16),
+                                     *side])
+        self.source = stream.Endpoint([("x", Q * 16), *side])
 
         # # #
 
-        ce = pipe_ctrl(self, self.sink, self.source, self.latency)
+        ce = pipe_ctrl(self, self.sink, self.source, self.latency, side)
         xs = lanes_of(self, self.sink.x, Q, 16)
         cs = lanes_of(self, self.sink.cos, Q // 2, 16)
         sn = lanes_of(self, self.sink.sin, Q // 2, 16)
@@ -340,17 +346,19 @@ class Rope(Module):
 
 # ----------------------------------------------------------------------------- SwiGLU
 class SwiGLU(Module):
-    """numerics.swiglu(h1, h3, step): silu(h1) * h3 for Q lanes of int16 (step: steps.SwiGLUStep)."""
+    """numerics.swiglu(h1, h3, step): silu(h1) * h3 for Q lanes of int16 (step: steps.SwiGLUStep).
+
+    side: a layout of fields carried from sink to source beside the data."""
 
     latency = lat.SWIGLU
 
-    def __init__(self, Q: int, step):
-        self.sink = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16)])
-        self.source = stream.Endpoint([("hb", Q * 16)])
+    def __init__(self, Q: int, step, side=()):
+        self.sink = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16), *side])
+        self.source = stream.Endpoint([("hb", Q * 16), *side])
 
         # # #
 
-        ce = pipe_ctrl(self, self.sink, self.source, self.latency)
+        ce = pipe_ctrl(self, self.sink, self.source, self.latency, side)
         h1 = lanes_of(self, self.sink.h1, Q, 16)
         h3 = lanes_of(self, self.sink.h3, Q, 16)
         # the sigmoid table in block RAM: synchronous read ports, address one stage early
