@@ -349,8 +349,7 @@ def requant_bases(plan) -> dict:
 
 def post_layout(plan, rw: int) -> list:
     """Requant.source / RowRoute.sink: a beat of requantized rows."""
-    c, g = plan.cfg, plan.geo
-    Q = g.post
+    Q = plan.geo.post
     return [("req", Q * rw), ("acc", Q * plan.acc_bits), ("seg", 2),
             ("r0", row_bits(plan)), ("beat", beat_bits(plan))]
 
