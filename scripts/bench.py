@@ -462,8 +462,14 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
     def child(argv, what):  # one engine in its own process: the JSON it prints
         r = subprocess.run([sys.executable, "-m", *argv], env=env, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"{what} failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+            why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+            raise RuntimeError(f"{what} failed: {why}")
         return json.loads(r.stdout.strip().splitlines()[-1])
+
+    # llama.cpp's extra CPU buffer types (AMX, repacked layouts) are its default; where they crash
+    # (llama-cpp-python 0.3.36 segfaulted in llama_decode with them on a Sapphire Rapids VM with
+    # AMX) the decode runs on the mapped GGUF instead, and the table says so
+    no_extra = []
 
     if spec is None:
         d8 = checkpoint.synthetic_dir("llama3.1-8b", cache_dir)
@@ -565,16 +571,26 @@ def bench_llamacpp(spec: str | None = None, rounds: int = 4, threads=(1, 2), max
                         ids = res["prompt_ids"]
                         steps = res["seconds_per_token"]
                     else:
-                        res = child(exporter + ["decode", str(gguf[qt]), "--ids",
-                                                ",".join(map(str, ids)), "--max-tokens", str(max_tokens),
-                                                "--threads", str(th), "--context", "256"], "llama.cpp decode")
+                        argv = exporter + ["decode", str(gguf[qt]), "--ids", ",".join(map(str, ids)),
+                                           "--max-tokens", str(max_tokens), "--threads", str(th),
+                                           "--context", "256"] + no_extra
+                        try:
+                            res = child(argv, "llama.cpp decode")
+                        except RuntimeError as e:
+                            if no_extra:
+                                raise
+                            print(f"  llama.cpp with its extra buffer types: {e}; from here on "
+                                  "--no-extra-bufts (the weights in the mapped GGUF)", flush=True)
+                            no_extra = ["--no-extra-bufts"]
+                            res = child(argv + no_extra, "llama.cpp decode")
                         steps = statistics.fmean(res["decode_seconds"])
                     tps.setdefault((qt, th, eng), []).append(1 / steps)
                 print(f"  round {r + 1}/{rounds} {qt}/{scheme} {th} thread(s): llama.cpp "
                       f"{tps[qt, th, 'llama.cpp'][-1]:.2f}, run8b {tps[qt, th, 'run8b'][-1]:.2f} tok/s",
                       flush=True)
     print(f"  decode tokens/s, {rounds} rounds alternating, {max_tokens - 1} decode steps each "
-          f"(min / median); prompt {len(ids)} tokens; OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}:")
+          f"(min / median); prompt {len(ids)} tokens; OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}"
+          f"{'; llama.cpp without extra buffer types' if no_extra else ''}:")
     print("  threads  llama.cpp                 run8b --resident          run8b / llama.cpp (medians)")
     for _, scheme, qt in schemes:
         for th in threads:

@@ -325,14 +325,28 @@ def llamacpp_quantize(src: str | Path, dst: str | Path, qtype: str = "q8_0", thr
 
 
 def llamacpp_decode(path: str | Path, prompt_ids: list[int], max_tokens: int, threads: int,
-                    context: int = 256) -> dict:
+                    context: int = 256, extra_bufts: bool = True) -> dict:
     """Greedy generation on llama.cpp from token ids (the prompt in one batch, then one
-    llama_decode per token): tokens and the seconds of every decode step."""
+    llama_decode per token): tokens and the seconds of every decode step. extra_bufts=False:
+    the weights stay in the mapped GGUF (llama_model_params.use_extra_bufts; no AMX or repacked
+    CPU layouts)."""
     import llama_cpp
+    import llama_cpp.llama as L
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        x = default()
+        x.use_extra_bufts = extra_bufts
+        return x
 
     t = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=min(512, context),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    L.llama_cpp.llama_model_default_params = params  # (Llama() takes its model params from here)
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=min(512, context),
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+    finally:
+        L.llama_cpp.llama_model_default_params = default
     t_load = time.perf_counter() - t
     t = time.perf_counter()
     llm.eval(prompt_ids)
@@ -351,7 +365,8 @@ def llamacpp_decode(path: str | Path, prompt_ids: list[int], max_tokens: int, th
     import resource
 
     return dict(tokens=toks, decode_seconds=steps, prefill_seconds=prefill, load_seconds=t_load,
-                threads=threads, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                threads=threads, extra_bufts=extra_bufts,
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def main(argv=None) -> int:
@@ -375,6 +390,8 @@ def main(argv=None) -> int:
     d.add_argument("--max-tokens", type=int, default=16)
     d.add_argument("--threads", type=int, default=1)
     d.add_argument("--context", type=int, default=256)
+    d.add_argument("--no-extra-bufts", action="store_true",
+                   help="keep the weights in the mapped GGUF (no AMX / repacked CPU buffers)")
     a = p.parse_args(argv)
     try:
         if a.cmd == "write":
@@ -393,7 +410,8 @@ def main(argv=None) -> int:
             ids = [int(x) for x in a.ids.split(",") if x.strip()]
             if not ids:
                 raise ValueError("--ids: empty prompt")
-            res = llamacpp_decode(a.gguf, ids, a.max_tokens, a.threads, a.context)
+            res = llamacpp_decode(a.gguf, ids, a.max_tokens, a.threads, a.context,
+                                  not a.no_extra_bufts)
     except (ModelFileError, ValueError, KeyError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
