@@ -47,8 +47,8 @@ report:     ## utilisation, Fmax and token rates of the last `make build`
 bench: setup ## performance figures against their bounds (prints, never asserts)
 	$(PY) scripts/bench.py
 
-bench-extra: ## llama.cpp for bench's side-by-side: setup with the bench extra (llama-cpp-python compiled for this CPU, ~30 min)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(or $(JOBS),2) EXTRAS=dev,bench nice bash scripts/setup.sh
+bench-extra: ## llama.cpp for bench's side-by-side: setup with the bench extra (llama-cpp-python compiled for this CPU, ~10-30 min; LLAMA_CMAKE_ARGS overrides -DGGML_NATIVE=ON)
+	CMAKE_ARGS="$(or $(LLAMA_CMAKE_ARGS),-DGGML_NATIVE=ON)" CMAKE_BUILD_PARALLEL_LEVEL=$(or $(JOBS),2) EXTRAS=dev,bench nice bash scripts/setup.sh
 
 lint:       ## ruff on host/, weights/, tests/
 	$(VENV)/bin/ruff check host weights tests scripts
