@@ -2,18 +2,13 @@
 
 A next-token machine: each token taken on `sink` runs one forward pass at the current position and
 puts one token on `source`. The forward pass is the compiler's fixed schedule (compiler.make_schedule)
-run by the Sequencer's generated FSM - one state group per step, constants per step wired in - over
-these units:
+run by a generated FSM - one state group per step, constants per step wired in - over these units:
 
-    Embedding (ROM reads through MatVec) --P-wide--> ResidualX (x, dim int16)
-    ResidualX --NormFeed, 3 passes--> RMSNorm --int8--> ActRoute --> MatVec.act
-    MatVec (lanes, banked weight ROMs) --rows--> Requant --> RowRoute, per matrix:
-        qkv: RoPE (RopeTable's cos / sin) -> q -> ActQuant ; k, v -> Attention's KV rows
+    x (residual, dim x int16 registers) --3 passes--> RMSNorm --int8--> MatVec.act
+    MatVec (lanes, banked weight ROMs) --rows--> RowPost: requantize, then per matrix:
+        qkv: RoPE -> q -> ActQuant ; k, v -> Attention's KV rows
         wo, w2: x += rows (saturating) ; w13: SwiGLU -> hb -> ActQuant ; cls: Argmax / Sampler
-    ActQuant --int8--> ActRoute --> Attention.q / MatVec.act ;  Attention --int8 o--> ActRoute
-
-Every arrow is a stream.Endpoint whose ready is honoured, but Embedding -> ResidualX and the
-residual add (fixed pipelines into a register file that takes a word every cycle: plain ports).
+    ActQuant --int8--> Attention.q / MatVec.act ;  Attention --int8 o--> MatVec.act
 
 model_cfg packing (CSRStatus of 128 bits, 16 bits per field, field 0 in the low bits):
     dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size, seq_len, lanes.
@@ -32,8 +27,7 @@ from bakedllama import numerics as nx
 from gateware import compiler
 from gateware import latency as lat
 from gateware.attention import Attention
-from gateware.hw import (delayed, mul_lut, round_shift, round_shift_bits, saturate, sbits,
-                         signed, ubits)
+from gateware.hw import mul_lut, round_shift, saturate, sbits, signed, ubits
 from gateware.matvec import MatVec
 from gateware.units import ActQuant, Argmax, RMSNorm, Rope, Sampler, SwiGLU, lanes_of
 
@@ -47,44 +41,70 @@ def make_units(plan: compiler.Plan) -> dict:
     c, g, f, t = plan.cfg, plan.geo, plan.steps, plan.tables  # f: the pass's constants
     D, H, V, P, Q = c.dim, g.hidden, g.vocab, g.vlanes, g.post  # hidden, vocab: padded
     kmax = max(D, H)
-    rope_side, swiglu_side = side_layouts(plan)  # what RowRoute sends through them
     return dict(
         mv=MatVec(plan.banks, g.cols, g.rows, P, kmax, plan.acc_bits, out_lanes=Q,
                   dsp_pairs=g.dsp_pairs, share=g.share),
         rms=RMSNorm(D, P, t["gains"], f.norms()),
         aq=ActQuant(kmax, Q, P),
         att=Attention(c, [s.att for s in f.layers], g.kv_par, P, Q, mul_ext=g.share),
-        rope=Rope(Q, side=rope_side),
-        swiglu=SwiGLU(Q, f.layers[0].swiglu, side=swiglu_side),  # (one f_h for all layers)
+        rope=Rope(Q),
+        swiglu=SwiGLU(Q, f.layers[0].swiglu),  # (one f_h for all layers)
         argmax=Argmax(Q, plan.acc_bits, V, n_valid=c.vocab_size),  # never a pad row
         sampler=Sampler(c.vocab_size, Q, n_fill=V),
     )
 
 
-class ResidualX(LiteXModule):
-    """The residual x (dim int16) in P/Q banks of distributed RAM: bank b, word a holds
-    x[a*P + b*Q + (0 .. Q-1)], so x is read P-wide (the norms) and Q-wide (the residual adds).
+class Datapath(Module):
+    """Everything with memories (weight ROMs, KV cache, tables) lives here, outside the AutoCSR core."""
 
-    p_adr -> p_dat        in / out: x[p_adr*P .. +P), read asynchronously
-    q_adr -> q_dat        in / out: x[q_adr*Q .. +Q), read asynchronously
-    p_we, p_wadr, p_wdat  in: the P-wide word p_wadr := p_wdat (the embedding; it has priority)
-    q_we, q_wdat          in: x[q_adr*Q .. +Q) := q_wdat (a residual add: read, add, write back)
-    Writes at the edge. A register file that takes a write every cycle: plain ports, no stream."""
-
-    def __init__(self, D: int, P: int, Q: int):
-        NBx = P // Q
-        self.p_adr, self.p_wadr = Signal(ubits(D // P)), Signal(ubits(D // P))
-        self.q_adr = Signal(ubits(D // Q))
-        self.p_dat, self.p_wdat = Signal(P * 16), Signal(P * 16)
-        self.q_dat, self.q_wdat = Signal(Q * 16), Signal(Q * 16)
-        self.p_we, self.q_we = Signal(), Signal()
+    def __init__(self, plan: compiler.Plan, sink, source, with_trace: bool = False):
+        c, g, f = plan.cfg, plan.geo, plan.steps  # f: every shift of the pass (steps.Steps)
+        D, KVD, S, NL = c.dim, c.kv_dim, c.seq_len, c.n_layers
+        H, V = g.hidden, g.vocab  # padded to the tile (compiler.make_geometry)
+        hd = c.head_dim
+        P, Q = g.vlanes, g.post
+        t = plan.tables
+        self.plan = plan
+        # control / status (driven by the LiteX wrapper)
+        self.reset = Signal()
+        self.rewind = Signal()
+        self.rewind_pos = Signal(16)
+        self.temperature = Signal(16)
+        self.seed = Signal(32)
+        self.busy = Signal()
+        self.full = Signal()
+        self.pos = Signal(ubits(S))
+        self.cycles = Signal(32)
+        self.trace_index = Signal(32)
+        self.trace_data = Signal(32)
+        self.logit_index = Signal(16)
+        self.logit_data = Signal(32)
+        self.sample_base = Signal(32)
+        self.sample_weight = Signal(32)
+        self.sample_total = Signal(32)
 
         # # #
 
+        # ---------------------------------------------------------------- units
+        units = make_units(plan)
+        for name, u in units.items():
+            setattr(self.submodules, name, u)
+        mv, rms, aq, att = units["mv"], units["rms"], units["aq"], units["att"]
+        rope, swiglu, amax, smp = units["rope"], units["swiglu"], units["argmax"], units["sampler"]
+        if g.share:  # the attention's e x v on the engine's multipliers (the sequencer runs the
+            # attention only while the engine is idle)
+            self.comb += [mv.mul_sel.eq(att.busy), mv.mul_a.eq(att.mul_a), mv.mul_b.eq(att.mul_b),
+                          att.mul_p.eq(mv.mul_p)]
+
+        # ---------------------------------------------------------------- residual x
+        # P/Q banks of distributed RAM; bank b, word a = x[a*P + b*Q + (0 .. Q-1)]. Written P-wide
+        # (embedding) or Q-wide (residual adds); read P-wide (RMSNorm) and Q-wide (residual adds).
+        NBx = P // Q
         x_wa = Signal(ubits(D // P))  # write word
-        q_word = self.q_adr >> ubits(NBx - 1) if NBx > 1 else self.q_adr
-        xq_bank = Signal(ubits(max(1, NBx - 1)))
-        self.comb += xq_bank.eq(self.q_adr & (NBx - 1) if NBx > 1 else 0)
+        x_wd = [Signal(Q * 16) for _ in range(NBx)]
+        x_we = [Signal() for _ in range(NBx)]
+        x_ra = Signal(ubits(D // P))  # P-wide read word
+        x_qa = Signal(ubits(D // Q))  # Q-wide read / write index (element / Q)
         x_rd, x_qd = [], []
         for b in range(NBx):
             mem = Memory(Q * 16, D // P, name=f"xmem{b}")
@@ -92,104 +112,82 @@ class ResidualX(LiteXModule):
             r1 = mem.get_port(async_read=True)
             r2 = mem.get_port(async_read=True)
             self.specials += mem, wp, r1, r2
-            self.comb += [wp.adr.eq(x_wa),
-                          wp.dat_w.eq(Mux(self.p_we, self.p_wdat[b * Q * 16:(b + 1) * Q * 16],
-                                          self.q_wdat)),
-                          wp.we.eq(self.p_we | (self.q_we & (xq_bank == b))),
-                          r1.adr.eq(self.p_adr), r2.adr.eq(q_word)]
+            self.comb += [wp.adr.eq(x_wa), wp.dat_w.eq(x_wd[b]), wp.we.eq(x_we[b]),
+                          r1.adr.eq(x_ra), r2.adr.eq(x_qa >> ubits(NBx - 1) if NBx > 1 else x_qa)]
             x_rd.append(r1.dat_r)
             x_qd.append(r2.dat_r)
-        self.comb += [x_wa.eq(Mux(self.p_we, self.p_wadr, q_word)), self.p_dat.eq(Cat(*x_rd)),
-                      self.q_dat.eq(Array(x_qd)[xq_bank] if NBx > 1 else x_qd[0])]
+        xq_bank = Signal(ubits(max(1, NBx - 1)))
+        self.comb += xq_bank.eq(x_qa & (NBx - 1) if NBx > 1 else 0)
 
+        # ---------------------------------------------------------------- sequencer state
+        fsm = FSM(reset_state="IDLE")
+        self.submodules.fsm = fsm
+        token = Signal(16)
+        out_token = Signal(16)
+        layer = Signal(ubits(max(1, NL - 1)))
+        kind = Signal(3)
+        k_act = Signal(5)  # quantization shift of the activations in MatVec.act
+        greedy = Signal()
+        inv_temp = Signal(16)
+        cnt = Signal(32)
+        reset_pending = Signal()
+        self.sync += If(self.reset, reset_pending.eq(1))
+        # rewind: position := rewind_pos (only backwards; the KV cache past it is overwritten as
+        # the next tokens come), taken in IDLE like the reset; the PRNG keeps its state
+        rewind_pending = Signal()
+        rw_pos = Signal(len(self.rewind_pos))
+        self.sync += If(self.rewind, rewind_pending.eq(1), rw_pos.eq(self.rewind_pos))
 
-class RopeTable(LiteXModule):
-    """cos / sin (Q14) of the position's RoPE angles, loaded from a block RAM table.
-
-    pos       in: the position
-    load      in: held high, loads one pair a cycle (low: the loader starts again)
-    loaded    out: all head_dim / 2 pairs are in cos, sin
-    cos, sin  out: head_dim / 2 int16 registers each
-    Latency: loaded head_dim / 2 + 1 cycles after load rises (the RAM read, then the register)."""
-
-    def __init__(self, rope_cos, rope_sin, seq_len: int, head_dim: int):
-        S, half = seq_len, head_dim // 2
-        self.pos = Signal(ubits(S))
-        self.load = Signal()
-        self.loaded = Signal()
-        self.cos = [Signal((16, True), name=f"cos{i}") for i in range(half)]
-        self.sin = [Signal((16, True), name=f"sin{i}") for i in range(half)]
-
-        # # #
-
-        rope_words = [(int(rope_sin[p, i]) & 0xFFFF) << 16 | (int(rope_cos[p, i]) & 0xFFFF)
+        # ---------------------------------------------------------------- RoPE cos/sin of pos
+        half = hd // 2
+        rope_words = [(int(t["rope_sin"][p, i]) & 0xFFFF) << 16 | (int(t["rope_cos"][p, i]) & 0xFFFF)
                       for p in range(S) for i in range(half)]
         rope_mem = Memory(32, len(rope_words), init=rope_words)
         rope_rd = rope_mem.get_port(has_re=True)
         self.specials += rope_mem, rope_rd
+        cosr = [Signal((16, True), name=f"cos{i}") for i in range(half)]
+        sinr = [Signal((16, True), name=f"sin{i}") for i in range(half)]
         rope_i = Signal(ubits(half + 1))
+        rope_load = Signal()
         rope_load_d = Signal()
         rope_i_d = Signal(len(rope_i))
-        load = self.load
-        self.comb += [rope_rd.adr.eq(self.pos * half + rope_i), rope_rd.re.eq(1),
-                      self.loaded.eq(rope_i == half)]
-        self.sync += [rope_load_d.eq(load & (rope_i < half)), rope_i_d.eq(rope_i),
-                      If(load & (rope_i < half), rope_i.eq(rope_i + 1)),
-                      If(~load, rope_i.eq(0))]
-        self.sync += If(rope_load_d, Case(rope_i_d, {i: [self.cos[i].eq(rope_rd.dat_r[:16]),
-                                                         self.sin[i].eq(rope_rd.dat_r[16:])]
+        self.comb += [rope_rd.adr.eq(self.pos * half + rope_i), rope_rd.re.eq(1)]
+        self.sync += [rope_load_d.eq(rope_load & (rope_i < half)), rope_i_d.eq(rope_i),
+                      If(rope_load & (rope_i < half), rope_i.eq(rope_i + 1)),
+                      If(~rope_load, rope_i.eq(0))]
+        self.sync += If(rope_load_d, Case(rope_i_d, {i: [cosr[i].eq(rope_rd.dat_r[:16]),
+                                                         sinr[i].eq(rope_rd.dat_r[16:])]
                                                      for i in range(half)}))
 
-
-class Embedding(LiteXModule):
-    """The token's embedding row, dequantized into x (the pass's embed step).
-
-    start, token     in: look the token up (start: one pulse)
-    raw_adr, raw_en  out: MatVec's direct ROM reads, one chunk (C weights + m share) a cycle
-    word             in: the embedding bank's ROM word (MatVec.roms[bank].dat_r)
-    wr, wadr, wdat   out: x's P-wide word wadr := wdat (P int16), a word a cycle
-    done             out: the last word is written now
-
-    The chunks' weights and multiplier shares are collected first (a chunk's word is at the ROM
-    output lat.ROM_ADR + lat.EMBED_RAW cycles after its read), then dim / P beats are dequantized:
-    the beat's weights and multipliers registered after the D/P-way mux (lat.EMBED_MUX), then the
-    products and the shift into the write register. A fixed pipeline that x takes a word of every
-    cycle, so the hand-off is a plain bundle (cycle_model.embed_cycles counts it)."""
-
-    def __init__(self, plan, adr_bits: int):
-        c, g, f = plan.cfg, plan.geo, plan.steps
-        D, P, C = c.dim, g.vlanes, g.cols
+        # ---------------------------------------------------------------- embedding
         pe = plan.place["emb"]
         be = plan.banks[pe.bank]
-        self.start = Signal()
-        self.token = Signal(16)
-        self.raw_adr = Signal(adr_bits)
-        self.raw_en = Signal()
-        self.word = Signal(be.width)
-        self.wr = Signal()
-        self.wadr = Signal(ubits(D // P))
-        self.wdat = Signal(P * 16)
-        self.done = Signal()
-
-        # # #
-
+        C = g.cols
+        emb_start = Signal()
+        emb_done = Signal()
+        emb_fin = Signal()
         emb_q = [Signal((be.bits, True), name=f"eq{i}") for i in range(D)]
         emb_ms = [Signal(be.m_share, name=f"ems{i}") for i in range(pe.chunks)]
         e_ch = Signal(ubits(pe.chunks + 1))
         e_rd = Signal()
-        e_rd_d = delayed(self, e_rd, lat.ROM_ADR + lat.EMBED_RAW)
-        e_ch_d = delayed(self, e_ch, lat.ROM_ADR + lat.EMBED_RAW)
+        # the word of chunk e_ch is at the ROM output lat.ROM_ADR + lat.EMBED_RAW cycles after e_rd
+        e_rd_p = [e_rd]
+        e_ch_p = [e_ch]
+        for _ in range(lat.ROM_ADR + lat.EMBED_RAW):
+            e_rd_p.append(Signal())
+            e_ch_p.append(Signal(len(e_ch)))
+            self.sync += [e_rd_p[-1].eq(e_rd_p[-2]), e_ch_p[-1].eq(e_ch_p[-2])]
+        e_rd_d, e_ch_d = e_rd_p[-1], e_ch_p[-1]
         Rw = be.rows_per_word
         slot = Signal(ubits(max(1, Rw - 1)))
         rowgroup = Signal(16)
-        token = self.token
         self.comb += [slot.eq(token & (Rw - 1)) if Rw > 1 else slot.eq(0),
                       rowgroup.eq(token >> ubits(Rw - 1) if Rw > 1 else token),
-                      self.raw_adr.eq(pe.base + rowgroup * pe.chunks + e_ch), self.raw_en.eq(e_rd)]
-        self.sync += [If(self.start, e_ch.eq(0), e_rd.eq(1)).Elif(e_rd,
+                      mv.raw_adr.eq(pe.base + rowgroup * pe.chunks + e_ch), mv.raw_en.eq(e_rd)]
+        self.sync += [If(emb_start, e_ch.eq(0), e_rd.eq(1)).Elif(e_rd,
                           If(e_ch == pe.chunks - 1, e_rd.eq(0)), e_ch.eq(e_ch + 1))]
         sw, eb, lb = be.slot_width, be.ext_bits, be.lane_bits
-        erom = self.word
+        erom = mv.roms[pe.bank].dat_r
         eword = Signal(sw)  # the row's slot: weight fields (their low part) + multiplier share
         self.comb += eword.eq(Array([erom[s * sw:(s + 1) * sw] for s in range(Rw)])[slot])
         if eb:  # the high parts from the slot's extension fields
@@ -229,179 +227,91 @@ class Embedding(LiteXModule):
                                           lanes_of(self, ewm1, P, nx.M_BITS, False))):
             prod = mul_lut(self, qv, signed(self, mvv, nx.M_BITS + 1))  # LUT logic, no DSP
             evals.append(saturate(self, round_shift(self, prod, e_sh, (e_sh, e_sh)), 16))
+        e_wr = Signal()
+        e_wb = Signal(len(e_b))
         e_vals = [Signal((16, True)) for _ in range(P)]
-        self.sync += [self.wr.eq(e_emit1), self.wadr.eq(e_b1),
-                      *[e_vals[j].eq(evals[j]) for j in range(P)],
+        self.sync += [e_wr.eq(e_emit1), e_wb.eq(e_b1), *[e_vals[j].eq(evals[j]) for j in range(P)],
                       If(e_emit, e_b.eq(e_b + 1), If(e_b == D // P - 1, e_emit.eq(0))),
                       If(e_rd_d & (e_ch_d == pe.chunks - 1), e_emit.eq(1), e_b.eq(0))]
-        self.comb += [self.wdat.eq(Cat(*e_vals)),
-                      self.done.eq(self.wr & (self.wadr == D // P - 1))]
+        self.comb += emb_done.eq(e_wr & (e_wb == D // P - 1))
+        emb_x_wr = e_wr  # the embedding writes whole words of x (all banks)
 
-
-class NormFeed(LiteXModule):
-    """x -> RMSNorm: the whole vector three times (the norm's three passes), P values a beat.
-
-    start, sel    in: begin (a pulse), with norm gain `sel` (compiler.norm_select)
-    x_adr, x_dat  out / in: ResidualX's P-wide read
-    source        out: the beats (first .. last each pass) for RMSNorm.sink; ready honoured
-    nsel          out: the gain being used (RMSNorm.sel)
-    trace_index, trace_data  in / out (with_trace): x as the first pass read it, per slot
-                  (slot = sel; trace_index = slot * dim + i -> x[i], int16 sign-extended)"""
-
-    def __init__(self, D: int, P: int, n_sel: int, with_trace: bool = False):
-        self.start = Signal()
-        self.sel = Signal(ubits(n_sel))
-        self.nsel = Signal(ubits(n_sel))
-        self.x_adr = Signal(ubits(D // P))
-        self.x_dat = Signal(P * 16)
-        self.source = src = stream.Endpoint([("x", P * 16)])
-        self.trace_index = Signal(32)
-        self.trace_data = Signal(32)
-
-        # # #
-
+        # ---------------------------------------------------------------- x -> RMSNorm streamer
+        n_sel = 2 * NL + 1
         st_run = Signal()
         st_b = Signal(ubits(D // P))
         st_pass = Signal(2)
-        xw = self.x_dat
-        self.comb += [self.x_adr.eq(st_b), src.valid.eq(st_run), src.x.eq(xw),
-                      src.first.eq(st_b == 0), src.last.eq(st_b == D // P - 1)]
-        self.sync += If(src.valid & src.ready,
+        nsel = Signal(ubits(n_sel))
+        xw = Signal(P * 16)
+        self.comb += [x_ra.eq(st_b), xw.eq(Cat(*x_rd))]
+        self.comb += [
+            rms.sel.eq(nsel),
+            rms.sink.valid.eq(st_run), rms.sink.x.eq(xw),
+            rms.sink.first.eq(st_b == 0), rms.sink.last.eq(st_b == D // P - 1),
+        ]
+        self.sync += If(rms.sink.valid & rms.sink.ready,
                         If(st_b == D // P - 1, st_b.eq(0), st_pass.eq(st_pass + 1),
                            If(st_pass == 2, st_run.eq(0))).Else(st_b.eq(st_b + 1)))
-        self.sync += If(self.start, self.nsel.eq(self.sel), st_run.eq(1), st_b.eq(0),
-                        st_pass.eq(0))
         # trace: x as the norm reads it in its first pass
         if with_trace:
             tmem = Memory(P * 16, n_sel * D // P)
             tw = tmem.get_port(write_capable=True)
             tr = tmem.get_port(async_read=True)
             self.specials += tmem, tw, tr
-            self.comb += [tw.adr.eq(self.nsel * (D // P) + st_b), tw.dat_w.eq(xw),
-                          tw.we.eq(src.valid & src.ready & (st_pass == 0))]
+            self.comb += [tw.adr.eq(nsel * (D // P) + st_b), tw.dat_w.eq(xw),
+                          tw.we.eq(rms.sink.valid & rms.sink.ready & (st_pass == 0))]
             self.comb += tr.adr.eq(self.trace_index >> ubits(P - 1))
             tsel = Signal((16, True))
             self.comb += tsel.eq(Array([tr.dat_r[16 * j:16 * j + 16] for j in range(P)])[
                 self.trace_index[:ubits(P - 1)]])
             self.comb += self.trace_data.eq(tsel)
 
-
-class ActRoute(LiteXModule):
-    """Which vector fills MatVec's activations, and ActQuant's output to the attention's q.
-
-    sel, en   in: the source (0 RMSNorm, 1 ActQuant, 2 Attention); en: it flows now
-    to_att    in: ActQuant's output goes to the attention's q instead
-    sinks     three streams of P int8 + k (the sources, in sel order); a source not selected
-              (or not enabled) waits: ready honoured
-    source    -> MatVec.act_sink;  q -> Attention.q_sink
-    k         out: the shift of the last vector sent to MatVec (registered with its last beat)
-    last      out: the last beat to MatVec is taken now;  q_last: the last beat of q is taken now
-    Combinational (but for k)."""
-
-    def __init__(self, P: int):
-        layout = [("a", P * 8), ("k", ubits(16))]
-        self.sel = Signal(2)
-        self.en = Signal()
-        self.to_att = Signal()
-        self.sinks = [stream.Endpoint(layout) for _ in range(3)]
-        self.source = stream.Endpoint([("a", P * 8)])
-        self.q = stream.Endpoint(layout)
-        self.k = Signal(5)
-        self.last, self.q_last = Signal(), Signal()
-
-        # # #
-
-        srcs, sel, en, dst, q = self.sinks, self.sel, self.en, self.source, self.q
+        # ---------------------------------------------------------------- activation routing
+        act_src = Signal(2)  # 0 RMSNorm, 1 ActQuant, 2 Attention
+        act_en = Signal()  # the selected source fills MatVec.act (set by the sequencer's states)
+        aq_to_att = Signal()
+        srcs = [rms.source, aq.source, att.source]
         self.comb += [
-            dst.valid.eq(Array([s.valid for s in srcs])[sel] & en),
-            dst.a.eq(Array([s.a for s in srcs])[sel]),
-            dst.last.eq(Array([s.last for s in srcs])[sel]),
-            dst.first.eq(Array([s.first for s in srcs])[sel]),
-            srcs[0].ready.eq((sel == 0) & en & dst.ready),
-            srcs[1].ready.eq(((sel == 1) & en & dst.ready) | (self.to_att & q.ready)),
-            srcs[2].ready.eq((sel == 2) & en & dst.ready),
-            q.valid.eq(srcs[1].valid & self.to_att), q.a.eq(srcs[1].a),
-            q.k.eq(srcs[1].k), q.last.eq(srcs[1].last), q.first.eq(srcs[1].first),
+            mv.act_sink.valid.eq(Array([s.valid for s in srcs])[act_src] & act_en),
+            mv.act_sink.a.eq(Array([s.a for s in srcs])[act_src]),
+            mv.act_sink.last.eq(Array([s.last for s in srcs])[act_src]),
+            mv.act_sink.first.eq(Array([s.first for s in srcs])[act_src]),
+            rms.source.ready.eq((act_src == 0) & act_en),
+            aq.source.ready.eq(((act_src == 1) & act_en) | aq_to_att),
+            att.source.ready.eq(1),
+            att.q_sink.valid.eq(aq.source.valid & aq_to_att), att.q_sink.a.eq(aq.source.a),
+            att.q_sink.k.eq(aq.source.k), att.q_sink.last.eq(aq.source.last),
+            att.q_sink.first.eq(aq.source.first),
         ]
         act_k = Signal(5)
-        self.comb += act_k.eq(Array([s.k for s in srcs])[sel])
-        self.comb += [self.last.eq(dst.valid & dst.ready & dst.last),
-                      self.q_last.eq(q.valid & q.ready & q.last)]
-        self.sync += If(self.last, self.k.eq(act_k))
+        self.comb += act_k.eq(Array([s.k for s in srcs])[act_src])
+        act_last = Signal()
+        self.comb += act_last.eq(mv.act_sink.valid & mv.act_sink.ready & mv.act_sink.last)
+        self.sync += If(act_last, k_act.eq(act_k))
+        q_last = Signal()
+        self.comb += q_last.eq(att.q_sink.valid & att.q_sink.last)
 
-
-def requant_bases(plan) -> dict:
-    """C[kind, layer, seg]: the requantization shift is C - k_act (steps.Requant.base); the
-    segments of qkv are q, k, v, those of w13 h1, h3."""
-    f = plan.steps
-    Cs = {}
-    for l in range(plan.cfg.n_layers):
-        L = f.layers[l]
-        for sg, st in enumerate((L.wq, L.wk, L.wv)):
-            Cs[(KIND_QKV, l, sg)] = st.base
-        Cs[(KIND_WO, l, 0)] = L.wo.base
-        Cs[(KIND_W13, l, 0)] = L.w1.base
-        Cs[(KIND_W13, l, 1)] = L.w3.base
-        Cs[(KIND_W2, l, 0)] = L.w2.base
-    Cs[(KIND_CLS, 0, 0)] = f.cls.base
-    return Cs
-
-
-def post_layout(plan, rw: int) -> list:
-    """Requant.source / RowRoute.sink: a beat of requantized rows."""
-    Q = plan.geo.post
-    return [("req", Q * rw), ("acc", Q * plan.acc_bits), ("seg", 2),
-            ("r0", row_bits(plan)), ("beat", beat_bits(plan))]
-
-
-def row_bits(plan) -> int:
-    """Bits of a row index of any matrix (qkv rows are q, k, v one after another)."""
-    c, g = plan.cfg, plan.geo
-    return ubits(max(g.vocab, 2 * g.hidden, c.dim + 2 * c.kv_dim))
-
-
-def beat_bits(plan) -> int:
-    """Bits of MatVec.source.beat."""
-    return ubits(max(b.depth * b.rows_per_word for b in plan.banks) // plan.geo.post)
-
-
-def side_layouts(plan) -> tuple:
-    """The side fields that travel through Rope (segment, row) and SwiGLU (row)."""
-    return [("seg", 2), ("r0", row_bits(plan))], [("idx", row_bits(plan))]
-
-
-class Requant(LiteXModule):
-    """Row post-processing, first part: the engine's beats requantized (numerics.requantize).
-
-    sink      MatVec.source: Q accumulators a beat, `beat` index, last
-    kind, layer, k_act  in: the matrix running (KIND_*), its layer, its activations' shift
-    source    out (post_layout): req (Q requantized values, before saturation), acc (the raw
-              accumulators), seg (q / k / v of qkv, h1 / h3 of w13), r0 (the beat's first row),
-              beat, last; ready honoured (both stages stall)
-
-    shift = C[kind][layer][seg] - k_act (requant_bases). Stage 0 (lat.ROWPOST_IN): the beat and
-    its shift registered, so the FIFO read, the shift selection and the barrel shifter are not
-    one path; stage 1: the rounded shift. Latency: lat.ROWPOST_IN + 1 cycles."""
-
-    def __init__(self, plan, k_hi: int, beat_layout: list):
-        c, g = plan.cfg, plan.geo
-        D, KVD, NL, Q = c.dim, c.kv_dim, c.n_layers, g.post
-        acc_bits = plan.acc_bits
-        Cs = requant_bases(plan)
-        c_lo, c_hi = min(Cs.values()), max(Cs.values())
-        sh_range = (c_lo - k_hi, c_hi)
-        self.rw = rw = round_shift_bits(acc_bits, sh_range)
-        self.sink = src = stream.Endpoint(beat_layout)
-        self.kind = Signal(3)
-        self.layer = Signal(ubits(max(1, NL - 1)))
-        self.k_act = Signal(5)
-        self.source = dst = stream.Endpoint(post_layout(plan, rw))
-
-        # # #
-
-        kind, layer = self.kind, self.layer
-        r0 = Signal(row_bits(plan))
+        # ---------------------------------------------------------------- RowPost
+        src = mv.source
+        self.comb += src.ready.eq(1)
+        r0 = Signal(ubits(max(V, 2 * H, D + 2 * KVD)))
         self.comb += r0.eq(src.beat * Q)
+        # requantization constants C[kind][layer][seg]: shift = C - k_act (steps.Requant.base;
+        # the segments of qkv are q, k, v, those of w13 h1, h3)
+        Cs = {}
+        for l in range(NL):
+            sq, sk, sv = f.layers[l].wq, f.layers[l].wk, f.layers[l].wv
+            Cs[(KIND_QKV, l, 0)] = sq.base
+            Cs[(KIND_QKV, l, 1)] = sk.base
+            Cs[(KIND_QKV, l, 2)] = sv.base
+            Cs[(KIND_WO, l, 0)] = f.layers[l].wo.base
+            s1, s3 = f.layers[l].w1, f.layers[l].w3
+            Cs[(KIND_W13, l, 0)] = s1.base
+            Cs[(KIND_W13, l, 1)] = s3.base
+            Cs[(KIND_W2, l, 0)] = f.layers[l].w2.base
+        Cs[(KIND_CLS, 0, 0)] = f.cls.base
+        c_lo, c_hi = min(Cs.values()), max(Cs.values())
+        k_hi = max(rms.k_max, 16 - 7, att.k_max)
         seg = Signal(2)
         self.comb += [
             If(kind == KIND_QKV,
@@ -415,236 +325,145 @@ class Requant(LiteXModule):
         self.comb += Case(kind, {kd: Case(layer, {l: Case(seg, sgs) for l, sgs in ls.items()})
                                  if kd != KIND_CLS else ls[0][0]
                                  for kd, ls in cases.items()})
-        ce = Signal()
-        self.comb += [ce.eq(~dst.valid | dst.ready), src.ready.eq(ce)]
-        # stage 0 (lat.ROWPOST_IN)
-        assert lat.ROWPOST_IN == 1
-        rshift = Signal((sbits(*sh_range) + 1, True))
+        # stage 0 (lat.ROWPOST_IN): the engine's beat and its shift registered, so the FIFO read,
+        # the shift selection and the barrel shifter are not one path
+        rshift = Signal((sbits(c_lo - k_hi, c_hi) + 1, True))
         acc0 = Signal(len(src.acc))
         v0, last0, seg0 = Signal(), Signal(), Signal(2)
         r00 = Signal(len(r0))
         beat0 = Signal(len(src.beat))
-        self.sync += If(ce, rshift.eq(csel - self.k_act), acc0.eq(src.acc), v0.eq(src.valid),
-                        last0.eq(src.last), seg0.eq(seg), r00.eq(r0), beat0.eq(src.beat))
+        self.sync += [rshift.eq(csel - k_act), acc0.eq(src.acc), v0.eq(src.valid), last0.eq(src.last),
+                      seg0.eq(seg), r00.eq(r0), beat0.eq(src.beat)]
+        assert lat.ROWPOST_IN == 1
+        accs = lanes_of(self, acc0, Q, plan.acc_bits)
         # stage 1: requantized values (wide) + control
-        req = [round_shift(self, a, rshift, sh_range) for a in lanes_of(self, acc0, Q, acc_bits)]
-        self.sync += If(ce, dst.valid.eq(v0), dst.last.eq(last0), dst.seg.eq(seg0),
-                        dst.r0.eq(r00), dst.beat.eq(beat0), dst.req.eq(Cat(*req)),
-                        dst.acc.eq(acc0))
-
-
-class RowRoute(LiteXModule):
-    """Row post-processing, second part: each kind of matrix's rows to their destination.
-
-        qkv     -> RoPE (v with cos = 1, sin = 0: the identity) -> q: ActQuant;
-                   k (quantized for the key cache), v: Attention.kv_sink
-        w13     -> h1 held, with h3 -> SwiGLU -> hb: ActQuant
-        wo, w2  -> x += rows (saturating), in place
-        cls     -> Argmax (the accumulators) and the Sampler (the Q8 logits)
-
-    sink        Requant.source; its ready is the kind's destination's (h1 beats: always)
-    kind, layer in: the matrix running
-    cos, sin    in: RopeTable's registers
-    to_rope / from_rope, to_swiglu / from_swiglu  Rope's and SwiGLU's sink and source; the row
-                index, the segment (side_layouts) and last travel through them beside the data
-    to_aq       ActQuant.fill (q from RoPE, hb from SwiGLU);  to_kv: Attention.kv_sink
-    to_argmax, to_sampler  Argmax.sink, Sampler.fill
-    x_adr, x_dat, x_wdat, x_we  ResidualX's Q-wide port: the residual add reads, adds, writes back
-    done        out: the matrix's last row reached its destination (Argmax's result aside)
-    Every stream honours ready. Combinational, but for the held h1 beat."""
-
-    def __init__(self, plan, rw: int):
-        c, g, f = plan.cfg, plan.geo, plan.steps
-        D, KVD, NL, hd = c.dim, c.kv_dim, c.n_layers, c.head_dim
-        Q = g.post
-        acc_bits = plan.acc_bits
-        half = hd // 2
-        rope_side, swiglu_side = side_layouts(plan)
-        self.sink = src = stream.Endpoint(post_layout(plan, rw))
-        self.kind = Signal(3)
-        self.layer = Signal(ubits(max(1, NL - 1)))
-        self.cos = [Signal((16, True)) for _ in range(half)]
-        self.sin = [Signal((16, True)) for _ in range(half)]
-        self.to_rope = to_rope = stream.Endpoint([("x", Q * 16), ("cos", Q // 2 * 16),
-                                                  ("sin", Q // 2 * 16), *rope_side])
-        self.from_rope = from_rope = stream.Endpoint([("x", Q * 16), *rope_side])
-        self.to_swiglu = to_sw = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16), *swiglu_side])
-        self.from_swiglu = from_sw = stream.Endpoint([("hb", Q * 16), *swiglu_side])
-        self.to_aq = to_aq = stream.Endpoint([("v", Q * 16), ("idx", ubits(max(D, g.hidden)))])
-        self.to_kv = to_kv = stream.Endpoint([("v", Q * 8), ("idx", ubits(KVD)), ("is_v", 1)])
-        self.to_argmax = stream.Endpoint([("v", Q * acc_bits)])
-        self.to_sampler = stream.Endpoint([("v", Q * 32)])
-        self.x_adr = Signal(ubits(D // Q))
-        self.x_dat, self.x_wdat = Signal(Q * 16), Signal(Q * 16)
-        self.x_we = Signal()
-        self.done = Signal()
-
-        # # #
-
-        kind = self.kind
-        req1 = lanes_of(self, src.req, Q, rw)
-        acc1 = lanes_of(self, src.acc, Q, acc_bits)
-        v1, last1, seg1, r01, beat1 = src.valid, src.last, src.seg, src.r0, src.beat
+        req = [round_shift(self, a, rshift, (c_lo - k_hi, c_hi)) for a in accs]
+        rw = max(len(r) for r in req)
+        req1 = [Signal((rw, True), name=f"req{j}") for j in range(Q)]
+        acc1 = [Signal((plan.acc_bits, True)) for _ in range(Q)]
+        v1, last1, seg1 = Signal(), Signal(), Signal(2)
+        r01 = Signal(len(r0))
+        beat1 = Signal(len(src.beat))
+        self.sync += [v1.eq(v0), last1.eq(last0), seg1.eq(seg0), r01.eq(r00),
+                      beat1.eq(beat0), *[req1[j].eq(req[j]) for j in range(Q)],
+                      *[acc1[j].eq(accs[j]) for j in range(Q)]]
         sat16 = [saturate(self, r, 16) for r in req1]
         sat8 = [saturate(self, r, 8) for r in req1]
-        is_qkv, is_w13, is_res, is_cls = Signal(), Signal(), Signal(), Signal()
-        self.comb += [is_qkv.eq(v1 & (kind == KIND_QKV)), is_w13.eq(v1 & (kind == KIND_W13)),
-                      is_res.eq(v1 & ((kind == KIND_WO) | (kind == KIND_W2))),
-                      is_cls.eq(v1 & (kind == KIND_CLS))]
-        self.comb += src.ready.eq(
-            ((kind == KIND_QKV) & to_rope.ready) | ((kind == KIND_W13) & (~beat1[0] | to_sw.ready)) |
-            (kind == KIND_WO) | (kind == KIND_W2) |
-            ((kind == KIND_CLS) & self.to_argmax.ready & self.to_sampler.ready))
-        take = Signal()
-        self.comb += take.eq(src.valid & src.ready)
+        post_done = Signal()
         # qkv: everything through RoPE (v with cos = 1, sin = 0: the identity)
+        is_qkv = Signal()
+        self.comb += is_qkv.eq(v1 & (kind == KIND_QKV))
         pair0 = Signal(ubits(half))
         self.comb += pair0.eq((r01 % hd) >> 1 if hd & (hd - 1) else r01[1:ubits(hd - 1)])
         rc, rsn = [], []
         for i in range(Q // 2):
             cv, sv = Signal((16, True)), Signal((16, True))
             self.comb += [
-                cv.eq(Mux(seg1 == 2, 1 << nx.ROPE_FRAC, Array(self.cos)[pair0 + i])),
-                sv.eq(Mux(seg1 == 2, 0, Array(self.sin)[pair0 + i])),
+                cv.eq(Mux(seg1 == 2, 1 << nx.ROPE_FRAC, Array(cosr)[pair0 + i])),
+                sv.eq(Mux(seg1 == 2, 0, Array(sinr)[pair0 + i])),
             ]
             rc.append(cv)
             rsn.append(sv)
         self.comb += [
-            to_rope.valid.eq(is_qkv),
-            to_rope.x.eq(Cat(*[Mux(seg1 == 2, sat8[j], sat16[j])[:16] for j in range(Q)])),
-            to_rope.cos.eq(Cat(*rc)), to_rope.sin.eq(Cat(*rsn)),
-            to_rope.seg.eq(seg1), to_rope.r0.eq(r01), to_rope.last.eq(last1),
+            rope.sink.valid.eq(is_qkv),
+            rope.sink.x.eq(Cat(*[Mux(seg1 == 2, sat8[j], sat16[j])[:16] for j in range(Q)])),
+            rope.sink.cos.eq(Cat(*rc)), rope.sink.sin.eq(Cat(*rsn)),
+            rope.source.ready.eq(1),
         ]
-        rv = lanes_of(self, from_rope.x, Q, 16)
+        rp_seg, rp_r0, rp_last = [seg1], [r01], [last1]
+        for _ in range(Rope.latency):
+            a, b_, c_ = Signal(2), Signal(len(r0)), Signal()
+            self.sync += [a.eq(rp_seg[-1]), b_.eq(rp_r0[-1]), c_.eq(rp_last[-1])]
+            rp_seg.append(a)
+            rp_r0.append(b_)
+            rp_last.append(c_)
+        rv = lanes_of(self, rope.source.x, Q, 16)
         ekl = Array([Constant(f.layers[l].k_cache, (8, True)) for l in range(NL)])  # k -> key cache
         kshift = Signal((8, True))
-        self.comb += kshift.eq(ekl[self.layer])
+        self.comb += kshift.eq(ekl[layer])
         ks_lo = min(f.layers[l].k_cache for l in range(NL))
         ks_hi = max(f.layers[l].k_cache for l in range(NL))
         kq8 = [saturate(self, round_shift(self, v, kshift, (ks_lo, ks_hi)), 8) for v in rv]
-        qkv_seg, qkv_r0 = from_rope.seg, from_rope.r0
-        self.comb += from_rope.ready.eq(Mux(qkv_seg == 0, to_aq.ready, to_kv.ready))
+        rvalid = rope.source.valid
+        qkv_seg, qkv_r0, qkv_last = rp_seg[-1], rp_r0[-1], rp_last[-1]
         # w13: h1 beat held, h3 beat -> SwiGLU
         h1_hold = Signal(Q * 16)
-        self.sync += If(take & is_w13 & ~beat1[0], h1_hold.eq(Cat(*sat16)))
+        is_w13 = Signal()
+        self.comb += is_w13.eq(v1 & (kind == KIND_W13))
+        self.sync += If(is_w13 & ~beat1[0], h1_hold.eq(Cat(*sat16)))
         self.comb += [
-            to_sw.valid.eq(is_w13 & beat1[0]),
-            to_sw.h1.eq(h1_hold), to_sw.h3.eq(Cat(*sat16)),
-            to_sw.last.eq(last1), to_sw.idx.eq((beat1 >> 1) * Q),
+            swiglu.sink.valid.eq(is_w13 & beat1[0]),
+            swiglu.sink.h1.eq(h1_hold), swiglu.sink.h3.eq(Cat(*sat16)),
+            swiglu.sink.last.eq(last1), swiglu.source.ready.eq(1),
         ]
+        sw_idx = [Signal(len(r0)) for _ in range(SwiGLU.latency + 1)]
+        self.comb += sw_idx[0].eq((beat1 >> 1) * Q)
+        for i in range(SwiGLU.latency):
+            self.sync += sw_idx[i + 1].eq(sw_idx[i])
         # ActQuant fill from q (qkv) or hb (w13)
         from_q = Signal()
-        self.comb += from_q.eq(from_rope.valid & (qkv_seg == 0))
+        self.comb += from_q.eq(rvalid & (qkv_seg == 0))
         self.comb += [
-            to_aq.valid.eq(from_q | from_sw.valid),
+            aq.fill.valid.eq(from_q | swiglu.source.valid),
             If(from_q,
-                to_aq.v.eq(from_rope.x), to_aq.idx.eq(qkv_r0),
-                to_aq.first.eq(qkv_r0 == 0), to_aq.last.eq(qkv_r0 == D - Q)
+                aq.fill.v.eq(rope.source.x), aq.fill.idx.eq(qkv_r0),
+                aq.fill.first.eq(qkv_r0 == 0), aq.fill.last.eq(qkv_r0 == D - Q)
             ).Else(
-                to_aq.v.eq(from_sw.hb), to_aq.idx.eq(from_sw.idx),
-                to_aq.first.eq(from_sw.idx == 0), to_aq.last.eq(from_sw.last)),
-            from_sw.ready.eq(to_aq.ready & ~from_q),
+                aq.fill.v.eq(swiglu.source.hb), aq.fill.idx.eq(sw_idx[-1]),
+                aq.fill.first.eq(sw_idx[-1] == 0), aq.fill.last.eq(swiglu.source.last)),
         ]
         # KV rows
         self.comb += [
-            to_kv.valid.eq(from_rope.valid & (qkv_seg != 0)),
-            to_kv.is_v.eq(qkv_seg == 2),
-            to_kv.idx.eq(Mux(qkv_seg == 2, qkv_r0 - D - KVD, qkv_r0 - D)),
-            to_kv.v.eq(Cat(*[Mux(qkv_seg == 2, rv[j], kq8[j])[:8] for j in range(Q)])),
+            att.kv_sink.valid.eq(rvalid & (qkv_seg != 0)),
+            att.kv_sink.is_v.eq(qkv_seg == 2),
+            att.kv_sink.idx.eq(Mux(qkv_seg == 2, qkv_r0 - D - KVD, qkv_r0 - D)),
+            att.kv_sink.v.eq(Cat(*[Mux(qkv_seg == 2, rv[j], kq8[j])[:8] for j in range(Q)])),
         ]
         # wo / w2: residual add
+        is_res = Signal()
+        self.comb += is_res.eq(v1 & ((kind == KIND_WO) | (kind == KIND_W2)))
+        xq = Signal(Q * 16)
+        self.comb += [x_qa.eq(beat1), xq.eq(Array(x_qd)[xq_bank] if NBx > 1 else x_qd[0])]
         xnew = [saturate(self, signed(self, xv + r, rw + 1), 16)
-                for xv, r in zip(lanes_of(self, self.x_dat, Q, 16), req1)]
-        self.comb += [self.x_adr.eq(beat1), self.x_wdat.eq(Cat(*xnew)), self.x_we.eq(take & is_res)]
+                for xv, r in zip(lanes_of(self, xq, Q, 16), req1)]
+        # x write port: the embedding (P-wide) or a residual add (Q-wide, one bank)
+        for b in range(NBx):
+            self.comb += [
+                x_wd[b].eq(Mux(emb_x_wr, Cat(*e_vals[b * Q:(b + 1) * Q]), Cat(*xnew))),
+                x_we[b].eq(emb_x_wr | (is_res & (xq_bank == b))),
+            ]
+        self.comb += x_wa.eq(Mux(emb_x_wr, e_wb, x_qa >> ubits(NBx - 1) if NBx > 1 else x_qa))
         # cls: argmax on the accumulators, Q8 logits to the sampler
+        is_cls = Signal()
+        self.comb += is_cls.eq(v1 & (kind == KIND_CLS))
         self.comb += [
-            self.to_argmax.valid.eq(is_cls), self.to_argmax.v.eq(Cat(*acc1)),
-            self.to_argmax.last.eq(last1), self.to_argmax.first.eq(r01 == 0),
-            # greedy too: the logit readback
-            self.to_sampler.valid.eq(is_cls), self.to_sampler.last.eq(last1),
-            self.to_sampler.v.eq(Cat(*[saturate(self, r, 32) for r in req1])),
+            amax.sink.valid.eq(is_cls), amax.sink.v.eq(Cat(*acc1)), amax.sink.last.eq(last1),
+            amax.sink.first.eq(r01 == 0),
+            smp.fill.valid.eq(is_cls), smp.fill.last.eq(last1),  # greedy too: the logit readback
+            smp.fill.v.eq(Cat(*[saturate(self, r, 32) for r in req1])),
+            smp.inv_temp.eq(inv_temp), smp.seed.eq(self.seed),
+            smp.rd_index.eq(self.logit_index), self.logit_data.eq(smp.rd_data),
+            self.sample_base.eq(smp.base), self.sample_weight.eq(smp.weight),
+            self.sample_total.eq(smp.total),
+            amax.source.ready.eq(1),
         ]
         # done: the last beat reached its destination
-        self.comb += self.done.eq(
-            (from_rope.valid & from_rope.ready & from_rope.last) |
-            (from_sw.valid & from_sw.ready & from_sw.last) | (take & is_res & last1))
-
-
-class Sequencer(LiteXModule):
-    """The forward pass: the compiler's fixed schedule (compiler.make_schedule) as an FSM, one
-    state group per step with the step's constants wired in; the position, reset and rewind, the
-    pass's cycle counter.
-
-    sink, source   a token in starts a pass; its output token out (BakedLlamaCore's streams)
-    reset, rewind, rewind_pos, temperature  in: BakedLlamaCore's control (taken in IDLE)
-    pos, busy, full, cycles  out: status
-    token, inv_temp          out: the pass's token and 1/T
-    emb_start / emb_done, rope_load / rope_loaded     the embed step (Embedding, RopeTable)
-    norm_start, norm_sel     a norm step (NormFeed)
-    act_sel, act_en, act_last, aq_to_att, q_last     the activation routing (ActRoute)
-    cmd            a matrix for MatVec (stream, ready honoured); kind, layer: the matrix running
-    post_done      in: its last row reached its destination
-    att_start      the attention step (Attention: at `pos` of `layer`)
-    argmax         sink: Argmax's result (always ready); smp_*: the Sampler's start, done, token,
-                   reseed (on ctrl reset) and seeding"""
-
-    def __init__(self, plan, n_sel: int, cmd_layout: list):
-        c = plan.cfg
-        S, NL = c.seq_len, c.n_layers
-        sched = plan.schedule
-        self.sink = sink = stream.Endpoint([("token", 16)])
-        self.source = source = stream.Endpoint([("token", 16)])
-        self.reset, self.rewind = Signal(), Signal()
-        self.rewind_pos = Signal(16)
-        self.temperature = Signal(16)
-        self.pos = Signal(ubits(S))
-        self.busy, self.full = Signal(), Signal()
-        self.cycles = Signal(32)
-        self.token = token = Signal(16)
-        self.inv_temp = inv_temp = Signal(16)
-        self.emb_start, self.emb_done = Signal(), Signal()
-        self.rope_load, self.rope_loaded = Signal(), Signal()
-        self.norm_start, self.norm_sel = Signal(), Signal(ubits(n_sel))
-        self.act_sel = act_src = Signal(2)  # 0 RMSNorm, 1 ActQuant, 2 Attention
-        self.act_en, self.act_last = Signal(), Signal()
-        self.aq_to_att, self.q_last = Signal(), Signal()
-        self.cmd = cmd = stream.Endpoint(cmd_layout)
-        self.kind = kind = Signal(3)
-        self.layer = layer = Signal(ubits(max(1, NL - 1)))
-        self.post_done = Signal()
-        self.att_start = Signal()
-        self.argmax = stream.Endpoint([("index", 16)])
-        self.smp_start, self.smp_done, self.smp_token = Signal(), Signal(), Signal(16)
-        self.smp_reseed, self.smp_seeding = Signal(), Signal()
-
-        # # #
-
-        self.fsm = fsm = FSM(reset_state="IDLE")
-        out_token = Signal(16)
-        greedy = Signal()
-        cnt = Signal(32)
-        reset_pending = Signal()
-        self.sync += If(self.reset, reset_pending.eq(1))
-        # rewind: position := rewind_pos (only backwards; the KV cache past it is overwritten as
-        # the next tokens come), taken in IDLE like the reset; the PRNG keeps its state
-        rewind_pending = Signal()
-        rw_pos = Signal(len(self.rewind_pos))
-        self.sync += If(self.rewind, rewind_pending.eq(1), rw_pos.eq(self.rewind_pos))
-        am = self.argmax
+        self.comb += post_done.eq(
+            (rvalid & qkv_last) | (swiglu.source.valid & swiglu.source.last) |
+            (is_res & last1) | amax.source.valid)
         am_token = Signal(16)
-        self.comb += am.ready.eq(1)
-        self.sync += If(am.valid, am_token.eq(am.index))
-        post_done = Signal()
-        self.comb += post_done.eq(self.post_done | am.valid)
-        emb_fin = Signal()
+        self.sync += If(amax.source.valid, am_token.eq(amax.source.index))
+
+        # ---------------------------------------------------------------- sequencer
+        sched = plan.schedule
         names = [f"S{i}_{s.kind}" for i, s in enumerate(sched)]
         self.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         self.comb += [self.full.eq(self.pos == S), sink.ready.eq(fsm.ongoing("IDLE") &
-                      (self.pos != S) & ~reset_pending & ~rewind_pending & ~self.smp_seeding)]
+                      (self.pos != S) & ~reset_pending & ~rewind_pending & ~smp.seeding)]
         self.sync += If(~fsm.ongoing("IDLE") & ~fsm.ongoing("OUT"), cnt.eq(cnt + 1))
         fsm.act("IDLE",
             If(reset_pending,
-                NextValue(self.pos, 0), NextValue(reset_pending, 0), self.smp_reseed.eq(1)
+                NextValue(self.pos, 0), NextValue(reset_pending, 0), smp.reseed.eq(1)
             ).Elif(rewind_pending,
                 If(rw_pos <= self.pos, NextValue(self.pos, rw_pos)), NextValue(rewind_pending, 0)
             ).Elif(sink.valid & sink.ready,
@@ -657,17 +476,17 @@ class Sequencer(LiteXModule):
             nxt = names[i + 1] if i + 1 < len(sched) else "IDLE"
             k = step.kind
             if k == "embed":
-                fsm.act(name, self.emb_start.eq(1), self.rope_load.eq(1), NextValue(emb_fin, 0),
+                fsm.act(name, emb_start.eq(1), rope_load.eq(1), NextValue(emb_fin, 0),
                         NextState(name + "_w"))
-                fsm.act(name + "_w", self.rope_load.eq(1),
-                        If(self.emb_done, NextValue(emb_fin, 1)),
-                        If((emb_fin | self.emb_done) & self.rope_loaded, NextState(nxt)))
+                fsm.act(name + "_w", rope_load.eq(1),
+                        If(emb_done, NextValue(emb_fin, 1)),
+                        If((emb_fin | emb_done) & (rope_i == half), NextState(nxt)))
             elif k == "norm":
+                sel = compiler.norm_select(step.layer, step.arg, NL)
                 fsm.act(name,
-                    self.norm_start.eq(1),
-                    self.norm_sel.eq(compiler.norm_select(step.layer, step.arg, NL)),
-                    NextValue(act_src, 0), NextState(name + "_w"))
-                fsm.act(name + "_w", self.act_en.eq(1), If(self.act_last, NextState(nxt)))
+                    NextValue(nsel, sel), NextValue(st_run, 1), NextValue(st_b, 0),
+                    NextValue(st_pass, 0), NextValue(act_src, 0), NextState(name + "_w"))
+                fsm.act(name + "_w", act_en.eq(1), If(act_last, NextState(nxt)))
             elif k == "mv":
                 p = plan.place[step.arg]
                 kd, lyr = compiler.split_key(step.arg)
@@ -675,26 +494,25 @@ class Sequencer(LiteXModule):
                     NextValue(kind, _KINDS[kd]), NextValue(layer, max(lyr, 0)),
                     NextValue(mv_sent, 0), NextState(name + "_w"))
                 fsm.act(name + "_w",
-                    cmd.valid.eq(~mv_sent), cmd.bank.eq(p.bank), cmd.base.eq(p.base),
-                    cmd.chunks.eq(p.chunks), cmd.rowgroups.eq(p.rowgroups),
-                    If(cmd.ready, NextValue(mv_sent, 1)),
+                    mv.cmd.valid.eq(~mv_sent), mv.cmd.bank.eq(p.bank), mv.cmd.base.eq(p.base),
+                    mv.cmd.chunks.eq(p.chunks), mv.cmd.rowgroups.eq(p.rowgroups),
+                    If(mv.cmd.ready, NextValue(mv_sent, 1)),
                     If(post_done, NextState(nxt)))
             elif k == "qemit":
-                fsm.act(name, self.aq_to_att.eq(1), If(self.q_last, NextState(nxt)))
+                fsm.act(name, aq_to_att.eq(1), If(q_last, NextState(nxt)))
             elif k == "attn":
                 fsm.act(name,
                     NextValue(layer, step.layer), NextValue(act_src, 2), NextState(name + "_s"))
-                fsm.act(name + "_s", self.att_start.eq(1), NextState(name + "_w"))
-                fsm.act(name + "_w", self.act_en.eq(1), If(self.act_last, NextState(nxt)))
+                fsm.act(name + "_s", att.start.eq(1), NextState(name + "_w"))
+                fsm.act(name + "_w", act_en.eq(1), If(act_last, NextState(nxt)))
             elif k == "hemit":
                 fsm.act(name, NextValue(act_src, 1), NextState(name + "_w"))
-                fsm.act(name + "_w", self.act_en.eq(1), If(self.act_last, NextState(nxt)))
+                fsm.act(name + "_w", act_en.eq(1), If(act_last, NextState(nxt)))
             elif k == "sample":
                 fsm.act(name,
                     If(greedy, NextValue(out_token, am_token), NextState(nxt)).Else(
-                        self.smp_start.eq(1), NextState(name + "_w")))
-                fsm.act(name + "_w", If(self.smp_done, NextValue(out_token, self.smp_token),
-                                        NextState(nxt)))
+                        smp.start.eq(1), NextState(name + "_w")))
+                fsm.act(name + "_w", If(smp.done, NextValue(out_token, smp.token), NextState(nxt)))
             elif k == "out":
                 fsm.act(name,
                     NextValue(self.cycles, cnt + 2), NextState("OUT"))
@@ -702,92 +520,9 @@ class Sequencer(LiteXModule):
             source.valid.eq(1),
             If(source.ready, NextValue(self.pos, self.pos + 1), NextState("IDLE")))
         if not any(s.kind == "sample" for s in sched):
-            self.sync += If(am.valid, out_token.eq(am.index))
-        self.comb += [source.token.eq(out_token), source.last.eq(1)]
-
-
-class Datapath(Module):
-    """Everything with memories (weight ROMs, KV cache, tables) lives here, outside the AutoCSR core.
-
-    A plain Module (not a LiteXModule), so LiteX's AutoCSR never reaches the memories of its units
-    (it would give each a CSR port). It builds the units and wires them (the data flow at the top
-    of this file); the Sequencer runs them."""
-
-    def __init__(self, plan: compiler.Plan, sink, source, with_trace: bool = False):
-        c, g = plan.cfg, plan.geo
-        D, NL = c.dim, c.n_layers
-        P, Q = g.vlanes, g.post
-        t = plan.tables
-        self.plan = plan
-        n_sel = 2 * NL + 1
-
-        # ---------------------------------------------------------------- units
-        units = make_units(plan)
-        for name, u in units.items():
-            setattr(self.submodules, name, u)
-        mv, rms, aq, att = units["mv"], units["rms"], units["aq"], units["att"]
-        rope, swiglu, amax, smp = units["rope"], units["swiglu"], units["argmax"], units["sampler"]
-        self.submodules.seq = seq = Sequencer(plan, n_sel, mv.cmd.description.payload_layout)
-        self.submodules.x = xs = ResidualX(D, P, Q)
-        self.submodules.rope_table = rt = RopeTable(t["rope_cos"], t["rope_sin"], c.seq_len,
-                                                    c.head_dim)
-        self.submodules.embedding = emb = Embedding(plan, len(mv.raw_adr))
-        self.submodules.feed = feed = NormFeed(D, P, n_sel, with_trace)
-        self.submodules.act = act = ActRoute(P)
-        self.submodules.requant = rq = Requant(plan, max(rms.k_max, 16 - 7, att.k_max),
-                                               mv.source.description.payload_layout)
-        self.submodules.route = route = RowRoute(plan, rq.rw)
-
-        # control / status (driven by the LiteX wrapper)
-        self.reset, self.rewind, self.rewind_pos = seq.reset, seq.rewind, seq.rewind_pos
-        self.temperature = seq.temperature
-        self.seed = smp.seed
-        self.busy, self.full, self.pos, self.cycles = seq.busy, seq.full, seq.pos, seq.cycles
-        self.trace_index, self.trace_data = feed.trace_index, feed.trace_data
-        self.logit_index, self.logit_data = smp.rd_index, smp.rd_data
-        self.sample_base, self.sample_weight, self.sample_total = smp.base, smp.weight, smp.total
-
-        # # #
-
-        self.comb += [sink.connect(seq.sink), seq.source.connect(source)]
-        if g.share:  # the attention's e x v on the engine's multipliers (the sequencer runs the
-            # attention only while the engine is idle)
-            self.comb += [mv.mul_sel.eq(att.busy), mv.mul_a.eq(att.mul_a), mv.mul_b.eq(att.mul_b),
-                          att.mul_p.eq(mv.mul_p)]
-        # embedding -> x (P-wide), with the position's RoPE table
-        pe = plan.place["emb"]
-        self.comb += [emb.start.eq(seq.emb_start), emb.token.eq(seq.token),
-                      mv.raw_adr.eq(emb.raw_adr), mv.raw_en.eq(emb.raw_en),
-                      emb.word.eq(mv.roms[pe.bank].dat_r), seq.emb_done.eq(emb.done),
-                      xs.p_we.eq(emb.wr), xs.p_wadr.eq(emb.wadr), xs.p_wdat.eq(emb.wdat),
-                      rt.pos.eq(seq.pos), rt.load.eq(seq.rope_load), seq.rope_loaded.eq(rt.loaded)]
-        # x -> RMSNorm (three passes)
-        self.comb += [feed.start.eq(seq.norm_start), feed.sel.eq(seq.norm_sel),
-                      xs.p_adr.eq(feed.x_adr), feed.x_dat.eq(xs.p_dat),
-                      feed.source.connect(rms.sink), rms.sel.eq(feed.nsel)]
-        # activations: RMSNorm / ActQuant / Attention -> MatVec; ActQuant -> Attention's q
-        self.comb += [act.sel.eq(seq.act_sel), act.en.eq(seq.act_en), act.to_att.eq(seq.aq_to_att),
-                      rms.source.connect(act.sinks[0]), aq.source.connect(act.sinks[1]),
-                      att.source.connect(act.sinks[2]), act.source.connect(mv.act_sink),
-                      act.q.connect(att.q_sink),
-                      seq.act_last.eq(act.last), seq.q_last.eq(act.q_last)]
-        # MatVec -> row post-processing -> RoPE / SwiGLU / ActQuant / KV rows / x / Argmax, Sampler
-        self.comb += [seq.cmd.connect(mv.cmd), mv.source.connect(rq.sink), rq.source.connect(route.sink),
-                      rq.kind.eq(seq.kind), rq.layer.eq(seq.layer), rq.k_act.eq(act.k),
-                      route.kind.eq(seq.kind), route.layer.eq(seq.layer),
-                      *[a.eq(b) for a, b in zip(route.cos + route.sin, rt.cos + rt.sin)],
-                      route.to_rope.connect(rope.sink), rope.source.connect(route.from_rope),
-                      route.to_swiglu.connect(swiglu.sink), swiglu.source.connect(route.from_swiglu),
-                      route.to_aq.connect(aq.fill), route.to_kv.connect(att.kv_sink),
-                      route.to_argmax.connect(amax.sink), route.to_sampler.connect(smp.fill),
-                      xs.q_adr.eq(route.x_adr), route.x_dat.eq(xs.q_dat),
-                      xs.q_we.eq(route.x_we), xs.q_wdat.eq(route.x_wdat),
-                      seq.post_done.eq(route.done), amax.source.connect(seq.argmax)]
-        # attention, sampler
-        self.comb += [att.start.eq(seq.att_start), att.layer.eq(seq.layer), att.pos.eq(seq.pos),
-                      smp.start.eq(seq.smp_start), seq.smp_done.eq(smp.done),
-                      seq.smp_token.eq(smp.token), smp.reseed.eq(seq.smp_reseed),
-                      seq.smp_seeding.eq(smp.seeding), smp.inv_temp.eq(seq.inv_temp)]
+            self.sync += If(amax.source.valid, out_token.eq(amax.source.index))
+        self.comb += [source.token.eq(out_token), source.last.eq(1),
+                      att.layer.eq(layer), att.pos.eq(self.pos)]
 
 
 class BakedLlamaCore(LiteXModule):

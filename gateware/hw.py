@@ -56,15 +56,6 @@ def unsigned(m, expr, width: int, name: str | None = None) -> Signal:
     return s
 
 
-def delayed(m, sig, n: int, ce=None) -> Signal:
-    """sig through n registers of m (each advancing only while ce, if ce is given)."""
-    for _ in range(n):
-        r = Signal.like(sig)
-        m.sync += r.eq(sig) if ce is None else If(ce, r.eq(sig))
-        sig = r
-    return sig
-
-
 def field(m, word, lo: int, width: int, is_signed: bool = True) -> Signal:
     """Bits [lo, lo+width) of `word` as a (signed) signal (a Verilog slice is always unsigned)."""
     s = Signal((width, is_signed))
@@ -95,12 +86,7 @@ def round_shift(m, x, n, n_range: tuple[int, int]) -> Signal:
         amt = Signal(ubits(hi - lo))
         m.comb += amt.eq(n - lo)
         t = signed(m, xb >> amt, len(xb))
-    return signed(m, (t + 1) >> 1, round_shift_bits(w, n_range))
-
-
-def round_shift_bits(w: int, n_range: tuple[int, int]) -> int:
-    """Width of round_shift's result for a w-bit x and a runtime n in n_range."""
-    return w + max(0, -n_range[0]) + 1
+    return signed(m, (t + 1) >> 1, w + pre + 1)
 
 
 def saturate(m, x, bits: int) -> Signal:

@@ -9,24 +9,9 @@ row accumulator (over cols/C cycles). Finished rows are repacked into P-wide bea
 
 No stalls inside the pipeline: a row group is only issued while the output FIFO has room for
 everything in flight (credit counter), so back-pressure on `source` just pauses issuing.
-
-The units, in pipeline order (MatVec wires them; their latencies are gateware/latency.py's):
-
-    MatVecIssue     command registers, issue counters, the ROM address of the next cycle
-    WeightRom       one per bank: lat.ROM_ADR address registers, then the word
-    MatVecOperands  activation registers (act_sink); the word and the chunk's activations registered
-    MatVecDots      per row slot: C products -> adder tree (+ extension fields); m shares alongside
-    RowAccumulate   group partial, m x partial, row accumulator: one queue entry per row group
-    CreditFifo      the output queue and its credits
-    Repack          queue entries -> Q-wide beats in row order (source)
-
-Streams with ready: cmd (taken while not busy), act_sink (always ready), queue -> Repack -> source
-(back-pressure honoured). From the issue to the queue the pipeline has a fixed latency and cannot
-stall: the control (ctrl_layout) travels beside the data as a Record, delayed by each unit.
 """
 
 from migen import *
-from litex.gen import LiteXModule
 from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
@@ -35,7 +20,6 @@ from gateware import latency as lat
 from gateware.hw import (SHARED_A, SHARED_B, SHARED_P, field, packed_pair_dot, plane_dot,
                          signed, ubits)
 from gateware.latency import tree_latency
-from gateware.units import VectorRegs
 
 
 class WeightRom(Module):
@@ -98,60 +82,85 @@ def cmd_layout(banks, max_rows_beats: int, tag_bits: int):
             ("rowgroups", ubits(max(b.depth for b in banks))), ("tag", tag_bits)]
 
 
-def ctrl_layout(banks, tag_bits: int):
-    """The control that travels beside one issued ROM word through the pipeline."""
-    return [("v", 1), ("chunk", ubits(max(b.depth for b in banks))), ("gfirst", 1), ("glast", 1),
-            ("rfirst", 1), ("rlast", 1), ("kidx", ubits(max(b.chunks_per_group for b in banks))),
-            ("bank", ubits(max(1, len(banks) - 1))), ("tag", tag_bits), ("clast", 1)]
+class MatVec(Module):
+    """Matrix-vector engine.
 
+    act_sink  P-wide int8 beats (first .. last) fill the activation registers a[0 .. k)
+    cmd       (bank, base word, chunks per row group, row groups, tag): one matrix
+    source    Q-wide beats of row accumulators in row order, `beat` index, `tag`; last on the
+              final beat of a command
+    raw_*     direct ROM reads (the embedding lookup) while the engine is idle: the address
+              is registered with the engine's own (lat.EMBED_RAW), the word is at `roms[b].dat_r`
+              two cycles after raw_en
+    mul_*     `share` of the packed-pair multipliers lent to another unit (Attention's e x v):
+              while mul_sel is high (it is registered here) multiplier n takes the operands
+              mul_a[n], mul_b[n] (hw.SHARED_A / SHARED_B bits, signed) and mul_p[n] is their product
+              a cycle later. The engine must be idle then: the sequencer never overlaps the two.
+    """
 
-def delay(m, rec, n: int = 1):
-    """`rec` (a Record) through n registers of m."""
-    for _ in range(n):
-        r = Record(rec.layout)
-        m.sync += r.raw_bits().eq(rec.raw_bits())
-        rec = r
-    return rec
-
-
-class MatVecIssue(LiteXModule):
-    """Stage 0: the command registers and the issue counters, one ROM word per cycle.
-
-    cmd       stream: one matrix (bank, base word, chunks per row group, row groups, tag). Taken
-              at once into registers (ready = not busy), so the sequencer's command fields never
-              reach the issue logic or the ROM addresses directly
-    room      in: the output queue has room for one more row group (CreditFifo); the last word
-              of a row group is issued only then
-    raw_adr, raw_en  in: a direct ROM read (the embedding, while idle) on the same address path
-    adr_next  out: the ROM address of the next cycle (WeightRom.adr_next)
-    ctrl      out: the control of the word issued now (ctrl_layout; v = issued), combinational
-    reserve   out: the last word of a row group is issued now (it takes one credit)
-    busy      out: a command is being issued
-
-    Latency: cmd accepted -> its first word issued: 1 cycle (the command registers)."""
-
-    latency = 1
-
-    def __init__(self, banks, tag_bits: int):
-        cl = ctrl_layout(banks, tag_bits)
-        self.cmd = cmd = stream.Endpoint(cmd_layout(banks, 0, tag_bits))
-        self.room = Signal()
-        self.raw_adr = Signal(len(cmd.base))
+    def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
+                 out_lanes: int = 2, tag_bits: int = 8, dsp_pairs: int = 0, share: int = 0):
+        C, R, P = cols, rows, vlanes
+        if not 0 <= share <= dsp_pairs * C:
+            raise ValueError(f"share {share}: the engine has {dsp_pairs * C} packed-pair "
+                             f"multipliers")
+        self.share = share
+        self.mul_sel = Signal()
+        if share:
+            self.mul_a = Signal(share * SHARED_A)
+            self.mul_b = Signal(share * SHARED_B)
+            self.mul_p = Signal(share * SHARED_P)
+        self.banks = banks
+        nb = len(banks)
+        max_rows = max(b.depth * b.rows_per_word for b in banks)
+        self.act_sink = stream.Endpoint([("a", P * 8)])
+        self.cmd = stream.Endpoint(cmd_layout(banks, max_rows, tag_bits))
+        Q = out_lanes
+        self.source = stream.Endpoint([("acc", Q * acc_bits), ("beat", ubits(max_rows // Q)),
+                                       ("tag", tag_bits)])
+        self.idle = Signal()
+        self.raw_adr = Signal(len(self.cmd.base))
         self.raw_en = Signal()
-        self.adr_next = Signal(len(cmd.base))
-        self.ctrl = c0 = Record(cl)
-        self.reserve = Signal()
-        self.busy = busy = Signal()
+        self.latency = 0  # issue -> FIFO write, set below
 
         # # #
 
+        # activation registers, filled P at a time
+        if k_max % C or k_max % P:
+            raise ValueError("activation length must be a multiple of C and P")
+        act = [Signal((8, True), name=f"act{i}") for i in range(k_max)]
+        fill = Signal(ubits(k_max // P))
+        self.comb += self.act_sink.ready.eq(1)
+        fill_cases = {}
+        for b in range(k_max // P):
+            fill_cases[b] = [act[b * P + j].eq(self.act_sink.a[8 * j:8 * j + 8]) for j in range(P)]
+        self.sync += If(self.act_sink.valid,
+                        Case(fill, fill_cases),
+                        If(self.act_sink.last, fill.eq(0)).Else(fill.eq(fill + 1)))
+
+        # ROMs
+        self.roms = roms = [WeightRom(b.width, b.words) for b in banks]
+        self.submodules += roms
+
+        # output FIFO and credits
+        fifo_depth = 24
+        fifo = stream.SyncFIFO([("acc", R * acc_bits), ("bank", ubits(max(1, nb - 1))),
+                                ("tag", tag_bits)], fifo_depth, buffered=False)
+        self.submodules.fifo = fifo
+        pending = Signal(ubits(fifo_depth + 1))
+
+        # command registers: a command is taken at once and issued from these registers (the
+        # sequencer's command fields never reach the issue logic or the ROM addresses directly)
+        cmd = self.cmd
+        busy = Signal()
         base_r = Signal(len(cmd.base))
         chunks_m1 = Signal(len(cmd.chunks))
         rgs_m1 = Signal(len(cmd.rowgroups))
         bank_r = Signal(len(cmd.bank))
         tag_r = Signal(tag_bits)
-        cpg_m1 = Signal(len(c0.kidx))
+        cpg_m1 = Signal(ubits(max(b.chunks_per_group for b in banks)))
         self.comb += cmd.ready.eq(~busy)
+        # issue (stage 0)
         offset = Signal(len(cmd.base))
         chunk = Signal(len(cmd.chunks))
         rg = Signal(len(cmd.rowgroups))
@@ -161,9 +170,8 @@ class MatVecIssue(LiteXModule):
         clast = Signal()
         self.comb += [
             rlast0.eq(chunk == chunks_m1),
-            issue.eq(busy & (~rlast0 | self.room)),
+            issue.eq(busy & (~rlast0 | (pending < fifo_depth))),
             clast.eq(issue & rlast0 & (rg == rgs_m1)),
-            self.reserve.eq(issue & rlast0),
         ]
         self.sync += If(cmd.valid & cmd.ready,
             busy.eq(1), base_r.eq(cmd.base), chunks_m1.eq(cmd.chunks - 1),
@@ -178,92 +186,56 @@ class MatVecIssue(LiteXModule):
                 If(kidx == cpg_m1, kidx.eq(0)).Else(kidx.eq(kidx + 1))))
         # the address of the next cycle: a direct read (the embedding, while the engine is idle),
         # the first word of a command taken now, the next word after an issue, or the current word
+        adr_next = Signal(len(cmd.base))
         assert lat.EMBED_RAW == 1
-        self.comb += If(self.raw_en, self.adr_next.eq(self.raw_adr)).Elif(cmd.valid & cmd.ready,
-            self.adr_next.eq(cmd.base)).Elif(issue,
-            self.adr_next.eq(base_r + offset + 1)).Else(self.adr_next.eq(base_r + offset))
+        self.comb += If(self.raw_en, adr_next.eq(self.raw_adr)).Elif(cmd.valid & cmd.ready,
+            adr_next.eq(cmd.base)).Elif(issue,
+            adr_next.eq(base_r + offset + 1)).Else(adr_next.eq(base_r + offset))
+        for rom in roms:
+            self.comb += rom.adr_next.eq(adr_next)
+        # control that travels with the data
+        ctrl_layout = [("v", 1), ("chunk", len(chunk)), ("gfirst", 1), ("glast", 1),
+                       ("rfirst", 1), ("rlast", 1), ("kidx", len(kidx)), ("bank", len(cmd.bank)),
+                       ("tag", tag_bits), ("clast", 1)]
+        c0 = Record(ctrl_layout)
         self.comb += [
             c0.v.eq(issue), c0.chunk.eq(chunk), c0.gfirst.eq(kidx == 0),
             c0.glast.eq(kidx == cpg_m1), c0.rfirst.eq(chunk == 0), c0.rlast.eq(rlast0),
             c0.kidx.eq(kidx), c0.bank.eq(bank_r), c0.tag.eq(tag_r), c0.clast.eq(clast),
         ]
 
+        def delay(rec, n=1):
+            for _ in range(n):
+                r = Record(ctrl_layout)
+                self.sync += r.raw_bits().eq(rec.raw_bits())
+                rec = r
+            return rec
 
-class MatVecOperands(LiteXModule):
-    """The activation registers and the operand registers of the products (stage 2).
-
-    act_sink  stream: P int8 per beat (first .. last) fill a[0 .. k_max); always ready (a
-              register file that takes a beat every cycle)
-    words     in: each bank's ROM word (WeightRom.dat_r)
-    ctrl_in   in: the control of the words at the ROM outputs (bank, chunk)
-    word      out: the bank's word, registered
-    a         out: the chunk's C activations (int8), registered
-    ctrl      out: ctrl_in, registered with them
-
-    Latency: 1 cycle (a fixed pipeline stage, no back-pressure)."""
-
-    latency = 1
-
-    def __init__(self, banks, k_max: int, P: int, C: int, tag_bits: int):
-        if k_max % C or k_max % P:
-            raise ValueError("activation length must be a multiple of C and P")
-        self.acts = acts = VectorRegs(k_max, P, 8, name="act")
-        self.act_sink = acts.sink
-        self.words = [Signal(b.width) for b in banks]
-        self.ctrl_in = Record(ctrl_layout(banks, tag_bits))
-        self.word = Signal(max(b.width for b in banks))
-        aslice = Signal(C * 8)
-        self.a = [field(self, aslice, 8 * i, 8) for i in range(C)]
-
-        # # #
-
-        act = acts.v
-        c1 = self.ctrl_in
-        self.sync += self.word.eq(Array(self.words)[c1.bank])
+        c1 = delay(c0, lat.ROM_ADR)  # ROM data valid
+        # stage 2: word and activation slice registers
+        wmax = max(b.width for b in banks)
+        word = Signal(wmax)
+        self.sync += word.eq(Array([r.dat_r for r in roms])[c1.bank])
         nch = k_max // C
+        aslice = Signal(C * 8)
         self.sync += aslice.eq(Array([Cat(*act[c * C:(c + 1) * C]) for c in range(nch)])[c1.chunk])
-        self.ctrl = delay(self, c1)
+        c2 = delay(c1)
+        a2 = [field(self, aslice, 8 * i, 8) for i in range(C)]
 
-
-class MatVecDots(LiteXModule):
-    """Per row slot: the C weight x activation products and their adder tree (stage 3).
-
-    word, a, bank  in: the operands (MatVecOperands) and the word's bank (field layout)
-    dots      out: per slot j, sum_i w[j, i] * a[i] (signed; wider weights: the low fields'
-              dot + the extension fields' dot << lane_bits)
-    ms        out: per slot, its share of the group multiplier, delayed alongside
-    mul_*     `share` of the packed-pair multipliers lent out (see MatVec)
-
-    Each lane multiplies a lane_bits field: signed (sign-extended for narrower banks), or unsigned
-    where it is the low part of wider weights (a positive top bit); their high parts (the
-    extension fields) go through LUT bit planes of their own. Slots 0 .. 2*dsp_pairs-1 go in pairs
-    through packed MULT18X18D (hw.packed_pair_dot), the rest through LUT bit-plane trees
-    (hw.plane_dot); the shorter paths are delayed so every slot arrives together.
-    Latency: lat.MV_PRODUCTS (+ lat.MV_DSP with DSP pairs) + tree_latency(C), no back-pressure."""
-
-    def __init__(self, banks, C: int, R: int, dsp_pairs: int = 0, share: int = 0):
-        nb = len(banks)
-        self.word = word = Signal(max(b.width for b in banks))
-        self.a = a2 = [Signal((8, True)) for _ in range(C)]
-        self.bank = bank = Signal(ubits(max(1, nb - 1)))
-        m_share_max = max(b.m_share for b in banks)
-        self.ms = msl = [Signal(m_share_max) for _ in range(R)]
-        self.mul_sel = Signal()
-        if share:
-            self.mul_a = Signal(share * SHARED_A)
-            self.mul_b = Signal(share * SHARED_B)
-            self.mul_p = Signal(share * SHARED_P)
-
-        # # #
-
+        # stage 3: products. Each lane multiplies a lane_bits field: signed (sign-extended for
+        # narrower banks), or unsigned where it is the low part of wider weights (a positive top
+        # bit); their high parts (the extension fields) go through LUT bit planes of their own.
+        # Slots 0 .. 2*dsp_pairs-1 go in pairs through packed MULT18X18D (hw.packed_pair_dot),
+        # the rest through LUT bit-plane trees (hw.plane_dot)
         lw = max(b.lane_bits for b in banks)
+        m_share_max = max(b.m_share for b in banks)
         if dsp_pairs and (2 * dsp_pairs > R or lw > 4):
             raise ValueError(f"dsp_pairs {dsp_pairs}: needs 2 * dsp_pairs <= rows ({R}) and "
                              f"weights of <= 4 bits per lane (lane_bits {lw})")
         wsl, negs, mshares = [], [], []
         for j in range(R):
             top_neg = Signal()  # the slot's fields are the low part of wider weights: unsigned
-            self.comb += top_neg.eq(Array([int(not b.ext_bits) for b in banks])[bank]
+            self.comb += top_neg.eq(Array([int(not b.ext_bits) for b in banks])[c2.bank]
                                     if nb > 1 else int(not banks[0].ext_bits))
             ws = []
             # banks with the same slot geometry share the weight fields (no per-lane bank mux)
@@ -281,7 +253,7 @@ class MatVecDots(LiteXModule):
                                               b.lane_bits, is_signed=not b.ext_bits))
                         else:
                             opts.append(Constant(0, (b.lane_bits, True)))
-                    self.comb += wj.eq(Array(opts)[bank] if nb > 1 else opts[0])
+                    self.comb += wj.eq(Array(opts)[c2.bank] if nb > 1 else opts[0])
                 ws.append(wj)
             wsl.append(ws)
             negs.append(top_neg)
@@ -296,7 +268,7 @@ class MatVecDots(LiteXModule):
                                            False))
                     else:
                         mopts.append(Constant(0, b.m_share))
-                self.comb += ms.eq(Array(mopts)[bank] if nb > 1 else mopts[0])
+                self.comb += ms.eq(Array(mopts)[c2.bank] if nb > 1 else mopts[0])
             mshares.append(ms)
         # the shared multipliers: the select registered, one copy per 8 of them (fan-out)
         sel_r = []
@@ -357,7 +329,7 @@ class MatVecDots(LiteXModule):
                     if direct or nb == 1:
                         self.comb += hf.eq(opts[banks.index(ext[0])])
                     else:
-                        self.comb += hf.eq(Array(opts)[bank])
+                        self.comb += hf.eq(Array(opts)[c2.bank])
                     hs.append(hf)
                 hd, la = plane_dot(self, hs, a2, 1)
                 hdots.append(hd)
@@ -378,60 +350,40 @@ class MatVecDots(LiteXModule):
             dots[j] = signed(self, align(dots[j], lats[j]), dw)
         for j, hd in enumerate(hdots):
             hdots[j] = signed(self, align(hd, lats[R + j]), dw)
+        tree_lat = dlat - 1  # counted below with the products register
         if dlat != lat.MV_PRODUCTS + (lat.MV_DSP if dsp_pairs else 0) + tree_latency(C):
             raise ValueError(f"MatVec products take {dlat} cycles, gateware.latency says "
                              f"{lat.MV_PRODUCTS} (+ {lat.MV_DSP} with DSP pairs) + the tree's")
-        self.latency = dlat
         # the m shares travel along the product + tree latency
         ms_d = [Cat(*mshares)]
-        for _ in range(dlat):
+        for _ in range(1 + tree_lat):
             r = Signal(len(ms_d[0]))
             self.sync += r.eq(ms_d[-1])
             ms_d.append(r)
+        cA = delay(c2, 1 + tree_lat)
         msA = ms_d[-1]
+        ms_of = Array([b.m_share for b in banks])
+        msl = [Signal(m_share_max) for _ in range(R)]
         self.comb += [msl[j].eq(msA[j * m_share_max:(j + 1) * m_share_max]) for j in range(R)]
         # rows: slot j (+ its extension fields' dot << lane_bits)
-        self.dots = [signed(self, dots[j] + (hdots[j] << lb), dw + 1) if eb else dots[j]
-                     for j in range(R)]
+        rowdots, rowms = [], []
+        for j in range(R):
+            rd = signed(self, dots[j] + (hdots[j] << lb), dw + 1) if eb else dots[j]
+            rowdots.append(rd)
+            rowms.append(msl[j])
 
-
-class RowAccumulate(LiteXModule):
-    """Group partials, m x partial, row accumulators: one queue entry per finished row group.
-
-    ctrl_in   in: the control of the slots' dot products (gfirst/glast open and close a group of
-              the multiplier, rfirst/rlast a row, kidx places the m share)
-    dots, ms  in: per slot, the chunk's dot product and its share of the group multiplier
-    source    out: R row accumulators, bank, tag of a finished row group; last on a command's final
-              row group. No back-pressure: the issuer's credits keep room in the queue for every
-              row group in flight, so the queue's sink is ready whenever this is valid
-
-    Latency: ctrl_in -> source 2 cycles (the group sum register, the m x partial register; the
-    row sum goes combinationally into the queue's write, the third cycle of lat.MV_LAT's three)."""
-
-    latency = 2
-
-    def __init__(self, banks, R: int, dw: int, acc_bits: int, tag_bits: int):
-        m_share_max = max(b.m_share for b in banks)
-        self.ctrl_in = cA = Record(ctrl_layout(banks, tag_bits))
-        self.dots = [Signal((dw, True)) for _ in range(R)]
-        self.ms = [Signal(m_share_max) for _ in range(R)]
-        self.source = stream.Endpoint(queue_layout(banks, R, acc_bits, tag_bits))
-
-        # # #
-
-        ms_of = Array([b.m_share for b in banks])
         # stage A: group partial (over chunks of a group) and multiplier assembly
         part_max = max(b.group * nx.qmax(b.bits) * nx.ACT_MAX for b in banks)
         pw = ubits(part_max) + 1
         gsum_B = [Signal((pw, True)) for _ in range(R)]
         m_B = [Signal(nx.M_BITS) for _ in range(R)]
-        cB = Record(cA.layout)
+        cB = Record(ctrl_layout)
         grfirst = Signal()  # this group opens its row
         for j in range(R):
             gp = Signal((pw, True))
             mreg = Signal(nx.M_BITS)
-            gsum = signed(self, Mux(cA.gfirst, 0, gp) + self.dots[j], pw)
-            mshare = self.ms[j]
+            gsum = signed(self, Mux(cA.gfirst, 0, gp) + rowdots[j], pw)
+            mshare = rowms[j]
             mfull = Signal(nx.M_BITS)
             self.comb += mfull.eq(Mux(cA.gfirst, 0, mreg) | (mshare << (cA.kidx * ms_of[cA.bank])))
             self.sync += If(cA.v, gp.eq(gsum), mreg.eq(mfull))
@@ -444,8 +396,8 @@ class RowAccumulate(LiteXModule):
         prod_C = [Signal((gw, True)) for _ in range(R)]
         for j in range(R):
             self.sync += prod_C[j].eq(gsum_B[j] * m_B[j])
-        cC = delay(self, cB)
-        # stage D: row accumulation -> the queue
+        cC = delay(cB)
+        # stage D: row accumulation -> FIFO
         racc = [Signal((acc_bits, True)) for _ in range(R)]
         outs = []
         for j in range(R):
@@ -453,92 +405,50 @@ class RowAccumulate(LiteXModule):
             self.sync += If(cC.v, racc[j].eq(nxt))
             outs.append(nxt)
         self.comb += [
-            self.source.valid.eq(cC.v & cC.rlast),
-            self.source.acc.eq(Cat(*outs)),
-            self.source.bank.eq(cC.bank),
-            self.source.tag.eq(cC.tag),
-            self.source.last.eq(cC.clast),
+            fifo.sink.valid.eq(cC.v & cC.rlast),
+            fifo.sink.acc.eq(Cat(*outs)),
+            fifo.sink.bank.eq(cC.bank),
+            fifo.sink.tag.eq(cC.tag),
+            fifo.sink.last.eq(cC.clast),
         ]
+        # c0 -> FIFO write: ROM (c1), word/act (c2), products + tree, group (cB), m* (cC), row acc
+        self.latency = 1 + lat.ROM_ADR + 1 + 1 + tree_lat + 3  # (+1: the command registers)
+        if self.latency != lat.MV_LAT + tree_latency(C) + (lat.MV_DSP if dsp_pairs else 0):
+            raise ValueError(f"MatVec pipeline is {self.latency} cycles, gateware.latency says "
+                             f"{lat.MV_LAT} + the adder tree's {tree_lat}")
 
-
-def queue_layout(banks, R: int, acc_bits: int, tag_bits: int):
-    return [("acc", R * acc_bits), ("bank", ubits(max(1, len(banks) - 1))), ("tag", tag_bits)]
-
-
-class CreditFifo(LiteXModule):
-    """The output queue, written without back-pressure under a credit count.
-
-    sink      entries; the producer reserves one (`reserve`) for each entry it will write, only
-              while `room` is high, so the FIFO is never full when an entry arrives
-    source    the entries in order (ready honoured)
-    reserve   in: one entry reserved now
-    room      out: fewer than `depth` entries reserved or queued
-    drained   out: none reserved or queued
-
-    Latency: stream.SyncFIFO's (buffered=False): an entry written at one edge is on source after it."""
-
-    def __init__(self, layout, depth: int):
-        self.fifo = fifo = stream.SyncFIFO(layout, depth, buffered=False)
-        self.sink, self.source = fifo.sink, fifo.source
-        self.reserve = Signal()
-        self.room = Signal()
-        self.drained = Signal()
-
-        # # #
-
-        pending = Signal(ubits(depth + 1))  # one credit per entry in flight or queued
-        self.sync += pending.eq(pending + self.reserve - (fifo.source.valid & fifo.source.ready))
-        self.comb += [self.room.eq(pending < depth), self.drained.eq(pending == 0)]
-
-
-class Repack(LiteXModule):
-    """Queue entries of R_b row accumulators -> Q-wide beats in row order.
-
-    sink      entries (acc: R row slots, bank, tag; last on a command's final entry)
-    source    Q accumulators per beat, `beat` index from 0, tag; last on the command's final beat
-
-    By the entry's bank: R_b >= Q splits an entry into R_b / Q beats, R_b < Q gathers Q / R_b
-    entries into one (the earlier ones held in registers). Ready is honoured both ways.
-    Latency: 0 (the beat is combinational from the entry)."""
-
-    def __init__(self, banks, R: int, Q: int, acc_bits: int, tag_bits: int, max_rows: int):
-        nb = len(banks)
-        self.sink = sink = stream.Endpoint(queue_layout(banks, R, acc_bits, tag_bits))
-        self.source = src = stream.Endpoint([("acc", Q * acc_bits), ("beat", ubits(max_rows // Q)),
-                                             ("tag", tag_bits)])
-
-        # # #
-
-        accs = [sink.acc[j * acc_bits:(j + 1) * acc_bits] for j in range(R)]
+        # repack R_b-row FIFO entries into Q-wide beats
+        src = self.source
+        accs = [fifo.source.acc[j * acc_bits:(j + 1) * acc_bits] for j in range(R)]
         sub = Signal(ubits(max(R // Q, Q) + 1))
         gather = [Signal(acc_bits) for _ in range(Q)]
         beat = Signal(len(src.beat))
         pop = Signal()
         emit = Signal()
-        self.comb += [src.tag.eq(sink.tag), src.beat.eq(beat), sink.ready.eq(pop)]
+        self.comb += [src.tag.eq(fifo.source.tag), src.beat.eq(beat), fifo.source.ready.eq(pop)]
         bank_cases = {}
         for bi, b in enumerate(banks):
             Rb = b.rows_per_word
             if Rb >= Q:  # split one entry into Rb/Q beats
                 n = Rb // Q
                 bank_cases[bi] = [
-                    src.valid.eq(sink.valid),
+                    src.valid.eq(fifo.source.valid),
                     src.acc.eq(Array([Cat(*accs[s * Q:(s + 1) * Q]) for s in range(n)])[sub]),
-                    src.last.eq(sink.last & (sub == n - 1)),
+                    src.last.eq(fifo.source.last & (sub == n - 1)),
                     emit.eq(src.valid & src.ready),
                     pop.eq(emit & (sub == n - 1)),
                 ]
             else:  # gather Q/Rb entries into one beat
                 n = Q // Rb
                 bank_cases[bi] = [
-                    src.valid.eq(sink.valid & (sub == n - 1)),
+                    src.valid.eq(fifo.source.valid & (sub == n - 1)),
                     src.acc.eq(Cat(*[accs[j % Rb] if j // Rb == n - 1 else gather[j]
                                      for j in range(Q)])),
-                    src.last.eq(sink.last),
+                    src.last.eq(fifo.source.last),
                     emit.eq(src.valid & src.ready),
-                    pop.eq(sink.valid & ((sub != n - 1) | src.ready)),
+                    pop.eq(fifo.source.valid & ((sub != n - 1) | src.ready)),
                 ]
-        self.comb += Case(sink.bank, bank_cases) if nb > 1 else bank_cases[0]
+        self.comb += Case(fifo.source.bank, bank_cases) if nb > 1 else bank_cases[0]
         seq_cases = {}
         for bi, b in enumerate(banks):
             Rb = b.rows_per_word
@@ -551,77 +461,9 @@ class Repack(LiteXModule):
                     Case(sub, {s: [gather[s * Rb + j].eq(accs[j]) for j in range(Rb)]
                                for s in range(n - 1)}),
                     If(sub == n - 1, sub.eq(0)).Else(sub.eq(sub + 1)))
-        self.sync += Case(sink.bank, seq_cases) if nb > 1 else seq_cases[0]
+        self.sync += Case(fifo.source.bank, seq_cases) if nb > 1 else seq_cases[0]
         self.sync += If(emit, If(src.last, beat.eq(0)).Else(beat.eq(beat + 1)))
-
-
-class MatVec(LiteXModule):
-    """Matrix-vector engine: the units above in a row, the control beside the data.
-
-        cmd -> MatVecIssue -> WeightRom (per bank) -> MatVecOperands -> MatVecDots
-            -> RowAccumulate -> CreditFifo -> Repack -> source
-
-    act_sink  P-wide int8 beats (first .. last) fill the activation registers a[0 .. k)
-    cmd       (bank, base word, chunks per row group, row groups, tag): one matrix
-    source    Q-wide beats of row accumulators in row order, `beat` index, `tag`; last on the
-              final beat of a command (ready honoured: back-pressure fills the queue, and its
-              credits pause issuing)
-    raw_*     direct ROM reads (the embedding lookup) while the engine is idle: the address
-              is registered with the engine's own (lat.EMBED_RAW), the word is at `roms[b].dat_r`
-              two cycles after raw_en
-    mul_*     `share` of the packed-pair multipliers lent to another unit (Attention's e x v):
-              while mul_sel is high (it is registered here) multiplier n takes the operands
-              mul_a[n], mul_b[n] (hw.SHARED_A / SHARED_B bits, signed) and mul_p[n] is their product
-              a cycle later. The engine must be idle then: the sequencer never overlaps the two.
-    latency   issue -> queue write (lat.MV_LAT + the adder tree's registers + lat.MV_DSP with
-              DSP pairs: what cycle_model.mv_cycles drains)
-    """
-
-    def __init__(self, banks, cols: int, rows: int, vlanes: int, k_max: int, acc_bits: int,
-                 out_lanes: int = 2, tag_bits: int = 8, dsp_pairs: int = 0, share: int = 0):
-        C, R, P, Q = cols, rows, vlanes, out_lanes
-        if not 0 <= share <= dsp_pairs * C:
-            raise ValueError(f"share {share}: the engine has {dsp_pairs * C} packed-pair "
-                             f"multipliers")
-        self.share = share
-        self.banks = banks
-        max_rows = max(b.depth * b.rows_per_word for b in banks)
-        self.issue = issue = MatVecIssue(banks, tag_bits)
-        self.operands = ops = MatVecOperands(banks, k_max, P, C, tag_bits)
-        self.dots = dots = MatVecDots(banks, C, R, dsp_pairs, share)
-        self.accumulate = acc = RowAccumulate(banks, R, len(dots.dots[0]), acc_bits, tag_bits)
-        self.queue = queue = CreditFifo(queue_layout(banks, R, acc_bits, tag_bits), 24)
-        self.repack = repack = Repack(banks, R, Q, acc_bits, tag_bits, max_rows)
-        self.act_sink = ops.act_sink
-        self.cmd = issue.cmd
-        self.source = repack.source
-        self.idle = Signal()
-        self.raw_adr, self.raw_en = issue.raw_adr, issue.raw_en
-        self.mul_sel = dots.mul_sel
-        if share:
-            self.mul_a, self.mul_b, self.mul_p = dots.mul_a, dots.mul_b, dots.mul_p
-
-        # # #
-
-        # the ROMs (plain Modules: see WeightRom), their word lat.ROM_ADR cycles after the issue
-        self.roms = roms = [WeightRom(b.width, b.words) for b in banks]
-        self.submodules += roms
-        self.comb += [rom.adr_next.eq(issue.adr_next) for rom in roms]
-        self.comb += [w.eq(rom.dat_r) for w, rom in zip(ops.words, roms)]
-        c1 = delay(self, issue.ctrl, lat.ROM_ADR)
-        self.comb += [ops.ctrl_in.raw_bits().eq(c1.raw_bits()),
-                      dots.word.eq(ops.word), dots.bank.eq(ops.ctrl.bank),
-                      *[d.eq(a) for d, a in zip(dots.a, ops.a)]]
-        cA = delay(self, ops.ctrl, dots.latency)
-        self.comb += [acc.ctrl_in.raw_bits().eq(cA.raw_bits()),
-                      *[d.eq(s) for d, s in zip(acc.dots, dots.dots)],
-                      *[d.eq(s) for d, s in zip(acc.ms, dots.ms)]]
-        self.comb += [acc.source.connect(queue.sink), queue.source.connect(repack.sink),
-                      issue.room.eq(queue.room), queue.reserve.eq(issue.reserve)]
-        self.comb += self.idle.eq(~issue.cmd.valid & ~issue.busy & queue.drained)
-        # issue -> queue write: command registers, ROM, operands, products + tree, accumulation
-        self.latency = (issue.latency + lat.ROM_ADR + ops.latency + dots.latency + acc.latency
-                        + 1)  # (+1: the queue's write)
-        if self.latency != lat.MV_LAT + tree_latency(C) + (lat.MV_DSP if dsp_pairs else 0):
-            raise ValueError(f"MatVec pipeline is {self.latency} cycles, gateware.latency says "
-                             f"{lat.MV_LAT} + the adder tree's {tree_latency(C)}")
+        # credits: one per row group in flight or queued
+        inc = issue & rlast0
+        self.sync += pending.eq(pending + inc - (fifo.source.valid & pop))
+        self.comb += self.idle.eq(~cmd.valid & ~busy & (pending == 0))

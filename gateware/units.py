@@ -14,19 +14,17 @@ Pipelines stall as a whole when their output is not taken (ce = ~source.valid | 
 
 import numpy as np
 from migen import *
-from litex.gen import LiteXModule
 from litex.soc.interconnect import stream
 
 from bakedllama import numerics as nx
 
 from gateware import latency as lat
-from gateware.hw import (absval, bit_length, clip, delayed, field, max_tree, round_shift, saturate, sbits,
+from gateware.hw import (absval, bit_length, clip, field, max_tree, round_shift, saturate, sbits,
                          signed, ubits)
 
 
-def pipe_ctrl(m, sink, source, latency: int, side=()):
-    """Valid/first/last (and the `side` fields, a layout both endpoints carry) through `latency`
-    registers with a global clock enable; returns ce."""
+def pipe_ctrl(m, sink, source, latency: int):
+    """Valid/first/last through `latency` registers with a global clock enable; returns ce."""
     ce = Signal()
     v = [sink.valid]
     f = [sink.first]
@@ -39,37 +37,11 @@ def pipe_ctrl(m, sink, source, latency: int, side=()):
         la.append(nl)
     m.comb += [ce.eq(~source.valid | source.ready), sink.ready.eq(ce),
                source.valid.eq(v[-1]), source.first.eq(f[-1]), source.last.eq(la[-1])]
-    m.comb += [getattr(source, name).eq(delayed(m, getattr(sink, name), latency, ce))
-               for name, _ in side]
     return ce
 
 
 def lanes_of(m, word, n: int, width: int, is_signed: bool = True) -> list:
     return [field(m, word, i * width, width, is_signed) for i in range(n)]
-
-
-class VectorRegs(LiteXModule):
-    """A vector of n signed registers filled from a stream in order, P values per beat.
-
-    sink   P values of `width` bits a beat, element 0 first, `last` on the vector's final beat;
-           always ready (a register file: it takes a beat every cycle)
-    v      out: the n registers; a beat is in them the cycle after it was taken"""
-
-    def __init__(self, n: int, P: int, width: int = 8, name: str = "v"):
-        if n % P:
-            raise ValueError(f"VectorRegs: {n} values do not fill beats of {P}")
-        self.sink = sink = stream.Endpoint([("a", P * width)])
-        self.v = [Signal((width, True), name=f"{name}{i}") for i in range(n)]
-
-        # # #
-
-        fill = Signal(ubits(n // P))
-        self.comb += sink.ready.eq(1)
-        cases = {b: [self.v[b * P + j].eq(sink.a[width * j:width * (j + 1)]) for j in range(P)]
-                 for b in range(n // P)}
-        self.sync += If(sink.valid,
-                        Case(fill, cases),
-                        If(sink.last, fill.eq(0)).Else(fill.eq(fill + 1)))
 
 
 def rom(m, values: list, width: int, nports: int = 1) -> list:
@@ -312,20 +284,17 @@ class ActQuant(Module):
 
 # ----------------------------------------------------------------------------- RoPE
 class Rope(Module):
-    """numerics.rope on Q/2 interleaved pairs per beat, cos/sin (Q14) given with each beat.
-
-    side: a layout of fields carried from sink to source beside the data."""
+    """numerics.rope on Q/2 interleaved pairs per beat, cos/sin (Q14) given with each beat."""
 
     latency = lat.ROPE
 
-    def __init__(self, Q: int, side=()):
-        self.sink = stream.Endpoint([("x", Q * 16), ("cos", Q // 2 * 16), ("sin", Q // 2 * 16),
-                                     *side])
-        self.source = stream.Endpoint([("x", Q * 16), *side])
+    def __init__(self, Q: int):
+        self.sink = stream.Endpoint([("x", Q * 16), ("cos", Q // 2 * 16), ("sin", Q // 2 * 16)])
+        self.source = stream.Endpoint([("x", Q * 16)])
 
         # # #
 
-        ce = pipe_ctrl(self, self.sink, self.source, self.latency, side)
+        ce = pipe_ctrl(self, self.sink, self.source, self.latency)
         xs = lanes_of(self, self.sink.x, Q, 16)
         cs = lanes_of(self, self.sink.cos, Q // 2, 16)
         sn = lanes_of(self, self.sink.sin, Q // 2, 16)
@@ -346,19 +315,17 @@ class Rope(Module):
 
 # ----------------------------------------------------------------------------- SwiGLU
 class SwiGLU(Module):
-    """numerics.swiglu(h1, h3, step): silu(h1) * h3 for Q lanes of int16 (step: steps.SwiGLUStep).
-
-    side: a layout of fields carried from sink to source beside the data."""
+    """numerics.swiglu(h1, h3, step): silu(h1) * h3 for Q lanes of int16 (step: steps.SwiGLUStep)."""
 
     latency = lat.SWIGLU
 
-    def __init__(self, Q: int, step, side=()):
-        self.sink = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16), *side])
-        self.source = stream.Endpoint([("hb", Q * 16), *side])
+    def __init__(self, Q: int, step):
+        self.sink = stream.Endpoint([("h1", Q * 16), ("h3", Q * 16)])
+        self.source = stream.Endpoint([("hb", Q * 16)])
 
         # # #
 
-        ce = pipe_ctrl(self, self.sink, self.source, self.latency, side)
+        ce = pipe_ctrl(self, self.sink, self.source, self.latency)
         h1 = lanes_of(self, self.sink.h1, Q, 16)
         h3 = lanes_of(self, self.sink.h3, Q, 16)
         # the sigmoid table in block RAM: synchronous read ports, address one stage early
