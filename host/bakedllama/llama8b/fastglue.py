@@ -1,5 +1,10 @@
 """The vector steps between the 8B runner's matrix products, compiled (numba) and fused.
 
+A compiled copy of numerics' arithmetic, like simd.c for matvec: numba cannot run the numpy
+array code of numerics at this speed, so the same integer steps are written here once more, with
+numerics' constants and tables, and tests/test_llama8b_fastglue.py holds every function to its
+numerics original. The golden model and the gateware tables use numerics only.
+
 bakedllama.numerics stays the one definition of the arithmetic; these are the same integers in
 one pass over the data instead of numpy's several (each numpy step of numerics.requantize,
 quantize_act, swiglu reads and writes a whole int64 array: at a prompt's 64 x 14,336 that is the
@@ -24,6 +29,11 @@ import numpy as np
 from bakedllama import numerics as nx
 
 PARALLEL_FROM = 1 << 16  # elements: smaller arrays run on the calling thread
+# numerics' formats, not literals: int8 activations, the int16 saturation, the Q15 sigmoid
+ACT = nx.ACT_MAX
+ACT_BITS = nx.ACT_MAX.bit_length()  # quantize_act's shift: bit_length(max |v|) - ACT_BITS
+I16 = nx.INT16_MAX
+SIG_FRAC = nx.EXP_ONE.bit_length() - 1  # the sigmoid table's Q15
 
 
 @lru_cache(maxsize=None)
@@ -48,9 +58,9 @@ def _kernels():
         n = 0  # bit length of mx
         while mx >> n:
             n += 1
-        k = n - 7 if n > 7 else 0
+        k = n - ACT_BITS if n > ACT_BITS else 0
         for j in range(v.shape[0]):
-            a[j] = clamp(rs(v[j], k), -127, 127)
+            a[j] = clamp(rs(v[j], k), -ACT, ACT)
         return k
 
     rs, clamp = njit(inline="always")(rs), njit(inline="always")(clamp)
@@ -66,7 +76,7 @@ def _kernels():
         T, R = acc.shape
         for t in prange(T):
             for r in range(R):
-                x[t, r] = clamp(x[t, r] + clamp(rs(acc[t, r], shift[t]), lo, hi), -32768, 32767)
+                x[t, r] = clamp(x[t, r] + clamp(rs(acc[t, r], shift[t]), lo, hi), -I16 - 1, I16)
 
     def body_quant(v, a, k):
         for t in prange(v.shape[0]):
@@ -79,8 +89,8 @@ def _kernels():
             hb = np.empty(N, np.int64)
             for j in range(N):
                 x = h1[t, j]
-                silu = rs(x * table[clamp(rs(x, index) + half, 0, top)], 15)
-                hb[j] = clamp(rs(silu * h3[t, j], out_shift), -32768, 32767)
+                silu = rs(x * table[clamp(rs(x, index) + half, 0, top)], SIG_FRAC)
+                hb[j] = clamp(rs(silu * h3[t, j], out_shift), -I16 - 1, I16)
             k[t] = quant_row(hb, a[t])
 
     def variant(f, suffix: str):

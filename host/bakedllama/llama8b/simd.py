@@ -66,11 +66,8 @@ def _lib():
         return None
     P = ctypes.c_void_p
     I = ctypes.c_int
-    lib.bk_mm4.argtypes = [P, P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mm8.argtypes = [P, P, P, I, I, I, I, I, P, I]
-    lib.bk_mv4z.argtypes = lib.bk_mv8z.argtypes = [P, P, P, P, I, I, I, I, I, P, I, I, I]
+    # every kernel is called through bk_dyn (its threads' shared chunk counter)
     lib.bk_dyn.argtypes = [I, P, P, P, P, I, I, I, I, I, P, I, I, I, P, I]
-    lib.bk_mm4.restype = lib.bk_mm8.restype = lib.bk_mv4z.restype = lib.bk_mv8z.restype = None
     lib.bk_dyn.restype = None
     return lib
 
